@@ -1,0 +1,119 @@
+"""The algorithm API: what a data scientist writes, and what a site runs.
+
+The lifecycle follows MONAI's ``monai.fl`` ClientAlgo (initialize, train, get_weights,
+evaluate, abort, finalize) with precise types instead of loose dicts: ``setup`` is
+``initialize``, ``train`` returns an :class:`Update` carrying the weights, so a separate
+``get_weights`` is not needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from laulima.core.weights import Weights
+from laulima.errors import ConfigurationError
+
+__all__ = ["Algorithm", "Evaluation", "SiteContext", "TrainConfig", "Update", "load_algorithm"]
+
+
+@dataclass(frozen=True)
+class SiteContext:
+    """Where an algorithm runs: the site, its local dataset and a private work folder."""
+
+    site: str
+    dataset: str
+    dataset_path: Path
+    work_dir: Path
+    params: Mapping[str, Any] = field(default_factory=dict)
+    """The experiment's free-form ``config`` table."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How much local work one round asks for, and strategy extras (FedProx's mu)."""
+
+    round: int
+    local_epochs: int = 1
+    local_steps: int = 0
+    """When > 0, the number of optimizer steps; it replaces local_epochs."""
+    proximal_mu: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    """A site's training result: new weights, how many samples made them, and metrics."""
+
+    weights: Weights
+    n_samples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Local validation metrics of a model, with the number of samples they cover."""
+
+    n_samples: int
+    metrics: dict[str, float]
+
+
+class Algorithm(ABC):
+    """Base class of every federated algorithm.
+
+    An instance lives in one child process for one task: ``setup`` once, then ``train``
+    or ``evaluate`` once, then ``finalize``. ``initial_weights`` runs where the experiment
+    is submitted and sees no data.
+    """
+
+    @abstractmethod
+    def initial_weights(self, params: Mapping[str, Any], seed: int) -> Weights:
+        """The model the first round starts from."""
+
+    @abstractmethod
+    def setup(self, ctx: SiteContext) -> None:
+        """Build model and data loaders from the site-local dataset."""
+
+    @abstractmethod
+    def train(self, weights: Weights, config: TrainConfig) -> Update:
+        """Train from ``weights`` on local data."""
+
+    @abstractmethod
+    def evaluate(self, weights: Weights) -> Evaluation:
+        """Validate ``weights`` on the local validation split."""
+
+    def abort(self) -> None:  # noqa: B027 - optional hook
+        """Stop work early; called when the task is cancelled."""
+
+    def finalize(self) -> None:  # noqa: B027 - optional hook
+        """Release resources."""
+
+
+def load_algorithm(entry_point: str) -> type[Algorithm]:
+    """Import ``package.module:Class`` and check that it is an :class:`Algorithm`."""
+    module_name, sep, attr = entry_point.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(
+            f"algorithm {entry_point!r}: expected an entry point 'package.module:Class'",
+            field="algorithm",
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(
+            f"algorithm {entry_point!r}: module {module_name!r} cannot be imported ({exc}); "
+            "install the package that provides it",
+            field="algorithm",
+        ) from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise ConfigurationError(
+            f"algorithm {entry_point!r}: {attr!r} is not a laulima.Algorithm subclass in {module_name}",
+            field="algorithm",
+        )
+    return cls
