@@ -108,6 +108,8 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise SpecError(f"{path}: no such spec file", file=str(path)) from exc
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, no permission, not UTF-8
+        raise SpecError(f"{path}: cannot read the spec file ({exc})", file=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}", file=str(path)) from exc
     return parse_spec(data, source=str(path))

@@ -72,7 +72,7 @@ def schema_of(weights: Mapping[str, np.ndarray]) -> WeightsSchema:
 
 def to_safetensors(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialize named arrays; ``metadata`` travels in the safetensors header."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in weights.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in weights.items()}  # keeps 0-d arrays 0-d
     return _st_save(arrays, metadata=dict(metadata) if metadata else None)
 
 

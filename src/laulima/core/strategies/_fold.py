@@ -1,0 +1,106 @@
+"""The sample-weighted running mean behind FedAvg, folded one tensor at a time at memory speed.
+
+The mean ``sum_i n_i x_i / N`` is accumulated in Horner form: after the k-th tensor the
+accumulator holds ``sum_{j<=k} (n_j / n_k) x_j``, so each new tensor costs
+``acc *= n_{k-1} / n_k; acc += x_k`` and the end one ``acc *= n_last / N``. Unlike
+``tmp = c * x; acc += tmp`` this needs no temporary at all, and of its two passes only
+``acc += x`` reads memory that is not already in cache. Both passes run chunk by chunk
+(``CHUNK`` elements) so the slice of ``acc`` the first pass wrote is still in cache for the
+second, whatever the tensor's size. On the development machine (2-core EPYC VM, same
+data, one thread) this ran at ~17.5 GB/s of updates where ``tmp = c * x; acc += tmp`` ran
+at ~14 (benchmarks/aggregate.py measures the whole of FedAvg).
+
+Numerically it is the same sum: the coefficients are positive and each ratio is rounded
+once, so a weight's relative error is at most (sites + 1) units in the last place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["CHUNK", "accumulator_dtype", "cast_back", "weighted_mean_into"]
+
+#: Elements per chunk: 512K float32 = 2 MiB, which stays in L2/L3 between the two passes.
+#: Tuned with benchmarks/aggregate.py: 256K..1M are within noise, 128K and below pay
+#: Python overhead per call and restart the memory stream too often.
+CHUNK = 1 << 19
+
+
+def accumulator_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype in which tensors of ``dtype`` are averaged.
+
+    float32 and float64 accumulate in themselves: a float64 accumulator for a float32
+    model would double the bytes the fold reads and writes (it is bandwidth-bound), and
+    float32's rounding error over tens of sites (~1e-6 relative) is far below training
+    noise. float16 accumulates in float32 (range and precision), integers and booleans in
+    float64 (exact up to 2**53) and are rounded back by :func:`cast_back`.
+    """
+    if dtype.kind == "f" and dtype.itemsize >= 8:
+        return np.dtype(np.float64)
+    if dtype.kind == "f":
+        return np.dtype(np.float32)
+    return np.dtype(np.float64)
+
+
+def cast_back(mean: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``mean`` in the model's ``dtype``; integer and boolean tensors round half to even.
+
+    Rounding keeps an integer buffer an integer (BatchNorm's ``num_batches_tracked``
+    becomes the sample-weighted mean count), and a boolean mask its weighted majority.
+    """
+    mean = np.asarray(mean)  # arithmetic on 0-d arrays yields numpy scalars
+    if mean.dtype == dtype:
+        return mean
+    if dtype.kind in "iub":
+        mean = np.rint(mean)
+    return mean.astype(dtype)
+
+
+def weighted_mean_into(
+    out: np.ndarray,
+    tensors: Iterable[np.ndarray],
+    counts: Sequence[int],
+    *,
+    chunk: int | None = None,
+) -> np.ndarray:
+    """Write ``sum_i counts[i] * tensors[i] / sum(counts)`` into ``out`` and return it.
+
+    ``tensors`` is consumed lazily, one at a time, so only ``out`` and the current tensor
+    need be in memory. ``out`` must be C-contiguous, of the tensors' shape, of a dtype
+    each tensor casts to safely (see :func:`accumulator_dtype`). Counts must be positive.
+    """
+    if not out.flags.c_contiguous:
+        raise ValueError("weighted_mean_into needs a C-contiguous output array")
+    acc = out.reshape(-1)
+    chunk = chunk or CHUNK
+    scalar = out.dtype.type
+    total = sum(counts)
+    prev = 0
+    for n, x in zip(counts, tensors, strict=True):
+        if n <= 0:
+            raise ValueError(f"counts must be positive, got {n}")
+        flat = np.ascontiguousarray(x).reshape(-1)
+        if prev == 0:
+            np.copyto(acc, flat, casting="safe")
+        else:
+            _fold(acc, flat, scalar(prev / n), chunk)
+        prev = n
+        del x, flat  # drop this tensor before the next one is read
+    if prev == 0:
+        raise ValueError("weighted_mean_into needs at least one tensor")
+    if prev != total:
+        np.multiply(acc, scalar(prev / total), out=acc)
+    return out
+
+
+def _fold(acc: np.ndarray, x: np.ndarray, ratio: np.generic, chunk: int) -> None:
+    """``acc = acc * ratio + x`` in place, chunk by chunk."""
+    if ratio == 1:  # equal sample counts: one pass, no rescaling
+        np.add(acc, x, out=acc, casting="safe")
+        return
+    for start in range(0, acc.size, chunk):
+        a = acc[start : start + chunk]
+        np.multiply(a, ratio, out=a)
+        np.add(a, x[start : start + chunk], out=a, casting="safe")
