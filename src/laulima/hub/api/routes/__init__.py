@@ -1,0 +1,13 @@
+"""One router per resource, mounted under the protocol's ``API_PREFIX``."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from laulima.hub.api.routes import blobs, experiments, health, sites, tasks
+
+__all__ = ["api_router"]
+
+api_router = APIRouter()
+for _module in (health, sites, tasks, blobs, experiments):
+    api_router.include_router(_module.router)

@@ -1,0 +1,196 @@
+"""The hub's durable state: typed ORM tables and an engine that survives kill -9.
+
+Everything the orchestrator decides is re-derived from these rows, so a restarted hub
+continues where it stopped. Uniqueness the protocol depends on (one update per task, one
+round per index) is enforced by the database itself. SQLite runs in WAL mode and every
+transaction begins IMMEDIATE, so concurrent writers serialize instead of failing late.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    Double,
+    Engine,
+    ForeignKey,
+    Index,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Session as Session
+from sqlalchemy.pool import StaticPool
+
+__all__ = [
+    "Base",
+    "Experiment",
+    "Metric",
+    "Refusal",
+    "Round",
+    "Session",
+    "SessionFactory",
+    "Site",
+    "Task",
+    "Update",
+    "create_all",
+    "make_engine",
+    "make_session_factory",
+]
+
+SessionFactory = sessionmaker[Session]
+
+_DIGEST = String(64)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {float: Double(), str: String(255)}
+
+
+class Site(Base):
+    __tablename__ = "sites"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """sha256 hex of the bearer token; the token itself is never stored."""
+    created_at: Mapped[float]
+    last_seen: Mapped[float | None]
+
+
+class Experiment(Base):
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    spec_json: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    initial_digest: Mapped[str] = mapped_column(_DIGEST)
+    global_digest: Mapped[str] = mapped_column(_DIGEST)
+    """The newest checkpointed global model."""
+    strategy_state_digest: Mapped[str | None] = mapped_column(_DIGEST)
+    rounds_done: Mapped[int] = mapped_column(default=0)
+    rounds: Mapped[int]
+    created_at: Mapped[float]
+    finished_at: Mapped[float | None]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("experiment_id", "index"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"))
+    index: Mapped[int]
+    status: Mapped[str] = mapped_column(String(16))
+    sites_json: Mapped[str] = mapped_column(Text)
+    deadline: Mapped[float]
+    started_at: Mapped[float]
+    closed_at: Mapped[float | None]
+    global_in_digest: Mapped[str] = mapped_column(_DIGEST)
+    global_out_digest: Mapped[str | None] = mapped_column(_DIGEST)
+    strategy_state_digest: Mapped[str | None] = mapped_column(_DIGEST)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        Index("ix_tasks_site_status", "site_id", "status"),
+        Index("ix_tasks_experiment_round", "experiment_id", "round"),
+    )
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"))
+    round: Mapped[int]
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    kind: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    weights_digest: Mapped[str] = mapped_column(_DIGEST)
+    config_json: Mapped[str] = mapped_column(Text)
+    upload_nonce: Mapped[str] = mapped_column(String(64))
+    deadline: Mapped[float]
+    time_limit_s: Mapped[float]
+    created_at: Mapped[float]
+    delivered_at: Mapped[float | None]
+    finished_at: Mapped[float | None]
+    failure_kind: Mapped[str | None] = mapped_column(String(16))
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Update(Base):
+    __tablename__ = "updates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), unique=True)
+    """UNIQUE: the database makes counting one task's update twice impossible."""
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
+    round: Mapped[int]
+    site: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(_DIGEST)
+    n_samples: Mapped[int]
+    metrics_json: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[float]
+
+
+class Metric(Base):
+    __tablename__ = "metrics"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
+    round: Mapped[int]
+    site: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    n_samples: Mapped[int]
+    metrics_json: Mapped[str] = mapped_column(Text)
+
+
+class Refusal(Base):
+    __tablename__ = "refusals"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[float]
+    site: Mapped[str | None] = mapped_column(String(64))
+    task_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    status: Mapped[int]
+    reason: Mapped[str] = mapped_column(Text)
+
+
+def make_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
+    """An engine for any SQLAlchemy URL; SQLite gets WAL, a busy timeout and foreign keys."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+    connect_args = {"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
+    if parsed.database in (None, "", ":memory:"):  # one shared connection, or each would see its own DB
+        engine = create_engine(url, connect_args=connect_args, poolclass=StaticPool)
+    else:
+        engine = create_engine(url, connect_args=connect_args)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself (below)
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def make_session_factory(engine: Engine) -> SessionFactory:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def create_all(engine: Engine) -> None:
+    Base.metadata.create_all(engine)

@@ -1,0 +1,325 @@
+"""The round loop: opens rounds, closes them at quorum or deadline, checkpoints the global model.
+
+It keeps no state of its own: every tick re-reads the database and asks
+:func:`laulima.core.rounds.decide` what an open round needs, so a hub restarted after
+kill -9 simply continues. A round's result becomes real in one transaction (the
+checkpoint); work done before a crash and not checkpointed is redone identically, because
+updates are folded in site-name order from blobs that never change.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy.exc import OperationalError
+
+from laulima.core.protocol import ExperimentStatus, TaskKind, TaskStatus
+from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due
+from laulima.core.spec import ExperimentSpec
+from laulima.core.strategies import FitResult, Strategy, build_strategy
+from laulima.core.weights import SAFETENSORS_DTYPES, Weights, WeightsSchema
+from laulima.errors import WeightsError
+from laulima.hub.blobstore import BlobStore
+from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
+from laulima.hub.service import HubService, NewTask, spec_of
+from laulima.hub.validation import read_into, schema_from, tensor_index
+
+__all__ = ["LazyWeights", "Orchestrator", "store_weights"]
+
+log = logging.getLogger(__name__)
+
+
+class LazyWeights(Mapping[str, np.ndarray]):
+    """A stored safetensors file seen as a mapping that reads one tensor per lookup.
+
+    Each lookup reads that tensor into a fresh array the caller owns; nothing else of the
+    file is held (not even as mapped pages, which would count towards the hub's resident
+    memory), so folding N updates costs the accumulator plus one tensor.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._index, _ = tensor_index(self.path, where=f"stored weights {self.path.name[:12]}")
+        self._file: io.RawIOBase | None = open(self.path, "rb", buffering=0)  # closed by close()
+
+    @property
+    def schema(self) -> WeightsSchema:
+        return schema_from(self._index)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        loc = self._index[key]
+        out = np.empty(loc.shape, dtype=loc.dtype)
+        if out.nbytes:
+            if self._file is None:
+                raise ValueError(f"{self.path}: closed")
+            read_into(self._file, out.reshape(-1).view(np.uint8).data, loc.offset)
+        return out
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class Orchestrator:
+    """Drives every running experiment from a daemon thread; ``wake()`` after each result."""
+
+    def __init__(
+        self,
+        session_factory: SessionFactory,
+        blobs: BlobStore,
+        clock: Callable[[], float] = time.time,
+        *,
+        tick_s: float = 0.5,
+        notify: Callable[[Iterable[str]], None] | None = None,
+    ) -> None:
+        self.service = HubService(session_factory, blobs, clock)
+        self.blobs = blobs
+        self.clock = clock
+        self.tick_s = tick_s
+        self._notify = notify or (lambda sites: None)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="laulima-orchestrator", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        """A result arrived: look at the rounds now instead of at the next tick."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                self.tick()
+            except Exception:  # the database itself failed; try again next tick
+                log.exception("orchestrator tick failed; retrying in %.1f s", self.tick_s)
+            self._wake.wait(self.tick_s)
+
+    # -- one pass over all running experiments ----------------------------------------
+    def tick(self) -> None:
+        for experiment_id in self.service.running_experiment_ids():
+            if self._stop.is_set():
+                return
+            try:
+                for _ in range(8):  # a checkpoint is followed at once by the next round
+                    if not self.step(experiment_id):
+                        break
+            except OperationalError:
+                raise  # the database, not this experiment, is in trouble
+            except Exception as exc:
+                log.exception("experiment %s failed in the orchestrator", experiment_id)
+                self.service.finish_experiment(
+                    experiment_id, ExperimentStatus.FAILED, f"hub error: {type(exc).__name__}: {exc}"
+                )
+
+    def step(self, experiment_id: int) -> bool:
+        """Advance one experiment by one transition; True if something changed."""
+        svc = self.service
+        svc.expire_overdue(experiment_id)
+        with svc.sessions() as s:
+            exp = s.get(Experiment, experiment_id)
+            if exp is None or exp.status != ExperimentStatus.RUNNING:
+                return False
+            rnd = svc.open_round_of(s, experiment_id)
+            tasks = svc.train_tasks(s, experiment_id, rnd.index) if rnd else []
+            updates = svc.round_updates(s, experiment_id, rnd.index) if rnd else []
+        spec = spec_of(exp)
+        if rnd is not None:
+            return self._close_if_due(exp, spec, rnd, tasks, updates)
+        if exp.rounds_done < exp.rounds:
+            return self._open_next(exp, spec)
+        if not svc.evaluations_pending(experiment_id):
+            return svc.finish_experiment(experiment_id, ExperimentStatus.COMPLETED)
+        return False
+
+    def _open_next(self, exp: Experiment, spec: ExperimentSpec) -> bool:
+        index = exp.rounds_done + 1
+        sites = list(spec.sites) or self.service.site_names()
+        if len(sites) < spec.min_sites:
+            return False  # wait for more sites to register
+        strategy = self._strategy(spec, exp.strategy_state_digest)
+        config = {
+            "round": index,
+            "local_epochs": spec.local_epochs,
+            "local_steps": spec.local_steps,
+            "seed": spec.seed,
+            "params": spec.config,
+            **strategy.fit_config(index),
+        }
+        deadline = self.clock() + spec.round_timeout_s
+        tasks = [
+            NewTask(site, TaskKind.TRAIN, exp.global_digest, config, deadline, spec.effective_task_timeout_s)
+            for site in sites
+        ]
+        if not self.service.open_round(exp.id, index, sites, tasks, deadline):
+            return False
+        log.info("experiment %s: round %d opened for %s", exp.id, index, ", ".join(sites))
+        self._notify(sites)
+        return True
+
+    def _close_if_due(
+        self, exp: Experiment, spec: ExperimentSpec, rnd: Round, tasks: list[tuple[Task, str]], updates: list[Update]
+    ) -> bool:
+        completed = {u.site for u in updates}
+        failed: dict[str, str] = {}
+        for task, site in tasks:
+            if site in completed:
+                continue
+            if task.status == TaskStatus.FAILED:
+                failed[site] = f"failed ({task.failure_kind}): {task.failure_reason}"
+            elif task.status in (TaskStatus.CANCELLED, TaskStatus.EXPIRED):
+                failed[site] = f"{task.status} ({task.failure_reason})"
+        selected = tuple(json.loads(rnd.sites_json))
+        view = RoundView(
+            index=rnd.index,
+            selected=selected,
+            completed=frozenset(completed),
+            failed=failed,
+            deadline=rnd.deadline,
+            min_sites=spec.min_sites,
+            now=self.clock(),
+        )
+        decision = decide(view)
+        if decision.state == RoundState.WAIT:
+            return False
+        if decision.state == RoundState.FAIL:
+            log.warning("experiment %s: %s", exp.id, decision.reason)
+            return self.service.fail_round(rnd.id, decision.reason)
+        chosen = [u for u in updates if u.site in decision.sites]
+        new_digest, state_digest = self._aggregate(spec, rnd, chosen)
+        evaluation: list[NewTask] = []
+        if evaluation_due(spec, rnd.index):
+            deadline = self.clock() + spec.round_timeout_s
+            config = {"round": rnd.index, "seed": spec.seed, "params": spec.config}
+            evaluation = [
+                NewTask(site, TaskKind.EVALUATE, new_digest, config, deadline, spec.effective_task_timeout_s)
+                for site in selected
+            ]
+        ok = self.service.checkpoint_round(
+            rnd.id,
+            update_ids=[u.id for u in updates],
+            global_digest=new_digest,
+            state_digest=state_digest,
+            evaluation=evaluation,
+        )
+        if ok:
+            log.info("experiment %s: round %d aggregated from %s", exp.id, rnd.index, ", ".join(decision.sites))
+            if evaluation:
+                self._notify(selected)
+        return ok
+
+    def _aggregate(self, spec: ExperimentSpec, rnd: Round, updates: list[Update]) -> tuple[str, str | None]:
+        """Fold the updates (ordered by site name) into the next global model; store it."""
+        opened: list[LazyWeights] = []
+        try:
+            global_w = LazyWeights(self.blobs.path(rnd.global_in_digest))
+            opened.append(global_w)
+            results = []
+            for u in sorted(updates, key=lambda u: u.site):
+                weights = LazyWeights(self.blobs.path(u.digest))
+                opened.append(weights)
+                results.append(FitResult(site=u.site, weights=weights, n_samples=u.n_samples))
+            strategy = self._strategy(spec, rnd.strategy_state_digest)
+            new = strategy.aggregate(global_w, results)
+            new = _conform(new, global_w.schema)
+            state = strategy.state_dict()
+        finally:
+            for w in opened:
+                w.close()
+        digest = store_weights(self.blobs, new)
+        state_digest = store_weights(self.blobs, state) if state else None
+        return digest, state_digest
+
+    def _strategy(self, spec: ExperimentSpec, state_digest: str | None) -> Strategy:
+        strategy = build_strategy(spec.strategy)
+        if state_digest is not None:
+            state = LazyWeights(self.blobs.path(state_digest))
+            try:
+                strategy.load_state_dict({k: state[k] for k in state})
+            finally:
+                state.close()
+        return strategy
+
+
+def store_weights(blobs: BlobStore, weights: Mapping[str, np.ndarray]) -> str:
+    """Write ``weights`` as a safetensors blob, tensor by tensor: no second copy of the model
+    is built in memory (``to_safetensors`` would join it into one bytes object first)."""
+    arrays = {name: _c_order(weights[name]) for name in sorted(weights)}
+    header: dict[str, object] = {}
+    offset = 0
+    for name, arr in arrays.items():
+        if arr.dtype.name not in _ST_DTYPE:
+            raise WeightsError(f"tensor {name!r} has dtype {arr.dtype}, which safetensors cannot carry", where=name)
+        header[name] = {
+            "dtype": _ST_DTYPE[arr.dtype.name],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with blobs.writer() as writer:
+        writer.write(struct.pack("<Q", len(text)) + text)
+        for arr in arrays.values():
+            if arr.nbytes:
+                writer.write(arr.reshape(-1).view(np.uint8).data)
+        digest, _ = writer.commit()
+    return digest
+
+
+def _c_order(arr: np.ndarray) -> np.ndarray:
+    """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    arr = np.asarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")
+
+
+_ST_DTYPE = {numpy_name: st_name for st_name, numpy_name in SAFETENSORS_DTYPES.items()}
+
+
+def _conform(new: Mapping[str, np.ndarray], schema: WeightsSchema) -> Weights:
+    """The new global model keeps the old one's keys, shapes and dtypes (a strategy may compute
+    in float64); anything else is a strategy bug that must not reach the sites."""
+    extra = sorted(set(new) - set(schema))
+    if extra:
+        raise WeightsError(f"aggregate: the strategy returned unknown tensors {extra[:5]}", where="aggregate")
+    out: Weights = {}
+    for name, spec in schema.items():
+        if name not in new:
+            raise WeightsError(f"aggregate: the strategy's result lacks tensor {name!r}", where="aggregate")
+        arr = np.asarray(new[name])
+        if arr.shape != spec.shape:
+            raise WeightsError(
+                f"aggregate: tensor {name!r} has shape {list(arr.shape)}, expected {list(spec.shape)}",
+                where="aggregate",
+            )
+        out[name] = _c_order(arr.astype(spec.dtype, copy=False))
+    return out

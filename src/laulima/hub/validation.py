@@ -1,0 +1,293 @@
+"""Checks a site's result must pass before the hub counts it: right task, right time, sane weights.
+
+Cheap checks on the task (:func:`check_result_allowed`) run before a body is read and again
+inside the transaction that records the result; the file checks
+(:func:`validate_update_file`) read an uploaded safetensors file in small pieces through
+reused buffers, so a 76 MB update costs a few MiB of memory, not its size.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+from sqlalchemy import select
+
+from laulima.core.protocol import MetaKey, RoundStatus, TaskKind, TaskStatus
+from laulima.core.weights import TensorSpec, WeightsSchema, check_finite, check_matches, parse_safetensors_header
+from laulima.errors import Conflict, Forbidden, NotFound, WeightsError
+from laulima.hub.db import Experiment, Round, Session, Site, Task, Update
+
+__all__ = [
+    "CHUNK_BYTES",
+    "UPLOAD_SLACK_BYTES",
+    "TensorIndex",
+    "TensorLocation",
+    "ValidUpdate",
+    "check_result_allowed",
+    "check_weights_file",
+    "read_into",
+    "schema_from",
+    "tensor_index",
+    "upload_limit",
+    "validate_update_file",
+]
+
+UPLOAD_SLACK_BYTES = 1024 * 1024
+"""An update may exceed the global model's file by this much (its header metadata differs)."""
+
+CHUNK_BYTES = 4 * 1024 * 1024
+"""Validation reads tensors in pieces of this size."""
+
+_MAX_HEADER = 100_000_000
+_POSITIVE_INT = re.compile(r"^[0-9]{1,18}$")
+
+
+def check_result_allowed(
+    s: Session, task_id: str, site: Site, *, kind: TaskKind | None, nonce: str | None, now: float, lock: bool = False
+) -> tuple[Task, Experiment]:
+    """The task exists, is this site's, of this ``kind``, bound to ``nonce`` and still open."""
+    q = select(Task).where(Task.id == task_id)
+    task = s.scalar(q.with_for_update() if lock else q)
+    if task is None:
+        raise NotFound(f"no task with id {task_id!r}; fetch tasks with GET /api/v1/tasks/next", task=task_id)
+    exp = s.get(Experiment, task.experiment_id)
+    assert exp is not None  # foreign key
+    if task.site_id != site.id:
+        owner = s.get(Site, task.site_id)
+        raise Forbidden(
+            f"task {task_id} is assigned to site {owner.name if owner else '?'!r}, not {site.name!r}; "
+            "a site may only send results for its own tasks",
+            task=task_id,
+            site=site.name,
+        )
+    if kind is not None and task.kind != kind:
+        hint = "PUT /tasks/{id}/update" if task.kind == TaskKind.TRAIN else "POST /tasks/{id}/evaluation"
+        raise Conflict(f"task {task_id} is a {task.kind} task; send its result with {hint}", task=task_id)
+    if nonce is not None and nonce != task.upload_nonce:
+        raise Forbidden(
+            f"upload nonce does not match task {task_id}; send the {task.kind} result with the "
+            "upload_nonce of the task as fetched from GET /api/v1/tasks/next",
+            task=task_id,
+        )
+    where = f"round {task.round} of experiment '{exp.name}'"
+    if task.status == TaskStatus.COMPLETED:
+        accepted = s.scalar(select(Update.digest).where(Update.task_id == task.id))
+        raise Conflict(
+            f"task {task_id} already has an accepted result; a second result is not counted",
+            task=task_id,
+            accepted_digest=accepted,
+        )
+    if task.status == TaskStatus.FAILED:
+        raise Conflict(f"task {task_id} was already reported as failed; its result is not counted", task=task_id)
+    if task.status == TaskStatus.CANCELLED:
+        raise Conflict(
+            f"task {task_id} was cancelled ({task.failure_reason or 'experiment stopped'}); its result is not counted",
+            task=task_id,
+        )
+    too_late = f"{where} is closed; this result arrived too late and was not counted"
+    if task.status == TaskStatus.EXPIRED or now >= task.deadline:
+        raise Conflict(
+            too_late if task.kind == TaskKind.TRAIN else f"task {task_id} expired; result not counted",
+            task=task_id,
+            round=task.round,
+        )
+    if task.kind == TaskKind.TRAIN:
+        q2 = select(Round).where(Round.experiment_id == task.experiment_id, Round.index == task.round)
+        rnd = s.scalar(q2.with_for_update() if lock else q2)
+        if rnd is None or rnd.status != RoundStatus.OPEN or now >= rnd.deadline:
+            raise Conflict(too_late, task=task_id, round=task.round)
+    return task, exp
+
+
+def upload_limit(global_size: int, max_upload_bytes: int) -> int:
+    """Largest acceptable update body: the global model's size plus slack, capped."""
+    return min(global_size + UPLOAD_SLACK_BYTES, max_upload_bytes)
+
+
+@dataclass(frozen=True)
+class TensorLocation:
+    """Where one tensor's bytes lie in a safetensors file."""
+
+    offset: int
+    """Absolute file offset of its first byte."""
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * self.dtype.itemsize
+
+
+TensorIndex = dict[str, TensorLocation]
+
+
+def tensor_index(path: Path, *, where: str) -> tuple[TensorIndex, dict[str, str]]:
+    """Locations of every tensor and the metadata, from the header only; offsets are checked
+    against the file's size, so later reads never run past it."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) == 8:
+            (n,) = struct.unpack("<Q", head)
+            if n <= _MAX_HEADER:
+                head += f.read(n)
+    schema, meta, start = parse_safetensors_header(head, where=where)
+    header = json.loads(head[8:start])
+    index: TensorIndex = {}
+    for name, spec in schema.items():
+        try:
+            begin, end = (int(x) for x in header[name]["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WeightsError(f"{where}: tensor {name!r} has no valid data_offsets", where=where) from exc
+        loc = TensorLocation(start + begin, np.dtype(spec.dtype), spec.shape)
+        if end - begin != loc.nbytes or not 0 <= begin <= end <= size - start:
+            raise WeightsError(
+                f"{where}: tensor {name!r} has offsets [{begin}, {end}) that do not fit its shape, dtype "
+                f"and the file's {size} bytes; not a valid safetensors file",
+                where=where,
+            )
+        index[name] = loc
+    return index, meta
+
+
+def schema_from(index: TensorIndex) -> WeightsSchema:
+    return {name: TensorSpec(loc.shape, loc.dtype.name) for name, loc in index.items()}
+
+
+def read_into(f: io.RawIOBase | io.BufferedIOBase, view: memoryview, offset: int) -> None:
+    """Fill ``view`` with the file's bytes at ``offset`` (a short file is a broken file)."""
+    f.seek(offset)
+    done = 0
+    while done < len(view):
+        n = f.readinto(view[done:])
+        if not n:
+            raise WeightsError(f"{getattr(f, 'name', 'file')}: ends early; not a valid safetensors file")
+        done += n
+
+
+def _chunks(f: io.RawIOBase | io.BufferedIOBase, loc: TensorLocation, buf: bytearray) -> Iterator[np.ndarray]:
+    """The tensor in pieces that fit ``buf`` (each piece valid until the next is read)."""
+    step = max(len(buf) // loc.dtype.itemsize, 1) * loc.dtype.itemsize
+    done = 0
+    while done < loc.nbytes:
+        view = memoryview(buf)[: min(step, loc.nbytes - done)]
+        read_into(f, view, loc.offset + done)
+        yield np.frombuffer(view, dtype=loc.dtype)
+        done += len(view)
+
+
+def _check_structure(path: Path, index: TensorIndex, where: str) -> None:
+    """safetensors' own parser agrees (contiguous offsets, nothing left over)."""
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            keys = set(f.keys())
+    except Exception as exc:  # safetensors' own error types
+        raise WeightsError(f"{where}: not a valid safetensors file ({exc})", where=where) from exc
+    if keys != set(index):
+        raise WeightsError(f"{where}: safetensors header and tensors disagree", where=where)
+
+
+def check_weights_file(path: Path, *, where: str) -> WeightsSchema:
+    """The file is well-formed safetensors; returns its schema (data is not read)."""
+    index, _ = tensor_index(path, where=where)
+    _check_structure(path, index, where)
+    return schema_from(index)
+
+
+@dataclass(frozen=True)
+class ValidUpdate:
+    """What an accepted update says about itself."""
+
+    n_samples: int
+    metrics: dict[str, float]
+
+
+def validate_update_file(
+    path: Path, *, global_path: Path, task_id: str, max_update_norm: float | None = None
+) -> ValidUpdate:
+    """Metadata, keys/shapes/dtypes against the global model, finite values, norm bound.
+
+    Data is read in CHUNK_BYTES pieces into two reused buffers, so validating an update
+    costs a few MiB of memory whatever the model's size.
+    """
+    where = f"update for task {task_id}"
+    index, meta = tensor_index(path, where=where)
+    n_samples = _n_samples(meta, where)
+    metrics = _metrics(meta, where)
+    bound = meta.get(MetaKey.TASK)
+    if bound is not None and bound != task_id:
+        raise WeightsError(
+            f"{where}: the file says it was made for task {bound!r}; upload it to that task", where=where
+        )
+    global_index, _ = tensor_index(global_path, where="global model")
+    check_matches(schema_from(global_index), schema_from(index), where=where)
+    _check_structure(path, index, where)
+    total = 0.0
+    buf, gbuf = bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)
+    with open(path, "rb") as f, open(global_path, "rb") as g:
+        for name in sorted(index, key=lambda k: index[k].offset):
+            loc = index[name]
+            pieces = _chunks(f, loc, buf)
+            if max_update_norm is None:
+                for piece in pieces:
+                    check_finite(name, piece, where=where)
+                continue
+            for piece, ref in zip(pieces, _chunks(g, global_index[name], gbuf), strict=True):
+                check_finite(name, piece, where=where)
+                diff = piece.astype(np.float64) - ref.astype(np.float64)
+                total += float(np.dot(diff, diff))
+    if max_update_norm is not None:
+        norm = math.sqrt(total)
+        if norm > max_update_norm:
+            raise WeightsError(
+                f"{where}: L2 distance to the global model is {norm:.6g}, above the experiment's "
+                f"max_update_norm = {max_update_norm:g}; clip the update before sending it",
+                where=where,
+                norm=norm,
+            )
+    return ValidUpdate(n_samples, metrics)
+
+
+def _n_samples(meta: dict[str, str], where: str) -> int:
+    raw = meta.get(MetaKey.N_SAMPLES)
+    if raw is None or not _POSITIVE_INT.match(raw.strip()) or int(raw) <= 0:
+        shown = "missing" if raw is None else f"{raw[:40]!r}"
+        raise WeightsError(
+            f"{where}: metadata {MetaKey.N_SAMPLES.value!r} is {shown}; it must be a positive integer "
+            "(the number of training samples behind the update)",
+            where=where,
+        )
+    return int(raw)
+
+
+def _metrics(meta: dict[str, str], where: str) -> dict[str, float]:
+    raw = meta.get(MetaKey.METRICS)
+    if raw is None:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        data = None
+    ok = isinstance(data, dict) and all(
+        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in data.values()
+    )
+    if not ok:
+        raise WeightsError(
+            f"{where}: metadata {MetaKey.METRICS.value!r} must be a JSON object of finite numbers, got {raw[:80]!r}",
+            where=where,
+        )
+    return {str(k): float(v) for k, v in data.items()}
