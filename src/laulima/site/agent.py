@@ -1,0 +1,360 @@
+"""The site agent: pull a task, run it in a child process, report the result; forever.
+
+The agent opens only outbound connections. One task's trouble (a crash, a timeout, a
+refusal by the hub) is reported or logged and the agent goes on; network trouble is
+waited out with backoff. Progress is persisted per phase (:mod:`laulima.site.state`), so
+a restarted agent resumes instead of redoing work or reporting twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+from laulima.core.protocol import EvaluationResult, FailureKind, TaskFailure, TaskKind, TaskPublic
+from laulima.errors import (
+    AlgorithmError,
+    ConfigurationError,
+    DataError,
+    Forbidden,
+    NotFound,
+    ProtocolError,
+    TransportError,
+)
+from laulima.site.catalog import Catalog
+from laulima.site.client import HubClient
+from laulima.site.runner import TaskRunner
+from laulima.site.settings import SiteSettings
+from laulima.site.state import Phase, SiteState, TaskRecord
+from laulima.site.worker import RESULT_FILE, RESULT_WEIGHTS_FILE, SCRATCH_DIR, WEIGHTS_FILE
+
+__all__ = ["LOCK_FILE", "Agent", "run_agent"]
+
+log = logging.getLogger("laulima.site")
+LOCK_FILE = "agent.lock"
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_MB = 1e6
+
+
+class _StopPolling(BaseException):
+    """Raised by the signal handler to cut a long poll short (nothing is lost by it)."""
+
+
+class Agent:
+    """One site's pull loop. Construct with its parts, so tests can swap any of them."""
+
+    def __init__(
+        self,
+        settings: SiteSettings,
+        client: HubClient,
+        catalog: Catalog,
+        state: SiteState,
+        *,
+        runner: TaskRunner | None = None,
+        stop: threading.Event | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.catalog = catalog
+        self.state = state
+        self.runner = runner or TaskRunner(time_limit_cap_s=settings.task_time_limit_s)
+        self.stop = stop or client.stop
+        client.stop = self.stop
+        self.polling = False
+        """True while waiting in a long poll, the one place a shutdown may interrupt at once."""
+
+    # -- the loop ------------------------------------------------------------------------
+    def run_forever(self, stop: threading.Event | None = None) -> None:
+        """Poll and handle tasks until ``stop`` is set; raises only if the hub refuses this site."""
+        if stop is not None:
+            self.stop = self.client.stop = stop
+        log.info(
+            "site %s: agent started (hub %s, home %s)", self.settings.name, self.client.base_url, self.settings.home
+        )
+        errors = 0
+        while not self.stop.is_set():
+            try:
+                self.step()
+                errors = 0
+            except _StopPolling:
+                break
+            except Forbidden as exc:
+                log.error("site %s: %s", self.settings.name, exc)
+                raise
+            except TransportError as exc:
+                if not self.stop.is_set():
+                    log.warning("%s", exc)
+            except Exception:  # the agent must outlive any single surprise
+                errors += 1
+                delay = min(self.settings.backoff_max_s, 2.0**errors)
+                log.exception("site %s: unexpected error; continuing in %.0f s", self.settings.name, delay)
+                self.stop.wait(delay)
+        log.info("site %s: agent stopped", self.settings.name)
+
+    def step(self) -> bool:
+        """One long poll and, if a task came, its handling. True if there was a task."""
+        self.polling = True
+        try:
+            task = self.client.next_task(self.settings.poll_wait_s)
+        except ProtocolError as exc:
+            if isinstance(exc, Forbidden):
+                raise
+            log.error("site %s: polling refused by the hub: %s", self.settings.name, exc)
+            self.stop.wait(self.settings.backoff_max_s)
+            return False
+        finally:
+            self.polling = False
+        if task is None:
+            return False
+        self.handle(task)
+        return True
+
+    def request_stop(self) -> None:
+        """Stop after the current step; a running algorithm is killed (its task resumes on restart)."""
+        self.stop.set()
+        self.runner.cancel()
+
+    # -- one task ------------------------------------------------------------------------
+    def handle(self, task: TaskPublic) -> None:
+        """Take ``task`` as far as it goes; never raises for a problem of this task alone."""
+        record = self.state.get(task.id)
+        if record is not None and record.phase.final:
+            log.warning("task %s: already %s here; the hub sent it again - ignoring it", task.id, record.phase.value)
+            self.stop.wait(min(5.0, self.settings.poll_wait_s))
+            return
+        log.info(
+            "task %s received: %s round %d of %r, algorithm %s, dataset %r",
+            task.id,
+            task.kind.value,
+            task.round,
+            task.experiment_name,
+            task.algorithm,
+            task.dataset,
+        )
+        try:
+            self._handle(task, record)
+        except TransportError as exc:
+            log.warning("task %s: %s; kept for when the hub sends it again", task.id, exc)
+        except ProtocolError as exc:
+            if isinstance(exc, Forbidden) and exc.context.get("status") == 401:
+                raise
+            log.warning("task %s: the hub refused it (%s); giving up on this task", task.id, exc)
+            self.state.set(task.id, Phase.GIVEN_UP, note=str(exc)[:1000])
+            self._clean(task.id)
+        except Exception as exc:  # a fault of this agent (disk full, a bug): tell the hub, go on
+            log.exception("task %s: the site agent failed on it", task.id)
+            with contextlib.suppress(Exception):
+                self._report(
+                    task, self._failed(task, FailureKind.ERROR, f"site agent error: {type(exc).__name__}: {exc}")
+                )
+        finally:
+            for task_id in self.state.prune():
+                shutil.rmtree(self.task_dir(task_id), ignore_errors=True)
+
+    def _handle(self, task: TaskPublic, record: TaskRecord | None) -> None:
+        if record is not None and record.phase == Phase.COMPUTED and _result_kept(record):
+            log.info("task %s: its result was computed before a restart; reporting it", task.id)
+            self._report(task, record)
+            return
+        downloaded = record is not None and record.phase == Phase.DOWNLOADED
+        if record is None:
+            self.state.set(task.id, Phase.RECEIVED, kind=task.kind.value)
+        try:
+            dataset_path = self.catalog.get(task.dataset)
+        except (DataError, ConfigurationError) as exc:
+            log.warning("task %s rejected: %s", task.id, exc)
+            self._report(task, self._failed(task, FailureKind.REJECTED, str(exc)))
+            return
+        task_dir = self.task_dir(task.id)
+        task_dir.mkdir(parents=True, exist_ok=True)
+        weights = task_dir / WEIGHTS_FILE
+        if not (downloaded and weights.exists()):
+            started = time.monotonic()
+            try:
+                size = self.client.download_blob(task.weights_digest, weights, task.weights_size)
+            except (DataError, NotFound) as exc:
+                log.warning("task %s: %s", task.id, exc)
+                self._report(task, self._failed(task, FailureKind.ERROR, str(exc)))
+                return
+            seconds = time.monotonic() - started
+            log.info("task %s downloaded: %.1f MB in %.2f s", task.id, size / _MB, seconds)
+            self.state.set(task.id, Phase.DOWNLOADED)
+        started = time.monotonic()
+        try:
+            result = self.runner.run(task, task_dir, site=self.settings.name, dataset_path=dataset_path)
+        except AlgorithmError as exc:
+            kind = str(exc.context.get("kind", FailureKind.ERROR.value))
+            if kind == "cancelled":
+                log.info("task %s: stopped with the agent; it resumes when the agent restarts", task.id)
+                return
+            log.warning("task %s failed (%s): %s", task.id, kind, exc)
+            self._report(task, self._failed(task, kind, str(exc)))
+            return
+        verb = "trained" if task.kind == TaskKind.TRAIN else "evaluated"
+        log.info(
+            "task %s %s in %.2f s (algorithm %.2f s): n_samples=%d %s",
+            task.id,
+            verb,
+            time.monotonic() - started,
+            result.seconds,
+            result.n_samples,
+            _fmt(result.metrics),
+        )
+        path = result.weights_path if result.weights_path is not None else task_dir / RESULT_FILE
+        record = self.state.set(task.id, Phase.COMPUTED, result_path=str(path), result_digest=result.sha256)
+        self._report(task, record)
+
+    def _failed(self, task: TaskPublic, kind: str, reason: str) -> TaskRecord:
+        return self.state.set(task.id, Phase.COMPUTED, failure_kind=kind, note=reason[:4000])
+
+    def _report(self, task: TaskPublic, record: TaskRecord) -> None:
+        started = time.monotonic()
+        if record.failure_kind:
+            try:
+                kind = FailureKind(record.failure_kind)
+            except ValueError:
+                kind = FailureKind.ERROR
+            reason = (record.note or "no reason recorded")[:4000]
+            self.client.send_failure(task.id, TaskFailure(kind=kind, reason=reason))
+            log.info("task %s: reported the failure (%s) to the hub", task.id, kind.value)
+        elif task.kind == TaskKind.TRAIN:
+            path = Path(str(record.result_path))
+            accepted = self.client.upload_update(task, path, digest=record.result_digest)
+            seconds = time.monotonic() - started
+            size = path.stat().st_size
+            log.info(
+                "task %s uploaded: %.1f MB in %.2f s (n_samples=%d, digest %s)",
+                task.id,
+                size / _MB,
+                seconds,
+                accepted.n_samples,
+                accepted.digest[:12],
+            )
+        else:
+            data = json.loads(Path(str(record.result_path)).read_text(encoding="utf-8"))
+            self.client.send_evaluation(task.id, EvaluationResult(n_samples=data["n_samples"], metrics=data["metrics"]))
+            log.info("task %s: evaluation reported", task.id)
+        self.state.set(task.id, Phase.REPORTED)
+        self._clean(task.id)
+
+    def task_dir(self, task_id: str) -> Path:
+        """``home/work/<task id>``; ids unfit for a file name (``..``, ``/``) are hashed."""
+        name = task_id if _SAFE_ID.match(task_id) else "t-" + sha256(task_id.encode()).hexdigest()[:32]
+        return self.settings.work_dir / name
+
+    def _clean(self, task_id: str) -> None:
+        """Drop the bulky files of a finished task; its logs and small JSON files stay."""
+        task_dir = self.task_dir(task_id)
+        for name in (WEIGHTS_FILE, RESULT_WEIGHTS_FILE):
+            (task_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(task_dir / SCRATCH_DIR, ignore_errors=True)
+
+
+def run_agent(settings: SiteSettings) -> None:
+    """Run the agent of ``settings`` until SIGTERM or SIGINT (what ``laulima site run`` calls).
+
+    On a signal the agent stops polling, kills a running algorithm (its task resumes at the
+    next start), and returns; a second agent on the same home is refused.
+    """
+    _default_logging()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with _single_agent(settings.home):
+        stop = threading.Event()
+        verify: Any = ssl.create_default_context(cafile=str(settings.ca_file)) if settings.ca_file else True
+        client = HubClient(
+            settings.hub_url,
+            settings.token,
+            backoff_max_s=settings.backoff_max_s,
+            attempts=settings.upload_attempts,
+            verify=verify,
+            stop=stop,
+        )
+        agent = Agent(
+            settings,
+            client,
+            Catalog(settings.home, site=settings.name),
+            SiteState(settings.home, keep=settings.keep_tasks),
+            runner=TaskRunner(time_limit_cap_s=settings.task_time_limit_s, prestart=True),
+            stop=stop,
+        )
+
+        def on_signal(signum: int, frame: object) -> None:
+            log.info("site %s: %s received; stopping", settings.name, signal.Signals(signum).name)
+            polling = agent.polling
+            agent.request_stop()
+            if polling:
+                raise _StopPolling
+
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                previous[signum] = signal.signal(signum, on_signal)
+        try:
+            agent.runner.warm()
+            agent.run_forever(stop)
+        except _StopPolling:
+            pass
+        finally:
+            for number, handler in previous.items():
+                signal.signal(number, handler)
+            agent.runner.close()
+            client.close()
+
+
+@contextlib.contextmanager
+def _single_agent(home: Path) -> Iterator[None]:
+    """Hold ``home/agent.lock``: two agents on one home would corrupt each other's state."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        yield
+        return
+    path = home / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise ConfigurationError(
+                f"another agent is already running for the site at {home} (pid {other}); stop it first",
+                file=str(path),
+            ) from exc
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _default_logging() -> None:
+    """One line per event on stderr, unless the caller (the CLI) configured logging.
+
+    httpx would add a line per request (a poll every few seconds); the agent logs the
+    events that matter itself, so httpx speaks only for warnings unless logging is at DEBUG.
+    """
+    if not logging.getLogger().handlers and not log.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("httpx", "httpcore"):
+        if logging.getLogger(name).level == logging.NOTSET and logging.getLogger().level > logging.DEBUG:
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _result_kept(record: TaskRecord) -> bool:
+    return bool(record.failure_kind) or (record.result_path is not None and Path(record.result_path).exists())
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -1,0 +1,373 @@
+"""The site's side of the hub/site protocol over HTTP, with retries.
+
+Network failures and 5xx answers are retried with exponential backoff and jitter; 4xx
+answers are final for that request and become :mod:`laulima.errors` exceptions carrying
+the hub's own explanation. Weights stream in both directions in MiB-sized chunks and are
+sha256-checked, so a 100 MB model never sits in memory twice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import ValidationError
+
+from laulima import __version__
+from laulima.core.protocol import (
+    API_PREFIX,
+    ErrorBody,
+    EvaluationResult,
+    Header,
+    MetaKey,
+    TaskFailure,
+    TaskPublic,
+    UploadAccepted,
+)
+from laulima.core.weights import parse_safetensors_header
+from laulima.errors import (
+    Conflict,
+    DataError,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ProtocolError,
+    TransportError,
+)
+
+__all__ = ["CHUNK_SIZE", "HubClient"]
+
+log = logging.getLogger("laulima.site")
+T = TypeVar("T")
+
+CHUNK_SIZE = 4 << 20
+"""Bytes per read/write when streaming weights: large enough that Python overhead vanishes."""
+
+_STATUS_ERRORS: dict[int, type[ProtocolError]] = {
+    401: Forbidden,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+}
+_RETRY_STATUS = {408, 425, 429}
+"""4xx answers that mean "not now" rather than "no"; every 5xx is retried as well."""
+
+
+class _Retry(Exception):
+    """One attempt failed in a way worth repeating."""
+
+    def __init__(self, reason: str, retry_after: float | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class HubClient:
+    """One site's connection to its hub.
+
+    ``client`` is injectable so tests can pass ``httpx.Client(transport=MockTransport(...))``.
+    ``stop``, when set, interrupts backoff waits (the agent is shutting down).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        client: httpx.Client | None = None,
+        backoff_max_s: float = 30.0,
+        backoff_base_s: float = 0.5,
+        attempts: int = 5,
+        verify: Any = True,
+        stop: threading.Event | None = None,
+        chunk_size: int = CHUNK_SIZE,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.backoff_max_s = backoff_max_s
+        self.backoff_base_s = backoff_base_s
+        self.attempts = attempts
+        self.stop = stop or threading.Event()
+        self.chunk_size = chunk_size
+        self._owns_http = client is None
+        self._http = client or httpx.Client(
+            timeout=httpx.Timeout(60.0, connect=10.0), verify=verify, follow_redirects=False
+        )
+        self._headers = {"Authorization": f"Bearer {token}", "User-Agent": f"laulima-site/{__version__}"}
+
+    # -- the protocol ------------------------------------------------------------------
+    def next_task(self, wait: float, *, attempts: int | None = None) -> TaskPublic | None:
+        """Long-poll for this site's next task; ``None`` if none came within ``wait`` s.
+
+        Retries network failures until ``attempts`` (default: forever, until ``stop``).
+        """
+
+        def once() -> TaskPublic | None:
+            response = self._send(
+                "GET",
+                "/tasks/next",
+                what="polling for tasks",
+                params={"wait": f"{wait:g}"},
+                timeout=httpx.Timeout(wait + 10.0, connect=10.0),
+            )
+            if response.status_code == 204:
+                return None
+            try:
+                return TaskPublic.model_validate_json(response.content)
+            except ValidationError as exc:
+                raise ProtocolError(
+                    f"hub {self.base_url} sent a task this agent cannot read ({_first_error(exc)}); "
+                    "hub and site may run different Laulima versions"
+                ) from exc
+
+        return self._retrying("polling for tasks", once, attempts)
+
+    def download_blob(self, digest: str, dest: Path, expected_size: int | None = None) -> int:
+        """Stream blob ``digest`` into ``dest`` (atomically, sha256-checked); return its size."""
+        dest = Path(dest)
+        what = f"downloading blob {digest[:12]}"
+
+        def once() -> int:
+            tmp = dest.with_name(dest.name + ".part")
+            try:
+                with self._stream("GET", f"/blobs/{digest}", what=what) as response:
+                    claimed = response.headers.get(Header.CONTENT_SHA256)
+                    if claimed is not None and claimed.lower() != digest:
+                        raise DataError(
+                            f"{what}: the hub announced sha256 {claimed[:12]}… for it; "
+                            "the hub's blob store may be damaged — tell the federation operator",
+                            digest=digest,
+                        )
+                    size, actual = _write_hashing(response.iter_bytes(), tmp)
+            except httpx.TransportError as exc:
+                tmp.unlink(missing_ok=True)
+                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+            if expected_size is not None and size != expected_size:
+                tmp.unlink(missing_ok=True)
+                raise DataError(
+                    f"{what}: received {size} bytes where the task announced {expected_size}; deleted "
+                    "the file — tell the federation operator if this repeats",
+                    digest=digest,
+                )
+            if actual != digest:
+                tmp.unlink(missing_ok=True)
+                raise DataError(
+                    f"{what}: the received bytes have sha256 {actual[:12]}…, not the requested "
+                    "digest; deleted the file — the hub's blob store may be damaged",
+                    digest=digest,
+                )
+            os.replace(tmp, dest)
+            return size
+
+        return self._retrying(what, once, self.attempts)
+
+    def upload_update(self, task: TaskPublic, path: Path, *, digest: str | None = None) -> UploadAccepted:
+        """Stream the result file of a TRAIN task to the hub.
+
+        A 409 whose ``accepted_digest`` equals ours means an earlier try arrived and only its
+        answer was lost: that counts as success.
+        """
+        path = Path(path)
+        digest = digest or _sha256_file(path, self.chunk_size)
+        size = path.stat().st_size
+        what = f"uploading the update of task {task.id}"
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(size),
+            Header.UPLOAD_NONCE.value: task.upload_nonce,
+            Header.CONTENT_SHA256.value: digest,
+        }
+
+        def once() -> UploadAccepted:
+            try:
+                response = self._send(
+                    "PUT",
+                    f"/tasks/{task.id}/update",
+                    what=what,
+                    content=_file_chunks(path, self.chunk_size),
+                    headers=headers,
+                    timeout=httpx.Timeout(300.0, connect=10.0),
+                )
+            except Conflict as exc:
+                if exc.context.get("accepted_digest") == digest:
+                    log.info("task %s: the hub already holds this update (an earlier answer was lost)", task.id)
+                    return UploadAccepted(task_id=task.id, digest=digest, n_samples=_n_samples_of(path))
+                raise
+            return _parse(UploadAccepted, response, what)
+
+        return self._retrying(what, once, self.attempts)
+
+    def send_evaluation(self, task_id: str, result: EvaluationResult) -> None:
+        self._post_json(
+            f"/tasks/{task_id}/evaluation",
+            result.model_dump(mode="json"),
+            f"reporting the evaluation of task {task_id}",
+        )
+
+    def send_failure(self, task_id: str, failure: TaskFailure) -> None:
+        self._post_json(
+            f"/tasks/{task_id}/failure", failure.model_dump(mode="json"), f"reporting the failure of task {task_id}"
+        )
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> HubClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- plumbing ----------------------------------------------------------------------
+    def _post_json(self, path: str, body: dict[str, Any], what: str) -> None:
+        self._retrying(what, lambda: self._send("POST", path, what=what, json=body), self.attempts)
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}{API_PREFIX}{path}"
+
+    def _send(
+        self, method: str, path: str, *, what: str, headers: dict[str, str] | None = None, **kw: Any
+    ) -> httpx.Response:
+        try:
+            response = self._http.request(method, self._url(path), headers={**self._headers, **(headers or {})}, **kw)
+        except httpx.TransportError as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+        self._check(response, what)
+        return response
+
+    def _stream(self, method: str, path: str, *, what: str) -> _Streamed:
+        return _Streamed(self, self._http.stream(method, self._url(path), headers=self._headers), what)
+
+    def _check(self, response: httpx.Response, what: str) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        try:
+            body = ErrorBody.model_validate_json(response.read())
+            detail, context = body.detail, dict(body.context)
+        except (ValidationError, ValueError):  # not our error format: a proxy, a crash page
+            detail, context = (response.text[:300].strip() or response.reason_phrase), {}
+        if status >= 500 or status in _RETRY_STATUS:
+            raise _Retry(f"hub answered {status}: {detail}", _retry_after(response))
+        context = {k: v for k, v in context.items() if k not in ("message", "status")}
+        if status == 401:
+            raise Forbidden(
+                f"{what}: the hub at {self.base_url} refused this site's token (401: {detail}); "
+                "check LAULIMA_SITE_TOKEN or the site's token file, or ask the operator for a new token",
+                status=401,
+                **context,
+            )
+        cls = _STATUS_ERRORS.get(status, ProtocolError)
+        raise cls(f"{what}: hub answered {status}: {detail}", status=status, **context)
+
+    def _retrying(self, what: str, once: Callable[[], T], attempts: int | None) -> T:
+        n = 0
+        while True:
+            n += 1
+            try:
+                return once()
+            except _Retry as exc:
+                if self.stop.is_set() or (attempts is not None and n >= attempts):
+                    raise TransportError(
+                        f"{what}: hub {self.base_url} unreachable after {n} tries ({exc.reason}); will retry later",
+                        hub=self.base_url,
+                    ) from exc
+                delay = self._backoff(n, exc.retry_after)
+                log.warning("%s: %s; retry %d in %.1f s", what, exc.reason, n, delay)
+                if self.stop.wait(delay):
+                    raise TransportError(f"{what}: stopped while waiting to retry", hub=self.base_url) from exc
+
+    def _backoff(self, n: int, retry_after: float | None) -> float:
+        """Exponential backoff with "equal jitter": half fixed, half random, capped."""
+        ceiling = min(self.backoff_max_s, self.backoff_base_s * 2 ** min(n - 1, 30))
+        delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.backoff_max_s))
+        return delay
+
+
+class _Streamed:
+    """``with client._stream(...) as response``: status checked before the body is read."""
+
+    def __init__(self, client: HubClient, cm: Any, what: str) -> None:
+        self._client, self._cm, self._what = client, cm, what
+
+    def __enter__(self) -> httpx.Response:
+        response = self._cm.__enter__()
+        try:
+            self._client._check(response, self._what)
+        except BaseException as exc:
+            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return response
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+
+def _write_hashing(chunks: Iterator[bytes], dest: Path) -> tuple[int, str]:
+    h = hashlib.sha256()
+    size = 0
+    with open(dest, "wb") as fh:
+        for chunk in chunks:
+            h.update(chunk)
+            fh.write(chunk)
+            size += len(chunk)
+    return size, h.hexdigest()
+
+
+def _file_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            yield chunk
+
+
+def _sha256_file(path: Path, chunk_size: int) -> str:
+    h = hashlib.sha256()
+    for chunk in _file_chunks(path, chunk_size):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def _n_samples_of(path: Path) -> int:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        head += fh.read(int.from_bytes(head[:8], "little") if len(head) == 8 else 0)
+    try:
+        _, metadata, _ = parse_safetensors_header(head, where=str(path))
+        return int(metadata.get(MetaKey.N_SAMPLES, 0))
+    except (DataError, ValueError):
+        return 0
+
+
+def _parse(model: type[T], response: httpx.Response, what: str) -> T:
+    try:
+        return model.model_validate_json(response.content)  # type: ignore[attr-defined, no-any-return]
+    except ValidationError as exc:
+        raise ProtocolError(
+            f"{what}: the hub's answer is not a valid {model.__name__} ({_first_error(exc)}); "
+            "hub and site may run different Laulima versions"
+        ) from exc
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    try:
+        return float(response.headers["Retry-After"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    return f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"

@@ -1,0 +1,183 @@
+"""A site agent's configuration: ``home/site.toml`` and ``home/token``, overridden by env.
+
+Precedence, highest first: keyword overrides, environment (``LAULIMA_SITE_*``), the file
+``home/site.toml`` written by ``laulima site init``, the defaults below. The token never
+goes into ``site.toml``: it lives in ``home/token`` (mode 0600) or ``LAULIMA_SITE_TOKEN``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from laulima.errors import ConfigurationError
+from laulima.site._fs import write_atomic
+
+__all__ = ["CONFIG_FILE", "ENV_PREFIX", "TOKEN_FILE", "SiteSettings", "write_site_config"]
+
+ENV_PREFIX = "LAULIMA_SITE_"
+CONFIG_FILE = "site.toml"
+TOKEN_FILE = "token"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+
+class SiteSettings(BaseSettings):
+    """Everything an agent needs to know before its first request."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    home: Path
+    """The site's folder: config, token, catalog, state and per-task work folders."""
+    name: Annotated[str, Field(pattern=_NAME)]
+    hub_url: str
+    token: Annotated[str, Field(min_length=1, repr=False)]
+    poll_wait_s: Annotated[float, Field(ge=0, le=300)] = 20.0
+    """How long one long poll for the next task may wait at the hub."""
+    backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    """Ceiling of the exponential backoff between retries after network errors."""
+    upload_attempts: Annotated[int, Field(ge=1)] = 5
+    """Tries per upload or report before the agent moves on and retries it later."""
+    task_time_limit_s: Annotated[float, Field(gt=0)] | None = None
+    """Site-side cap on one algorithm run, on top of the hub's per-task limit."""
+    keep_tasks: Annotated[int, Field(ge=1)] = 200
+    """How many recent tasks the restart state (and their work folders) keeps."""
+    ca_file: Path | None = None
+    """PEM bundle of the federation CA that signed the hub's certificate."""
+    allow_insecure_http: bool = False
+    """Permit plain http:// to a hub that is not on loopback (testing only)."""
+
+    @field_validator("hub_url")
+    @classmethod
+    def _url_shape(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{url!r} is not an http(s) URL such as https://hub.example.org")
+        return url.rstrip("/")
+
+    @model_validator(mode="after")
+    def _https_off_loopback(self) -> SiteSettings:
+        host = urlsplit(self.hub_url).hostname or ""
+        if urlsplit(self.hub_url).scheme == "http" and not _is_loopback(host) and not self.allow_insecure_http:
+            raise ValueError(
+                f"hub_url {self.hub_url!r} uses plain http to a host that is not loopback; "
+                "use https (or set allow_insecure_http = true for a test network)"
+            )
+        return self
+
+    @property
+    def work_dir(self) -> Path:
+        return self.home / "work"
+
+    @classmethod
+    def load(cls, home: str | Path, **overrides: Any) -> SiteSettings:
+        """Read ``home/site.toml`` and ``home/token``; environment variables override both."""
+        home = Path(home).expanduser().resolve()
+        config_path = home / CONFIG_FILE
+        data: dict[str, Any] = {}
+        if config_path.exists():
+            try:
+                data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigurationError(
+                    f"{config_path}: cannot read site config ({exc})", file=str(config_path)
+                ) from exc
+            if "token" in data:
+                raise ConfigurationError(
+                    f"{config_path}: a token does not belong in site.toml (it would leak with the "
+                    f"config); move it to {home / TOKEN_FILE} with mode 0600",
+                    file=str(config_path),
+                    field="token",
+                )
+        env_keys = {k.upper() for k in os.environ}
+        # Environment beats the file: drop file values that an env variable sets.
+        merged = {k: v for k, v in data.items() if f"{ENV_PREFIX}{k}".upper() not in env_keys}
+        merged["home"] = home
+        if f"{ENV_PREFIX}TOKEN" not in env_keys and "token" not in overrides:
+            merged["token"] = _read_token(home)
+        merged.update(overrides)
+        return cls.from_mapping(merged, source=str(config_path))
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], *, source: str = "site settings") -> SiteSettings:
+        """Validate ``values`` (plus environment); errors name ``source`` and the field."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            reason = err["msg"]
+            if err["type"] == "missing":
+                reason = f"missing; set it in {source} or as {ENV_PREFIX}{field.upper()}"
+            elif err["type"] == "extra_forbidden":
+                reason = "unknown setting; check its spelling"
+            raise ConfigurationError(f"{source}: '{field}': {reason}", file=source, field=field) from exc
+
+
+def write_site_config(home: str | Path, name: str, hub_url: str, token: str, **options: Any) -> Path:
+    """Create ``home`` with ``site.toml`` and a 0600 ``token`` file; returns the config path.
+
+    ``options`` are further :class:`SiteSettings` fields (``poll_wait_s=5``, ...); they
+    are validated before anything is written.
+    """
+    home = Path(home).expanduser().resolve()
+    SiteSettings.from_mapping(
+        {"home": home, "name": name, "hub_url": hub_url, "token": token, **options},
+        source=f"site config for {home}",
+    )
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lines = [f"name = {json.dumps(name)}", f"hub_url = {json.dumps(hub_url.rstrip('/'))}"]
+    for key, value in options.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            rendered = "true" if value else "false"
+        elif isinstance(value, int | float):
+            rendered = repr(value)
+        else:
+            rendered = json.dumps(str(value))
+        lines.append(f"{key} = {rendered}")
+    header = "# Written by `laulima site init`. The token is in ./token (mode 0600), not here.\n"
+    config_path = home / CONFIG_FILE
+    write_atomic(config_path, header + "\n".join(lines) + "\n", mode=0o644)
+    write_atomic(home / TOKEN_FILE, token.strip() + "\n", mode=0o600)
+    return config_path
+
+
+def _read_token(home: Path) -> str:
+    path = home / TOKEN_FILE
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        raise ConfigurationError(
+            f"site at {home} has no token: set {ENV_PREFIX}TOKEN or run `laulima site init` (which writes {path})",
+            file=str(path),
+            field="token",
+        ) from exc
+    if os.name == "posix" and st.st_mode & 0o077:
+        raise ConfigurationError(
+            f"{path} is readable by other users (mode {st.st_mode & 0o777:o}); run `chmod 600 {path}`",
+            file=str(path),
+            field="token",
+        )
+    token = path.read_text(encoding="utf-8").strip()
+    if not token:
+        raise ConfigurationError(f"{path} is empty; put the site token issued by the hub in it", file=str(path))
+    return token
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,238 @@
+"""The agent against an in-process fake hub (httpx.MockTransport) and real task workers."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.numpy import load as st_load
+
+from laulima.core.protocol import Header, MetaKey, TaskKind
+from laulima.core.weights import parse_safetensors_header
+from laulima.errors import Forbidden
+from laulima.site.agent import Agent
+from laulima.site.catalog import Catalog
+from laulima.site.client import HubClient
+from laulima.site.settings import SiteSettings
+from laulima.site.state import Phase, SiteState
+
+
+class FakeHub:
+    """Just enough of the hub: a task queue, one blob, and a record of what sites sent."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self.tasks: list = []
+        self.uploads: dict[str, tuple[bytes, httpx.Headers]] = {}
+        self.evaluations: dict[str, dict] = {}
+        self.failures: dict[str, dict] = {}
+        self.upload_response: httpx.Response | None = None
+        self.poll_response: httpx.Response | None = None
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        path = request.url.path.removeprefix("/api/v1")
+        if path == "/tasks/next":
+            if self.poll_response is not None:
+                return self.poll_response
+            if not self.tasks:
+                return httpx.Response(204)
+            return httpx.Response(200, json=self.tasks.pop(0).model_dump(mode="json"))
+        if path.startswith("/blobs/"):
+            return httpx.Response(200, content=self.blob)
+        m = re.fullmatch(r"/tasks/([^/]+)/(update|evaluation|failure)", path)
+        assert m, f"unexpected request {request.method} {path}"
+        task_id, what = m.groups()
+        body = request.read()
+        if what == "update":
+            if self.upload_response is not None:
+                return self.upload_response
+            self.uploads[task_id] = (body, request.headers)
+            n = parse_safetensors_header(body)[1][MetaKey.N_SAMPLES]
+            return httpx.Response(
+                200, json={"task_id": task_id, "digest": request.headers[Header.CONTENT_SHA256], "n_samples": int(n)}
+            )
+        (self.evaluations if what == "evaluation" else self.failures)[task_id] = json.loads(body)
+        return httpx.Response(200, json={})
+
+
+class MustNotRun:
+    def run(self, *args, **kwargs):
+        raise AssertionError("the task must not be run again")
+
+    def cancel(self) -> None:
+        pass
+
+
+@pytest.fixture
+def hub(weights_blob: bytes) -> FakeHub:
+    return FakeHub(weights_blob)
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    home = tmp_path / "site-a"
+    data = tmp_path / "data"
+    data.mkdir()
+    Catalog(home, site="site-a").add("ds", data)
+    return home
+
+
+def make_agent(home: Path, hub: FakeHub, **kw) -> Agent:
+    settings = SiteSettings(
+        home=home, name="site-a", hub_url="http://127.0.0.1:9", token="tok", poll_wait_s=0.01, backoff_max_s=0.01
+    )
+    http = httpx.Client(transport=httpx.MockTransport(hub))
+    client = HubClient(
+        settings.hub_url, settings.token, client=http, backoff_base_s=0.001, backoff_max_s=0.01, attempts=2
+    )
+    return Agent(settings, client, Catalog(home, site="site-a"), SiteState(home), **kw)
+
+
+def test_train_task_is_run_and_uploaded(helper_algorithms, make_task, hub, home):
+    task = make_task()
+    hub.tasks.append(task)
+    agent = make_agent(home, hub)
+    assert agent.step() is True
+    body, headers = hub.uploads[task.id]
+    assert headers[Header.UPLOAD_NONCE] == "nonce-1"
+    assert st_load(body)["w"].tolist() == [1, 2, 3, 4]
+    meta = parse_safetensors_header(body)[1]
+    assert (meta[MetaKey.N_SAMPLES], meta[MetaKey.TASK], json.loads(meta[MetaKey.METRICS])) == (
+        "3",
+        task.id,
+        {"m": 1.5},
+    )
+    assert agent.state.get(task.id).phase == Phase.REPORTED
+    task_dir = agent.task_dir(task.id)
+    assert not (task_dir / "weights.safetensors").exists() and not (task_dir / "result.safetensors").exists()
+    assert (task_dir / "stderr.log").exists()
+    assert agent.step() is False  # nothing more to do
+
+
+def test_evaluation_task_reports_metrics(helper_algorithms, make_task, hub, home):
+    hub.tasks.append(make_task(id="e-1", kind=TaskKind.EVALUATE))
+    make_agent(home, hub).step()
+    assert hub.evaluations == {"e-1": {"n_samples": 5, "metrics": {"acc": 0.5, "mean_w": 1.5}}}
+
+
+def test_unregistered_dataset_is_rejected_with_the_fix(helper_algorithms, make_task, hub, home):
+    hub.tasks.append(make_task(dataset="brains"))
+    agent = make_agent(home, hub)
+    agent.step()
+    failure = hub.failures["t-1"]
+    assert failure["kind"] == "rejected"
+    assert "dataset 'brains' is not registered at site 'site-a'" in failure["reason"]
+    assert "laulima site dataset add brains PATH" in failure["reason"]
+    assert agent.state.get("t-1").phase == Phase.REPORTED
+
+
+def test_crash_is_reported_as_a_short_failure(helper_algorithms, make_task, hub, home):
+    hub.tasks.append(make_task(algorithm="site_test_algorithms:Crash"))
+    agent = make_agent(home, hub)
+    agent.step()
+    failure = hub.failures["t-1"]
+    assert failure["kind"] == "error"
+    assert failure["reason"].startswith("ValueError: boom at the site")
+    assert agent.step() is False  # the agent goes on
+
+
+def test_computed_task_is_uploaded_after_restart_without_retraining(helper_algorithms, make_task, hub, home):
+    task = make_task()
+    hub.tasks.append(task)
+    hub.upload_response = httpx.Response(503)  # the hub is down when the result is ready
+    make_agent(home, hub).step()
+    record = SiteState(home).get(task.id)
+    assert record.phase == Phase.COMPUTED and Path(record.result_path).exists()
+    result_bytes = Path(record.result_path).read_bytes()
+
+    hub.upload_response = None  # hub is back; the agent restarts; the hub re-delivers the task
+    hub.tasks.append(task)
+    restarted = make_agent(home, hub, runner=MustNotRun())
+    restarted.step()
+    assert hub.uploads[task.id][0] == result_bytes
+    assert SiteState(home).get(task.id).phase == Phase.REPORTED
+
+
+def test_reported_task_is_never_run_again(helper_algorithms, make_task, hub, home):
+    task = make_task()
+    hub.tasks.append(task)
+    make_agent(home, hub).step()
+    hub.uploads.clear()
+    hub.tasks.append(task)
+    make_agent(home, hub, runner=MustNotRun()).step()
+    assert hub.uploads == {} and hub.failures == {}
+
+
+def test_hub_conflict_gives_the_task_up_and_the_agent_goes_on(helper_algorithms, make_task, hub, home):
+    hub.tasks += [make_task(id="t-1"), make_task(id="t-2")]
+    hub.upload_response = httpx.Response(
+        409, json={"error": "conflict", "detail": "round 2 is closed", "context": {"round": 2}}
+    )
+    agent = make_agent(home, hub)
+    agent.step()
+    record = agent.state.get("t-1")
+    assert record.phase == Phase.GIVEN_UP and "round 2 is closed" in record.note
+    hub.upload_response = None
+    agent.step()
+    assert "t-2" in hub.uploads
+
+
+def test_bad_weights_blob_is_reported_as_failure(helper_algorithms, make_task, hub, home):
+    hub.blob = b"not what the digest says"
+    hub.tasks.append(make_task())
+    make_agent(home, hub).step()
+    assert hub.failures["t-1"]["kind"] == "error"
+    assert "downloading blob" in hub.failures["t-1"]["reason"]
+
+
+def test_task_ids_cannot_escape_the_work_folder(home, hub):
+    agent = make_agent(home, hub)
+    assert agent.task_dir("../../etc").parent == agent.settings.work_dir
+    assert agent.task_dir("t-1") == agent.settings.work_dir / "t-1"
+
+
+def test_run_forever_stops_on_the_event(helper_algorithms, make_task, hub, home):
+    hub.tasks += [make_task(id=f"t-{i}") for i in range(3)]
+    agent = make_agent(home, hub)
+    stop = threading.Event()
+    thread = threading.Thread(target=agent.run_forever, args=(stop,))
+    thread.start()
+    try:
+        deadline = threading.Event()
+        for _ in range(100):
+            if len(hub.uploads) == 3:
+                break
+            deadline.wait(0.05)
+    finally:
+        stop.set()
+        thread.join(5)
+    assert not thread.is_alive()
+    assert sorted(hub.uploads) == ["t-0", "t-1", "t-2"]
+
+
+def test_a_refused_token_stops_the_agent(home, hub):
+    hub.poll_response = httpx.Response(401, json={"error": "unauthorized", "detail": "unknown token", "context": {}})
+    with pytest.raises(Forbidden, match="token"):
+        make_agent(home, hub).run_forever(threading.Event())
+
+
+def test_an_agent_fault_is_reported_and_the_agent_goes_on(make_task, hub, home):
+    class Broken:
+        def run(self, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        def cancel(self) -> None:
+            pass
+
+    hub.tasks.append(make_task())
+    agent = make_agent(home, hub, runner=Broken())
+    agent.step()
+    assert hub.failures["t-1"] == {
+        "kind": "error",
+        "reason": "site agent error: OSError: [Errno 28] No space left on device",
+    }
+    assert agent.state.get("t-1").phase == Phase.REPORTED
