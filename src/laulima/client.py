@@ -1,0 +1,150 @@
+"""The data scientist's and operator's client of the hub's REST API.
+
+The CLI and the local simulation use it; site agents have their own client in
+``laulima.site.client`` because a site speaks a different part of the protocol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from laulima.core.protocol import (
+    API_PREFIX,
+    BlobCreated,
+    ErrorBody,
+    ExperimentCreate,
+    ExperimentPublic,
+    MetricRecord,
+    RefusalRecord,
+    RoundPublic,
+    SiteCreate,
+    SiteCreated,
+    SitePublic,
+)
+from laulima.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ProtocolError, TransportError
+
+__all__ = ["Client"]
+
+_STATUS_ERRORS: dict[int, type[ProtocolError]] = {
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: PayloadTooLarge,
+}
+
+
+class Client:
+    """Talks to one hub with one bearer token (operator or data scientist)."""
+
+    def __init__(self, hub_url: str, token: str, *, client: httpx.Client | None = None, timeout: float = 60.0) -> None:
+        self.hub_url = hub_url.rstrip("/")
+        self._http = client or httpx.Client(timeout=timeout)
+        self._http.headers["Authorization"] = f"Bearer {token}"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- sites -----------------------------------------------------------------
+    def register_site(self, name: str) -> SiteCreated:
+        data = self._request("POST", "/sites", json=SiteCreate(name=name).model_dump())
+        return SiteCreated.model_validate(data)
+
+    def list_sites(self) -> list[SitePublic]:
+        return [SitePublic.model_validate(x) for x in self._request("GET", "/sites")]
+
+    # -- blobs and experiments -------------------------------------------------
+    def upload_blob(self, data: bytes) -> BlobCreated:
+        data_out = self._request(
+            "PUT", "/blobs", content=data, headers={"Content-Type": "application/octet-stream"}
+        )
+        return BlobCreated.model_validate(data_out)
+
+    def submit(self, spec: dict[str, Any], initial_weights: bytes) -> ExperimentPublic:
+        blob = self.upload_blob(initial_weights)
+        body = ExperimentCreate(spec=spec, initial_weights=blob.digest).model_dump()
+        return ExperimentPublic.model_validate(self._request("POST", "/experiments", json=body))
+
+    def experiments(self) -> list[ExperimentPublic]:
+        return [ExperimentPublic.model_validate(x) for x in self._request("GET", "/experiments")]
+
+    def experiment(self, experiment_id: int) -> ExperimentPublic:
+        return ExperimentPublic.model_validate(self._request("GET", f"/experiments/{experiment_id}"))
+
+    def cancel(self, experiment_id: int) -> ExperimentPublic:
+        return ExperimentPublic.model_validate(self._request("POST", f"/experiments/{experiment_id}/cancel"))
+
+    def rounds(self, experiment_id: int) -> list[RoundPublic]:
+        return [RoundPublic.model_validate(x) for x in self._request("GET", f"/experiments/{experiment_id}/rounds")]
+
+    def metrics(self, experiment_id: int) -> list[MetricRecord]:
+        return [MetricRecord.model_validate(x) for x in self._request("GET", f"/experiments/{experiment_id}/metrics")]
+
+    def refusals(self, experiment_id: int) -> list[RefusalRecord]:
+        data = self._request("GET", f"/experiments/{experiment_id}/refusals")
+        return [RefusalRecord.model_validate(x) for x in data]
+
+    def download_model(self, experiment_id: int, dest: Path) -> Path:
+        """Stream the newest global model into ``dest`` (safetensors)."""
+        tmp = dest.with_name(dest.name + ".part")
+        with self._stream("GET", f"/experiments/{experiment_id}/model") as chunks, tmp.open("wb") as fh:
+            for chunk in chunks:
+                fh.write(chunk)
+        tmp.replace(dest)
+        return dest
+
+    # -- plumbing --------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs: Any) -> Any:
+        url = f"{self.hub_url}{API_PREFIX}{path}"
+        try:
+            response = self._http.request(method, url, **kwargs)
+        except httpx.TransportError as exc:
+            raise TransportError(f"hub {self.hub_url} unreachable: {exc}", hub=self.hub_url) from exc
+        _raise_for_status(response)
+        return response.json() if response.content else None
+
+    def _stream(self, method: str, path: str) -> _StreamContext:
+        return _StreamContext(self._http, method, f"{self.hub_url}{API_PREFIX}{path}")
+
+
+class _StreamContext:
+    def __init__(self, http: httpx.Client, method: str, url: str) -> None:
+        self._cm = http.stream(method, url)
+
+    def __enter__(self) -> Iterator[bytes]:
+        try:
+            response = self._cm.__enter__()
+        except httpx.TransportError as exc:
+            raise TransportError(f"hub unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            response.read()
+            _raise_for_status(response)
+        return response.iter_bytes(1 << 20)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._cm.__exit__(*exc)
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        body = ErrorBody.model_validate(response.json())
+        detail, context = body.detail, body.context
+    except Exception:  # not our error format (proxy, crash page)
+        detail, context = response.text[:500] or response.reason_phrase, {}
+    if response.status_code == 401:
+        raise Forbidden(f"hub refused the token: {detail}; check LAULIMA_TOKEN / --token", **context)
+    if response.status_code >= 500:
+        raise TransportError(f"hub error {response.status_code}: {detail}", **context)
+    cls = _STATUS_ERRORS.get(response.status_code, ProtocolError)
+    raise cls(detail, status=response.status_code, **context)

@@ -1,0 +1,1 @@
+"""Example experiment specs shipped with the package (``laulima demo`` runs them)."""

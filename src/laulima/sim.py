@@ -1,0 +1,189 @@
+"""A whole federation on one machine: a hub and N site agents as separate processes.
+
+Everything runs for real — HTTP on loopback, one OS process per party, each with its own
+home folder and database — so what works here works across hospitals.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import string
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from laulima.algorithms.base import load_algorithm
+from laulima.client import Client
+from laulima.core.protocol import ExperimentPublic, ExperimentStatus, MetricRecord, TaskKind
+from laulima.core.spec import ExperimentSpec
+from laulima.core.weights import to_safetensors
+from laulima.errors import ConfigurationError, LaulimaError
+from laulima.processes import HubProcess, SiteProcess, free_port
+
+__all__ = ["DEMO_DATASETS", "LocalFederation", "SimulationResult", "initial_weights_bytes", "site_names"]
+
+DatasetWriter = Callable[[Path, int, int, int], None]
+"""(destination folder, site index, number of sites, seed) -> writes a site's dataset."""
+
+
+def _write_tabular(dest: Path, index: int, n_sites: int, seed: int) -> None:
+    from laulima.algorithms.tabular_data import write_tabular_site
+
+    write_tabular_site(dest, site_index=index, n_sites=n_sites, seed=seed)
+
+
+def _write_nothing(dest: Path, index: int, n_sites: int, seed: int) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+
+
+#: Datasets the simulation can generate for its sites, by the name a spec uses.
+DEMO_DATASETS: dict[str, DatasetWriter] = {
+    "tabular-demo": _write_tabular,
+    "none": _write_nothing,
+}
+
+
+def site_names(n: int) -> list[str]:
+    """site-a, site-b, ... (then site-27, ... beyond the alphabet)."""
+    letters = string.ascii_lowercase
+    return [f"site-{letters[i]}" if i < len(letters) else f"site-{i + 1}" for i in range(n)]
+
+
+def initial_weights_bytes(spec: ExperimentSpec) -> bytes:
+    """Build the first global model where the experiment is submitted (no data needed)."""
+    algorithm = load_algorithm(spec.algorithm)()
+    return to_safetensors(algorithm.initial_weights(spec.config, spec.seed))
+
+
+@dataclass
+class SimulationResult:
+    experiment: ExperimentPublic
+    metrics: list[MetricRecord]
+    wall_time_s: float
+    workdir: Path
+
+    @property
+    def final_evaluation(self) -> dict[str, dict[str, float]]:
+        """Metrics of the last evaluated round, per site."""
+        evals = [m for m in self.metrics if m.kind == TaskKind.EVALUATE]
+        if not evals:
+            return {}
+        last = max(m.round for m in evals)
+        return {m.site: m.metrics for m in evals if m.round == last}
+
+
+@dataclass
+class LocalFederation:
+    """Hub + N agents under ``workdir``. Use as a context manager; processes stop on exit."""
+
+    workdir: Path
+    n_sites: int
+    dataset: str
+    seed: int = 0
+    dataset_writer: DatasetWriter | None = None
+    site_env: dict[str, str] = field(default_factory=dict)
+    hub: HubProcess = field(init=False)
+    sites: dict[str, SiteProcess] = field(init=False, default_factory=dict)
+    client: Client = field(init=False)
+
+    def __enter__(self) -> LocalFederation:
+        writer = self.dataset_writer or DEMO_DATASETS.get(self.dataset)
+        if writer is None:
+            raise ConfigurationError(
+                f"the simulation can generate the datasets {sorted(DEMO_DATASETS)}, not {self.dataset!r}; "
+                "for your own data, run a hub and agents with `laulima hub` and `laulima site`",
+                field="dataset",
+            )
+        if self.n_sites < 1:
+            raise ConfigurationError("--sites must be at least 1", field="sites")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.hub = HubProcess(self.workdir / "hub", free_port(), secrets.token_urlsafe(24))
+        self.hub.start()
+        try:
+            self.hub.wait_ready()
+            self.client = Client(self.hub.url, self.hub.admin_token)
+            for index, name in enumerate(site_names(self.n_sites)):
+                self._add_site(name, index, writer)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _add_site(self, name: str, index: int, writer: DatasetWriter) -> None:
+        from laulima.site.catalog import Catalog
+        from laulima.site.settings import write_site_config
+
+        home = self.workdir / "sites" / name
+        data_dir = self.workdir / "data" / name / self.dataset
+        if not data_dir.exists():
+            writer(data_dir, index, self.n_sites, self.seed)
+        token = self.client.register_site(name).token
+        write_site_config(home, name=name, hub_url=self.hub.url, token=token)
+        Catalog(home).add(self.dataset, data_dir)
+        site = SiteProcess(home, name)
+        site.env.update(self.site_env)
+        site.start()
+        self.sites[name] = site
+
+    def submit(self, spec: ExperimentSpec) -> ExperimentPublic:
+        return self.client.submit(spec.model_dump(mode="json"), initial_weights_bytes(spec))
+
+    def wait(
+        self,
+        experiment_id: int,
+        *,
+        timeout: float,
+        on_progress: Callable[[ExperimentPublic, list[MetricRecord]], None] | None = None,
+        poll_s: float = 0.5,
+    ) -> ExperimentPublic:
+        """Poll until the experiment ends; raise with the agents' logs if a process died."""
+        deadline = time.monotonic() + timeout
+        while True:
+            exp = self.client.experiment(experiment_id)
+            if on_progress is not None:
+                on_progress(exp, self.client.metrics(experiment_id))
+            if exp.status != ExperimentStatus.RUNNING:
+                return exp
+            if not self.hub.alive:
+                raise LaulimaError(f"the hub process died:\n{self.hub.log_tail()}")
+            if time.monotonic() > deadline:
+                raise LaulimaError(
+                    f"experiment {experiment_id} still running after {timeout:.0f} s "
+                    f"(round {exp.rounds_done}/{exp.rounds}); logs are under {self.workdir}"
+                )
+            time.sleep(poll_s)
+
+    def close(self) -> None:
+        for site in self.sites.values():
+            site.stop()
+        if getattr(self, "hub", None) is not None:
+            self.hub.stop()
+        client = getattr(self, "client", None)
+        if client is not None:
+            client.close()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def run_simulation(
+    spec: ExperimentSpec,
+    n_sites: int,
+    workdir: Path,
+    *,
+    timeout: float = 3600.0,
+    on_progress: Callable[[ExperimentPublic, list[MetricRecord]], None] | None = None,
+    fresh: bool = True,
+) -> SimulationResult:
+    """Run ``spec`` on a fresh local federation of ``n_sites`` and return its metrics."""
+    if fresh and workdir.exists():
+        shutil.rmtree(workdir)
+    started = time.monotonic()
+    with LocalFederation(workdir, n_sites, spec.dataset, seed=spec.seed) as fed:
+        exp = fed.submit(spec)
+        exp = fed.wait(exp.id, timeout=timeout, on_progress=on_progress)
+        metrics = fed.client.metrics(exp.id)
+    return SimulationResult(exp, metrics, time.monotonic() - started, workdir)
