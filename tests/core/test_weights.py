@@ -14,6 +14,7 @@ from laulima.core.weights import (
     check_matches,
     from_safetensors,
     parse_safetensors_header,
+    safetensors_chunks,
     schema_of,
     sha256_hex,
     to_safetensors,
@@ -209,3 +210,28 @@ def test_check_finite_accepts_finite_and_integer_arrays() -> None:
     check_finite("n", np.array([2**62], np.int64))
     check_finite("m", np.array([True]))
     check_finite("e", np.zeros(0, np.float32))
+
+
+def test_serialization_is_deterministic_with_several_metadata_keys():
+    weights = {"b": np.arange(3, dtype=np.float32), "a": np.ones((2, 2), dtype=np.float16)}
+    meta = {"laulima.task": "t1", "laulima.n_samples": "4", "laulima.metrics": '{"loss": 1.0}'}
+    digests = {sha256_hex(to_safetensors(weights, dict(reversed(list(meta.items()))))) for _ in range(10)}
+    digests.add(sha256_hex(to_safetensors(weights, meta)))
+    assert len(digests) == 1
+
+
+def test_streamed_chunks_equal_the_whole_encoding_and_load_with_safetensors():
+    from safetensors.numpy import load
+
+    weights = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.array(7, dtype=np.int64)}
+    chunks = list(safetensors_chunks(weights, {"k": "v"}))
+    assert b"".join(bytes(c) for c in chunks) == to_safetensors(weights, {"k": "v"})
+    loaded = load(b"".join(bytes(c) for c in chunks))
+    assert loaded["n"].shape == () and int(loaded["n"]) == 7
+    np.testing.assert_array_equal(loaded["w"], weights["w"])
+
+
+def test_big_endian_arrays_are_written_little_endian():
+    weights = {"w": np.arange(4, dtype=">f4")}
+    back = from_safetensors(to_safetensors(weights))
+    np.testing.assert_array_equal(back["w"], np.arange(4, dtype=np.float32))

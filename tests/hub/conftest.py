@@ -94,6 +94,10 @@ class Hub:
     def site(self, name: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[name]}"}
 
+    def blobs_path(self, digest: str) -> Path:
+        """Where the hub's local blob store keeps ``digest``."""
+        return self.home / "blobs" / digest[:2] / digest[2:]
+
     def url(self, path: str) -> str:
         return f"{API_PREFIX}{path}"
 

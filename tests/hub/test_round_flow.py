@@ -176,3 +176,29 @@ def test_an_orchestrator_error_fails_only_that_experiment(hub: Hub):
     assert tc and tc.experiment_name == "healthy"
     assert hub.upload("site-c", tc, update_bytes(make_weights(4))).status_code == 200
     hub.wait_status(healthy["id"], "completed")
+
+
+def _two_site_round(hub: Hub) -> tuple[dict, list[str]]:
+    exp = hub.submit(spec(rounds=1), make_weights(0))
+    ta, tb = hub.next_task("site-a"), hub.next_task("site-b")
+    digests = []
+    for site, task, seed in (("site-a", ta, 1), ("site-b", tb, 2)):
+        r = hub.upload(site, task, update_bytes(make_weights(seed), n_samples=seed))
+        assert r.status_code == 200, r.text
+        digests.append(r.json()["digest"])
+    return hub.wait_status(exp["id"], "completed"), digests
+
+
+def test_update_blobs_are_discarded_once_their_round_is_checkpointed(hub: Hub):
+    done, digests = _two_site_round(hub)
+    hub.wait_for(lambda: not any(hub.blobs_path(d).exists() for d in digests), "update blobs to be removed")
+    assert hub.blobs_path(done["global_digest"]).exists(), "the checkpoint itself must stay"
+    metrics = hub.get(f"/experiments/{done['id']}/metrics")
+    assert sorted(m["n_samples"] for m in metrics if m["kind"] == "train") == [1, 2]
+
+
+def test_update_blobs_are_kept_when_the_hub_is_told_to(make_hub):
+    hub = make_hub(keep_updates=True)
+    hub.register("site-a", "site-b")
+    _, digests = _two_site_round(hub)
+    assert all(hub.blobs_path(d).exists() for d in digests)

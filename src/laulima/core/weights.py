@@ -9,16 +9,16 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 from safetensors.numpy import load as _st_load
-from safetensors.numpy import save as _st_save
 
 from laulima.errors import WeightsError
 
 __all__ = [
+    "SAFETENSORS_DTYPES",
     "TensorSpec",
     "Weights",
     "WeightsSchema",
@@ -26,6 +26,7 @@ __all__ = [
     "check_matches",
     "from_safetensors",
     "parse_safetensors_header",
+    "safetensors_chunks",
     "schema_of",
     "sha256_hex",
     "to_safetensors",
@@ -45,6 +46,7 @@ SAFETENSORS_DTYPES: dict[str, str] = {
     "U8": "uint8",
     "BOOL": "bool",
 }
+_ST_DTYPE_OF: dict[str, str] = {numpy_name: st_name for st_name, numpy_name in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,53 @@ def schema_of(weights: Mapping[str, np.ndarray]) -> WeightsSchema:
     return {k: TensorSpec(tuple(int(d) for d in v.shape), v.dtype.name) for k, v in weights.items()}
 
 
+def safetensors_chunks(
+    weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> Iterator[bytes | memoryview]:
+    """The safetensors encoding of ``weights``, piece by piece: the header, then each tensor's
+    bytes as a view of the array (no copy). Writers stream these to a file or a socket, so
+    no second copy of a large model is ever built.
+
+    Deterministic: tensors and metadata keys are sorted, so equal weights and metadata give
+    equal bytes and equal digests (``safetensors.numpy.save`` orders metadata at random).
+    """
+    arrays = {name: _c_contiguous_le(name, weights[name]) for name in sorted(weights)}
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(metadata[k]) for k in sorted(metadata)}
+    offset = 0
+    for name, array in arrays.items():
+        header[name] = {
+            "dtype": _ST_DTYPE_OF[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # tensor data starts 8-byte aligned
+    yield struct.pack("<Q", len(text)) + text
+    for array in arrays.values():
+        if array.nbytes:
+            yield array.reshape(-1).view(np.uint8).data
+
+
 def to_safetensors(weights: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize named arrays; ``metadata`` travels in the safetensors header."""
-    arrays = {k: np.asarray(v, order="C") for k, v in weights.items()}  # keeps 0-d arrays 0-d
-    return _st_save(arrays, metadata=dict(metadata) if metadata else None)
+    """Serialize named arrays into one bytes object; ``metadata`` travels in the header."""
+    return b"".join(safetensors_chunks(weights, metadata))
+
+
+def _c_contiguous_le(name: str, array: np.ndarray) -> np.ndarray:
+    """Little-endian, C-contiguous, 0-d arrays kept 0-d (``np.ascontiguousarray`` makes them 1-d)."""
+    array = np.asarray(array)
+    if array.dtype.name not in _ST_DTYPE_OF:
+        raise WeightsError(
+            f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot carry; "
+            f"use one of {sorted(_ST_DTYPE_OF)}",
+            where=name,
+        )
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array if array.flags.c_contiguous else array.copy(order="C")
 
 
 def from_safetensors(data: bytes, *, where: str = "weights") -> Weights:

@@ -80,7 +80,14 @@ def _start(settings: HubSettings, clock: Callable[[], float]) -> HubContext:
     sessions = make_session_factory(engine)
     blobs = LocalBlobStore(settings.home)
     board = TaskBoard()
-    orchestrator = Orchestrator(sessions, blobs, clock, tick_s=settings.orchestrator_tick_s, notify=board.notify)
+    orchestrator = Orchestrator(
+        sessions,
+        blobs,
+        clock,
+        tick_s=settings.orchestrator_tick_s,
+        notify=board.notify,
+        keep_updates=settings.keep_updates,
+    )
     return HubContext(
         settings=settings,
         engine=engine,

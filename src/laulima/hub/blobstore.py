@@ -95,6 +95,10 @@ class BlobStore(ABC):
     @abstractmethod
     def exists(self, digest: str) -> bool: ...
 
+    @abstractmethod
+    def delete(self, digest: str) -> bool:
+        """Remove a blob; False if it was not there."""
+
     def put_bytes(self, data: bytes) -> str:
         with self.writer() as w:
             w.write(data)
@@ -195,6 +199,13 @@ class LocalBlobStore(BlobStore):
 
     def exists(self, digest: str) -> bool:
         return self.path_for(digest).is_file()
+
+    def delete(self, digest: str) -> bool:
+        try:
+            self.path_for(digest).unlink()
+        except FileNotFoundError:
+            return False
+        return True
 
 
 async def receive_into(writer: BlobWriter, chunks: AsyncIterable[bytes], *, limit: int, what: str) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,7 +24,7 @@ from laulima.core.protocol import ExperimentStatus, TaskKind, TaskStatus
 from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due
 from laulima.core.spec import ExperimentSpec
 from laulima.core.strategies import FitResult, Strategy, build_strategy
-from laulima.core.weights import SAFETENSORS_DTYPES, Weights, WeightsSchema
+from laulima.core.weights import Weights, WeightsSchema, safetensors_chunks
 from laulima.errors import WeightsError
 from laulima.hub.blobstore import BlobStore
 from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
@@ -86,11 +85,13 @@ class Orchestrator:
         *,
         tick_s: float = 0.5,
         notify: Callable[[Iterable[str]], None] | None = None,
+        keep_updates: bool = False,
     ) -> None:
         self.service = HubService(session_factory, blobs, clock)
         self.blobs = blobs
         self.clock = clock
         self.tick_s = tick_s
+        self.keep_updates = keep_updates
         self._notify = notify or (lambda sites: None)
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -116,6 +117,11 @@ class Orchestrator:
         self._wake.set()
 
     def _run(self) -> None:
+        try:  # catch up on clean-up a killed hub did not finish
+            for experiment_id in self.service.experiment_ids():
+                self.discard_spent_updates(experiment_id)
+        except Exception:
+            log.exception("clean-up of spent update blobs failed; continuing")
         while not self._stop.is_set():
             self._wake.clear()
             try:
@@ -213,7 +219,9 @@ class Orchestrator:
             return False
         if decision.state == RoundState.FAIL:
             log.warning("experiment %s: %s", exp.id, decision.reason)
-            return self.service.fail_round(rnd.id, decision.reason)
+            closed = self.service.fail_round(rnd.id, decision.reason)
+            self.discard_spent_updates(exp.id)
+            return closed
         chosen = [u for u in updates if u.site in decision.sites]
         new_digest, state_digest = self._aggregate(spec, rnd, chosen)
         evaluation: list[NewTask] = []
@@ -235,7 +243,19 @@ class Orchestrator:
             log.info("experiment %s: round %d aggregated from %s", exp.id, rnd.index, ", ".join(decision.sites))
             if evaluation:
                 self._notify(selected)
+            self.discard_spent_updates(exp.id)
         return ok
+
+    def discard_spent_updates(self, experiment_id: int) -> int:
+        """Delete update blobs of closed rounds (unless ``keep_updates``); their digests,
+        sample counts and metrics stay in the database. Idempotent, so a hub killed between
+        checkpoint and clean-up catches up at the next checkpoint or start."""
+        if self.keep_updates:
+            return 0
+        removed = sum(self.blobs.delete(d) for d in self.service.spent_update_digests(experiment_id))
+        if removed:
+            log.debug("experiment %s: %d spent update blobs removed", experiment_id, removed)
+        return removed
 
     def _aggregate(self, spec: ExperimentSpec, rnd: Round, updates: list[Update]) -> tuple[str, str | None]:
         """Fold the updates (ordered by site name) into the next global model; store it."""
@@ -272,26 +292,10 @@ class Orchestrator:
 
 def store_weights(blobs: BlobStore, weights: Mapping[str, np.ndarray]) -> str:
     """Write ``weights`` as a safetensors blob, tensor by tensor: no second copy of the model
-    is built in memory (``to_safetensors`` would join it into one bytes object first)."""
-    arrays = {name: _c_order(weights[name]) for name in sorted(weights)}
-    header: dict[str, object] = {}
-    offset = 0
-    for name, arr in arrays.items():
-        if arr.dtype.name not in _ST_DTYPE:
-            raise WeightsError(f"tensor {name!r} has dtype {arr.dtype}, which safetensors cannot carry", where=name)
-        header[name] = {
-            "dtype": _ST_DTYPE[arr.dtype.name],
-            "shape": list(arr.shape),
-            "data_offsets": [offset, offset + arr.nbytes],
-        }
-        offset += arr.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    is built in memory."""
     with blobs.writer() as writer:
-        writer.write(struct.pack("<Q", len(text)) + text)
-        for arr in arrays.values():
-            if arr.nbytes:
-                writer.write(arr.reshape(-1).view(np.uint8).data)
+        for chunk in safetensors_chunks(weights):
+            writer.write(chunk)
         digest, _ = writer.commit()
     return digest
 
@@ -300,9 +304,6 @@ def _c_order(arr: np.ndarray) -> np.ndarray:
     """C-contiguous, keeping 0-d arrays 0-d (``np.ascontiguousarray`` makes them 1-d)."""
     arr = np.asarray(arr)
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
-
-
-_ST_DTYPE = {numpy_name: st_name for st_name, numpy_name in SAFETENSORS_DTYPES.items()}
 
 
 def _conform(new: Mapping[str, np.ndarray], schema: WeightsSchema) -> Weights:

@@ -337,6 +337,10 @@ class HubService:
             s.add(Refusal(at=self.clock(), site=site, task_id=task_id, status=status, reason=reason))
 
     # -- rounds, as the orchestrator drives them ---------------------------------------
+    def experiment_ids(self) -> list[int]:
+        with self.sessions() as s:
+            return list(s.scalars(select(Experiment.id)))
+
     def running_experiment_ids(self) -> list[int]:
         with self.sessions() as s:
             return list(s.scalars(select(Experiment.id).where(Experiment.status == ExperimentStatus.RUNNING)))
@@ -419,6 +423,34 @@ class HubService:
             self._close_open_tasks(s, exp.id, TaskStatus.EXPIRED, now, "round closed", round_index=rnd.index)
             self._add_tasks(s, exp.id, rnd.index, evaluation, now)
         return True
+
+    def spent_update_digests(self, experiment_id: int) -> list[str]:
+        """Blobs of updates whose round is closed and that nothing else points at.
+
+        A closed round's updates are never read again (its checkpoint holds the result),
+        so keeping them would only grow the hub's disk by model size x sites every round.
+        Blobs are content-addressed and may be shared, hence the reference check.
+        """
+        with self.sessions() as s:
+            closed = select(Round.index).where(Round.experiment_id == experiment_id, Round.status != RoundStatus.OPEN)
+            candidates = set(
+                s.scalars(select(Update.digest).where(Update.experiment_id == experiment_id, Update.round.in_(closed)))
+            )
+            if not candidates:
+                return []
+            in_use: set[str] = set()
+            in_use.update(s.scalars(select(Task.weights_digest).where(Task.weights_digest.in_(candidates))))
+            for col in (Experiment.initial_digest, Experiment.global_digest, Experiment.strategy_state_digest):
+                in_use.update(d for d in s.scalars(select(col).where(col.in_(candidates))) if d)
+            for col in (Round.global_in_digest, Round.global_out_digest, Round.strategy_state_digest):
+                in_use.update(d for d in s.scalars(select(col).where(col.in_(candidates))) if d)
+            open_rounds = (
+                select(Update.digest)
+                .join(Round, (Round.experiment_id == Update.experiment_id) & (Round.index == Update.round))
+                .where(Round.status == RoundStatus.OPEN, Update.digest.in_(candidates))
+            )
+            in_use.update(s.scalars(open_rounds))
+        return sorted(candidates - in_use)
 
     def fail_round(self, round_id: int, error: str) -> bool:
         now = self.clock()

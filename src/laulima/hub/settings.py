@@ -44,6 +44,9 @@ class HubSettings(BaseSettings):
     max_upload_bytes: Annotated[int, Field(gt=0)] = 4 * GIB
     long_poll_max_s: Annotated[float, Field(ge=0)] = 30.0
     orchestrator_tick_s: Annotated[float, Field(gt=0)] = 0.5
+    keep_updates: bool = False
+    """Keep every site's update blob after its round is checkpointed (for audits; costs
+    model size x sites of disk per round). By default only digests and metrics are kept."""
 
     @model_validator(mode="after")
     def _secure_and_complete(self) -> HubSettings:

@@ -52,5 +52,5 @@ class Strategy(ABC):
         """Arrays that must survive a hub restart (empty for stateless strategies)."""
         return {}
 
-    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+    def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - stateless default
         """Restore what :meth:`state_dict` returned."""
