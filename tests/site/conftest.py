@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -51,3 +52,32 @@ def make_task(weights_blob: bytes) -> Callable[..., TaskPublic]:
         return TaskPublic(**fields)
 
     return make
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie."""
+    if Path("/proc/self/stat").exists():
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except OSError:
+            return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def all_gone() -> Callable[..., bool]:
+    """``all_gone(*pids)``: True once none of those processes runs (waits up to 3 s)."""
+
+    def check(*pids: int) -> bool:
+        end = time.monotonic() + 3.0
+        while any(_running(pid) for pid in pids):
+            if time.monotonic() > end:
+                return False
+            time.sleep(0.02)
+        return True
+
+    return check

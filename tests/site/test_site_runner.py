@@ -1,4 +1,8 @@
-"""The task runner on real child processes: success, crash, timeout, output validation."""
+"""The task runner on real child processes: success, crash, timeout, output validation.
+
+The behaviour tests run twice: with a process started per task, and with tasks forked
+from the zygote (:mod:`laulima.site.zygote`); both must give the same results.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +19,8 @@ from safetensors import safe_open
 
 from laulima.core.protocol import MetaKey, TaskKind
 from laulima.errors import AlgorithmError
-from laulima.site.runner import TaskRunner, child_pythonpath, short_stderr_reason, train_settings
+from laulima.site.runner import TaskRunner, child_pythonpath
+from laulima.site.taskdir import short_stderr_reason, train_settings
 from laulima.site.worker import WEIGHTS_FILE
 
 
@@ -26,12 +32,20 @@ def task_dir(tmp_path: Path, weights_blob: bytes) -> Path:
     return d
 
 
+@pytest.fixture(params=["spawn", "zygote"])
+def runner(request: pytest.FixtureRequest, helper_algorithms: str) -> Iterator[TaskRunner]:
+    runner = TaskRunner(zygote=request.param == "zygote")
+    runner.warm(helper_algorithms)
+    yield runner
+    runner.close()
+
+
 def run(task, task_dir: Path, runner: TaskRunner | None = None):
     return (runner or TaskRunner()).run(task, task_dir, site="site-a", dataset_path=task_dir.parent)
 
 
-def test_train_success_writes_result_with_metadata(helper_algorithms, make_task, task_dir):
-    result = run(make_task(), task_dir)
+def test_train_success_writes_result_with_metadata(runner, make_task, task_dir):
+    result = run(make_task(), task_dir, runner)
     assert result.kind == TaskKind.TRAIN
     assert result.n_samples == 3
     assert result.metrics == {"m": 1.5}
@@ -48,16 +62,21 @@ def test_train_success_writes_result_with_metadata(helper_algorithms, make_task,
     assert (task_dir / "scratch" / "finalized").exists()
 
 
-def test_evaluate_returns_metrics(helper_algorithms, make_task, task_dir):
-    result = run(make_task(kind=TaskKind.EVALUATE), task_dir)
+def test_atexit_handlers_run_when_the_task_ends(runner, make_task, task_dir):
+    run(make_task(algorithm="site_test_algorithms:AtExit"), task_dir, runner)
+    assert (task_dir / "scratch" / "atexit.txt").read_text() == "ran"
+
+
+def test_evaluate_returns_metrics(runner, make_task, task_dir):
+    result = run(make_task(kind=TaskKind.EVALUATE), task_dir, runner)
     assert result.kind == TaskKind.EVALUATE
     assert (result.n_samples, result.metrics) == (5, {"acc": 0.5, "mean_w": 1.5})
     assert result.weights_path is None
 
 
-def test_crash_gives_short_reason_and_keeps_full_stderr(helper_algorithms, make_task, task_dir):
+def test_crash_gives_short_reason_and_keeps_full_stderr(runner, make_task, task_dir):
     with pytest.raises(AlgorithmError) as info:
-        run(make_task(algorithm="site_test_algorithms:Crash"), task_dir)
+        run(make_task(algorithm="site_test_algorithms:Crash"), task_dir, runner)
     reason = str(info.value)
     assert reason.startswith("ValueError: boom at the site (at site_test_algorithms.py:")
     assert "Traceback" not in reason and "\n" not in reason
@@ -67,28 +86,31 @@ def test_crash_gives_short_reason_and_keeps_full_stderr(helper_algorithms, make_
     assert (task_dir / "scratch" / "finalized").exists(), "finalize() must run after a crash"
 
 
-def test_unknown_algorithm_is_reported(make_task, task_dir):
+def test_unknown_algorithm_is_reported(runner, make_task, task_dir):
     with pytest.raises(AlgorithmError, match="no_such_module.*cannot be imported"):
-        run(make_task(algorithm="no_such_module:Algo"), task_dir)
+        run(make_task(algorithm="no_such_module:Algo"), task_dir, runner)
 
 
-def test_timeout_kills_within_a_second_of_the_limit(helper_algorithms, make_task, task_dir):
-    task = make_task(algorithm="site_test_algorithms:Sleeper", time_limit_s=1.0)
+def test_timeout_kills_the_algorithm_and_its_children_within_a_second(runner, make_task, task_dir, all_gone):
+    task = make_task(algorithm="site_test_algorithms:SpawnsSleep", time_limit_s=1.0)
     started = time.monotonic()
     with pytest.raises(AlgorithmError) as info:
-        run(task, task_dir)
+        run(task, task_dir, runner)
     elapsed = time.monotonic() - started
     assert info.value.context["kind"] == "timeout"
     assert "timeout" in str(info.value) and "1.0 s" in str(info.value)
     assert 1.0 <= elapsed < 2.0
+    assert all_gone(*map(int, (task_dir / "scratch" / "pids.txt").read_text().split())), "`sleep 60` survived"
+    assert run(make_task(), task_dir, runner).n_samples == 3, "the runner must serve the next task"
 
 
-def test_timeout_kills_an_algorithm_that_ignores_sigterm(helper_algorithms, make_task, task_dir):
-    task = make_task(algorithm="site_test_algorithms:Stubborn", time_limit_s=1.0)
+def test_timeout_kills_an_algorithm_that_ignores_sigterm(runner, make_task, task_dir):
+    task = make_task(algorithm="site_test_algorithms:Stubborn", time_limit_s=0.5)
+    runner.kill_grace_s = 0.3
     started = time.monotonic()
     with pytest.raises(AlgorithmError, match="timeout"):
-        run(task, task_dir, TaskRunner(kill_grace_s=0.3))
-    assert time.monotonic() - started < 2.0
+        run(task, task_dir, runner)
+    assert time.monotonic() - started < 1.5
 
 
 def test_time_limit_is_the_smallest_of_task_deadline_and_site_cap(make_task):
@@ -111,23 +133,30 @@ def test_deadline_already_passed_is_a_timeout(helper_algorithms, make_task, task
         ("ZeroSamples", "n_samples is 0; it must be an integer of at least 1"),
     ],
 )
-def test_invalid_update_is_refused_naming_the_problem(helper_algorithms, make_task, task_dir, algorithm, expected):
+def test_invalid_update_is_refused_naming_the_problem(runner, make_task, task_dir, algorithm, expected):
     with pytest.raises(AlgorithmError) as info:
-        run(make_task(algorithm=f"site_test_algorithms:{algorithm}"), task_dir)
+        run(make_task(algorithm=f"site_test_algorithms:{algorithm}"), task_dir, runner)
     assert expected in str(info.value)
     assert not (task_dir / "result.safetensors").exists()
 
 
-def test_cancel_kills_the_worker(helper_algorithms, make_task, task_dir):
+def test_cancel_kills_the_algorithm_and_its_children(runner, make_task, task_dir, all_gone):
     import threading
 
-    runner = TaskRunner()
-    threading.Timer(0.5, runner.cancel).start()
+    pids = task_dir / "scratch" / "pids.txt"
+
+    def cancel_once_started() -> None:
+        while not pids.exists():
+            time.sleep(0.01)
+        runner.cancel()
+
+    threading.Thread(target=cancel_once_started, daemon=True).start()
     started = time.monotonic()
     with pytest.raises(AlgorithmError) as info:
-        run(make_task(algorithm="site_test_algorithms:Sleeper"), task_dir, runner)
+        run(make_task(algorithm="site_test_algorithms:SpawnsSleep"), task_dir, runner)
     assert info.value.context["kind"] == "cancelled"
     assert time.monotonic() - started < 2.0
+    assert all_gone(*map(int, pids.read_text().split()))
 
 
 def test_child_pythonpath_carries_sys_path_entries(helper_algorithms):
@@ -139,7 +168,7 @@ def test_child_pythonpath_carries_sys_path_entries(helper_algorithms):
 
 def test_worker_imports_no_http_or_settings_stack():
     code = (
-        "import sys, laulima.site.worker\n"
+        "import sys, laulima.site.worker, laulima.site.zygote\n"
         "print(sorted(m for m in ('httpx', 'pydantic', 'fastapi', 'rich', 'pydantic_settings') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -159,36 +188,3 @@ def test_short_stderr_reason_takes_the_exception_lines():
 def test_train_settings_accepts_nested_and_flat_params():
     assert train_settings({"local_epochs": 2, "params": {"lr": 1}}) == ({"local_epochs": 2}, {"lr": 1})
     assert train_settings({"seed": 3, "lr": 1}) == ({"seed": 3}, {"lr": 1})
-
-
-def test_prestarted_worker_runs_the_next_task(helper_algorithms, make_task, task_dir):
-    runner = TaskRunner(prestart=True)
-    try:
-        runner.warm("site_test_algorithms")
-        spare = runner._spare
-        assert run(make_task(), task_dir, runner).n_samples == 3
-        assert spare is not None and spare.returncode == 0, "the task should have gone to the spare worker"
-        assert (task_dir / "stderr.log").exists()
-        # a crash in a spare worker is reported like any other, with its output in the task's logs
-        with pytest.raises(AlgorithmError, match="ValueError: boom at the site"):
-            run(make_task(algorithm="site_test_algorithms:Crash"), task_dir, runner)
-        assert "Traceback" in (task_dir / "stderr.log").read_text()
-        # its replacement is waiting already, with the last algorithm's module imported
-        assert runner._spare is not None and runner._spare.poll() is None
-        started = time.monotonic()
-        run(make_task(), task_dir, runner)
-        assert time.monotonic() - started < 1.0
-    finally:
-        runner.close()
-    assert runner._spare is None
-
-
-def test_a_dead_spare_is_replaced_by_a_fresh_worker(helper_algorithms, make_task, task_dir):
-    runner = TaskRunner(prestart=True)
-    try:
-        runner.warm()
-        runner._spare.kill()
-        runner._spare.wait()
-        assert run(make_task(), task_dir, runner).n_samples == 3
-    finally:
-        runner.close()

@@ -286,7 +286,7 @@ def run_agent(settings: SiteSettings) -> None:
             client,
             Catalog(settings.home, site=settings.name),
             SiteState(settings.home, keep=settings.keep_tasks),
-            runner=TaskRunner(time_limit_cap_s=settings.task_time_limit_s, prestart=True),
+            runner=TaskRunner(time_limit_cap_s=settings.task_time_limit_s, zygote=True),
             stop=stop,
         )
 

@@ -1,15 +1,16 @@
-"""Run one task's algorithm in a child process, under a time limit.
+"""Run one task's algorithm in a process of its own, under a time limit.
 
-The child (:mod:`laulima.site.worker`) runs in its own process group, so a timeout or a
-shutdown kills everything it started (data-loader workers included) and nothing else.
-Failures come back as :class:`~laulima.errors.AlgorithmError` with a short reason fit for
-the hub; the full output stays in the task folder (``stderr.log``, ``stdout.log``).
+That process (:mod:`laulima.site.worker`), forked from the agent's zygote or started
+afresh, runs in its own process group, so a timeout or a shutdown kills everything it
+started (data-loader workers included) and nothing else. Failures come back as
+:class:`~laulima.errors.AlgorithmError` with a short reason fit for the hub; the full
+output stays in the task folder (``stderr.log``, ``stdout.log``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,14 +18,13 @@ import sys
 import sysconfig
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from laulima.core.protocol import FailureKind, MetaKey, TaskKind, TaskPublic
+from laulima.core.protocol import FailureKind, TaskPublic
 from laulima.errors import AlgorithmError, DataError
 from laulima.site._fs import write_atomic
+from laulima.site.taskdir import RunResult, failure_reason, task_spec
 from laulima.site.worker import (
     ERROR_FILE,
     PARENT_ENV,
@@ -35,106 +35,39 @@ from laulima.site.worker import (
     TASK_FILE,
     WEIGHTS_FILE,
 )
+from laulima.site.zygote import Zygote, ZygoteGone
 
-__all__ = [
-    "TRAIN_KEYS",
-    "RunResult",
-    "TaskRunner",
-    "child_pythonpath",
-    "short_stderr_reason",
-    "task_spec",
-    "train_settings",
-]
+__all__ = ["TaskRunner", "child_pythonpath"]
 
-TRAIN_KEYS = ("local_epochs", "local_steps", "proximal_mu", "seed")
-"""Keys of ``TaskPublic.config`` that become :class:`~laulima.TrainConfig` fields."""
-_REASON_MAX = 1000
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """What a finished algorithm run produced."""
-
-    kind: TaskKind
-    n_samples: int
-    metrics: dict[str, float]
-    seconds: float
-    weights_path: Path | None = None
-    """result.safetensors (TRAIN only), with n_samples, metrics and task id in its metadata."""
-    sha256: str | None = None
-    size: int | None = None
-
-    @classmethod
-    def from_dir(cls, task_dir: Path, kind: TaskKind) -> RunResult:
-        data = json.loads((task_dir / RESULT_FILE).read_text(encoding="utf-8"))
-        train = kind == TaskKind.TRAIN
-        return cls(
-            kind=kind,
-            n_samples=int(data["n_samples"]),
-            metrics={str(k): float(v) for k, v in data["metrics"].items()},
-            seconds=float(data.get("seconds", 0.0)),
-            weights_path=task_dir / RESULT_WEIGHTS_FILE if train else None,
-            sha256=data.get("sha256") if train else None,
-            size=data.get("size") if train else None,
-        )
-
-
-def train_settings(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split a task's ``config`` into TrainConfig fields and the algorithm's ``params``.
-
-    Accepts both layouts: algorithm parameters nested under ``params`` (or ``config``), or
-    flat beside the training keys.
-    """
-    train = {k: config[k] for k in TRAIN_KEYS if k in config}
-    nested = config.get("params", config.get("config"))
-    if isinstance(nested, Mapping):
-        params = dict(nested)
-    else:
-        params = {k: v for k, v in config.items() if k not in TRAIN_KEYS and k != "round"}
-    return train, params
-
-
-def task_spec(task: TaskPublic, *, site: str, dataset_path: Path) -> dict[str, Any]:
-    """The ``task.json`` the worker reads."""
-    train, params = train_settings(task.config)
-    return {
-        "task_id": task.id,
-        "kind": task.kind.value,
-        "algorithm": task.algorithm,
-        "site": site,
-        "dataset": task.dataset,
-        "dataset_path": str(dataset_path),
-        "params": params,
-        "round": task.round,
-        "local_epochs": int(train.get("local_epochs", 1)),
-        "local_steps": int(train.get("local_steps", 0)),
-        "proximal_mu": float(train.get("proximal_mu", 0.0)),
-        "seed": int(train.get("seed", 0)),
-        "meta_keys": {
-            "n_samples": MetaKey.N_SAMPLES.value,
-            "metrics": MetaKey.METRICS.value,
-            "task": MetaKey.TASK.value,
-        },
-    }
+_ZYGOTE_STARTS = 3
+"""Fork-server starts in a row that may die before serving a task, before giving up on it."""
+_REAP_S = 5.0
+"""How long the zygote may take to report a task it was told to kill."""
+log = logging.getLogger("laulima.site")
 
 
 class TaskRunner:
-    """Starts one worker process per task; :meth:`cancel` kills the running one.
+    """Runs each task in a fresh process of its own; :meth:`cancel` kills the running one.
 
-    With ``prestart``, a spare worker is started ahead of time (after each task, and by
-    :meth:`warm`) with numpy, safetensors and the last task's algorithm module already
-    imported; the next task is handed to it, which takes the interpreter's start-up off
-    the round's critical path. Each task still gets a fresh process of its own.
+    With ``zygote``, each task's process is forked from the agent's fork server
+    (:mod:`laulima.site.zygote`), which has numpy, safetensors and the last task's
+    algorithm module imported already: a task costs a fork, not an interpreter start-up
+    and those imports. :meth:`warm` starts the zygote; each task ends with a
+    :meth:`warm` that restarts it if it died. Without ``zygote``, without ``os.fork``, or
+    while the zygote is unavailable, a task starts ``python -m laulima.site.worker DIR``.
     """
 
     def __init__(
-        self, *, time_limit_cap_s: float | None = None, kill_grace_s: float = 0.5, prestart: bool = False
+        self, *, time_limit_cap_s: float | None = None, kill_grace_s: float = 0.5, zygote: bool = False
     ) -> None:
         self.time_limit_cap_s = time_limit_cap_s
         self.kill_grace_s = kill_grace_s
-        self.prestart = prestart
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._spare: subprocess.Popen[bytes] | None = None
+        self.use_zygote = zygote and hasattr(os, "fork")
+        self._zygote: Zygote | None = None
+        self._zygote_failures = 0
+        self._no_preload: set[str] = set()
+        self._group: int | None = None
+        """Process group of the running task (its pid)."""
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
 
@@ -164,9 +97,15 @@ class TaskRunner:
         write_atomic(task_dir / TASK_FILE, json.dumps(task_spec(task, site=site, dataset_path=dataset_path)))
         started = time.monotonic()
         try:
-            returncode = self._start_and_wait(task_dir, limit)
+            returncode = self._start_and_wait(task_dir, started + limit)
+        except ZygoteGone as exc:
+            raise AlgorithmError(
+                f"the algorithm's process was lost: the agent's fork server died during the task ({exc})",
+                kind=FailureKind.ERROR.value,
+                task=task.id,
+            ) from exc
         finally:
-            if self.prestart:
+            if self.use_zygote:
                 self.warm(task.algorithm.partition(":")[0])
         elapsed = time.monotonic() - started
         if returncode is None:
@@ -182,74 +121,130 @@ class TaskRunner:
             )
         if returncode != 0 or not (task_dir / RESULT_FILE).exists():
             raise AlgorithmError(
-                _failure_reason(task_dir, returncode), kind=FailureKind.ERROR.value, task=task.id, exit_code=returncode
+                failure_reason(task_dir, returncode), kind=FailureKind.ERROR.value, task=task.id, exit_code=returncode
             )
         return RunResult.from_dir(task_dir, task.kind)
 
     def warm(self, preload: str | None = None) -> None:
-        """Start a spare worker now (if none is waiting), importing module ``preload`` too."""
+        """Start the zygote if it is not running, and have it import module ``preload``.
+
+        A zygote that died before it served a task is restarted at most twice in a row;
+        after that, tasks start fresh interpreters.
+        """
+        if not self.use_zygote:
+            return
         with self._lock:
-            if self._cancelled.is_set() or (self._spare is not None and self._spare.poll() is None):
+            if self._cancelled.is_set():
                 return
-            args = ["--wait"] + ([preload] if preload else [])
-            self._spare = self._popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if self._zygote is not None and not self._zygote.alive:
+                self._drop_zygote(self._zygote)
+            if self._zygote is None:
+                if self._zygote_failures >= _ZYGOTE_STARTS:
+                    return
+                try:
+                    proc = self._popen(["--zygote"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                except OSError as exc:
+                    self._zygote_failures += 1
+                    log.warning("cannot start the fork server (%s); starting a process per task", exc)
+                    return
+                self._zygote = Zygote(proc, self._no_preload)
+            if preload:
+                try:
+                    self._zygote.preload(preload)
+                except ZygoteGone:
+                    self._drop_zygote(self._zygote)
 
     def cancel(self) -> None:
-        """Kill the running worker and the spare, if any (idempotent; safe from a signal handler)."""
+        """Kill the running task's processes and stop the zygote (idempotent; safe from a signal handler)."""
         self._cancelled.set()
-        for proc in (self._proc, self._spare):
-            if proc is not None and proc.poll() is None:
-                _kill_group(proc, signal.SIGKILL)
+        if self._group is not None:
+            _kill_group(self._group, signal.SIGKILL)
+        zygote = self._zygote
+        if zygote is not None:
+            zygote.terminate()
 
     def close(self) -> None:
-        """Dismiss the spare worker (the agent is done)."""
+        """Stop the zygote (the agent is done)."""
         with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None:
-            _dismiss(spare)
+            if self._zygote is not None:
+                self._drop_zygote(self._zygote)
 
-    def _start_and_wait(self, task_dir: Path, limit: float) -> int | None:
-        """Exit code of the worker, or None if it was killed (timeout or cancel)."""
+    def _drop_zygote(self, zygote: Zygote) -> None:
+        """Kill ``zygote`` and forget it (called with the lock held)."""
+        zygote.close()
+        if self._zygote is zygote:
+            self._zygote = None
+        self._zygote_failures = 0 if zygote.forks else self._zygote_failures + 1
+        if self._zygote_failures == _ZYGOTE_STARTS:
+            log.warning("the fork server keeps dying before its first task; starting a process per task")
+
+    def _start_and_wait(self, task_dir: Path, deadline: float) -> int | None:
+        """Exit code of the task's process, or None if it was killed (timeout or cancel)."""
+        zygote = self._zygote
+        if zygote is not None and zygote.alive and not self._cancelled.is_set():
+            try:
+                return self._wait_forked(zygote, task_dir, deadline)
+            except ZygoteGone as exc:
+                with self._lock:
+                    self._drop_zygote(zygote)
+                if self._cancelled.is_set():
+                    return None
+                if self._group is not None:  # it forked the task, then died: the task is lost
+                    raise
+                log.warning("the fork server failed (%s); starting the task in a new process", exc)
+            finally:
+                if self._group is not None:
+                    _kill_group(self._group, signal.SIGKILL)  # whatever the task left running
+                    self._group = None
+        return self._wait_spawned(task_dir, deadline)
+
+    def _wait_forked(self, zygote: Zygote, task_dir: Path, deadline: float) -> int | None:
+        pid = zygote.fork(task_dir, deadline)
+        if pid is None:  # still importing at the deadline
+            with self._lock:
+                self._drop_zygote(zygote)
+            return None
+        self._group = pid
+        if self._cancelled.is_set():
+            _kill_group(pid, signal.SIGKILL)
+        returncode = zygote.wait(pid, deadline)
+        if returncode is None:
+            _kill_group(pid, signal.SIGTERM)
+            if zygote.wait(pid, time.monotonic() + self.kill_grace_s) is None:
+                _kill_group(pid, signal.SIGKILL)
+                if zygote.wait(pid, time.monotonic() + _REAP_S) is None:  # wedged: replace it
+                    with self._lock:
+                        self._drop_zygote(zygote)
+        return None if self._cancelled.is_set() else returncode
+
+    def _wait_spawned(self, task_dir: Path, deadline: float) -> int | None:
         with self._lock:
             if self._cancelled.is_set():
                 return None
-            proc = self._hand_to_spare(task_dir)
-            if proc is None:
-                with open(task_dir / STDERR_LOG, "wb") as err, open(task_dir / STDOUT_LOG, "wb") as out:
-                    proc = self._popen([str(task_dir)], stdin=subprocess.DEVNULL, stdout=out, stderr=err)
-            self._proc = proc
+            with open(task_dir / STDERR_LOG, "wb") as err, open(task_dir / STDOUT_LOG, "wb") as out:
+                proc = self._popen([str(task_dir)], stdin=subprocess.DEVNULL, stdout=out, stderr=err)
+            self._group = proc.pid
         try:
-            returncode: int | None = proc.wait(timeout=limit)
+            returncode: int | None = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            _kill_group(proc, signal.SIGTERM)
+            _kill_group(proc.pid, signal.SIGTERM)
             try:
                 proc.wait(timeout=self.kill_grace_s)
             except subprocess.TimeoutExpired:
-                _kill_group(proc, signal.SIGKILL)
+                _kill_group(proc.pid, signal.SIGKILL)
                 proc.wait()
             returncode = None
         finally:
-            _kill_group(proc, signal.SIGKILL)  # whatever the worker left running in its group
-            self._proc = None
+            _kill_group(proc.pid, signal.SIGKILL)  # whatever the worker left running in its group
+            self._group = None
         return None if self._cancelled.is_set() else returncode
-
-    def _hand_to_spare(self, task_dir: Path) -> subprocess.Popen[bytes] | None:
-        spare, self._spare = self._spare, None
-        if spare is None or spare.poll() is not None or spare.stdin is None:
-            return None
-        try:
-            spare.stdin.write(f"{task_dir}\n".encode())
-            spare.stdin.close()
-        except OSError:  # it died in between: start a fresh one instead
-            _dismiss(spare)
-            return None
-        return spare
 
     def _popen(self, args: list[str], **streams: Any) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         env["PYTHONPATH"] = child_pythonpath(env.get("PYTHONPATH"))
         env[PARENT_ENV] = str(os.getpid())
         env.setdefault("PYTHONUNBUFFERED", "1")
+        streams.setdefault("stderr", subprocess.DEVNULL)
         return subprocess.Popen(
             [sys.executable, "-m", "laulima.site.worker", *args], env=env, start_new_session=True, **streams
         )
@@ -273,58 +268,8 @@ def child_pythonpath(existing: str | None = None) -> str:
     return os.pathsep.join(entries)
 
 
-def short_stderr_reason(stderr: str) -> str:
-    """The exception line(s) that end a traceback, or the last non-empty line."""
-    lines = [line.rstrip() for line in stderr.splitlines()]
-    start = None
-    for i, line in enumerate(lines):
-        if line.startswith("Traceback (most recent call last):"):
-            start = i
-    if start is not None:
-        tail = [ln for ln in lines[start + 1 :] if ln and not ln.startswith((" ", "\t"))]
-        if tail:
-            return "\n".join(tail)[-_REASON_MAX:]
-    meaningful = [ln for ln in lines if ln.strip()]
-    return meaningful[-1][-_REASON_MAX:] if meaningful else ""
-
-
-def _failure_reason(task_dir: Path, returncode: int) -> str:
+def _kill_group(group: int, sig: int) -> None:
     try:
-        reason = str(json.loads((task_dir / ERROR_FILE).read_text(encoding="utf-8"))["reason"])
-    except (OSError, ValueError, KeyError, TypeError):
-        reason = ""
-    if not reason:
-        try:
-            stderr = (task_dir / STDERR_LOG).read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            stderr = ""
-        reason = short_stderr_reason(stderr)
-    if returncode < 0:
-        name = _signal_name(-returncode)
-        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
-        reason = f"the algorithm's process was killed by {name}{hint}" + (f": {reason}" if reason else "")
-    elif not reason:
-        reason = f"the algorithm's process exited with code {returncode} and no result"
-    return reason[:_REASON_MAX]
-
-
-def _signal_name(number: int) -> str:
-    try:
-        return signal.Signals(number).name
-    except ValueError:
-        return f"signal {number}"
-
-
-def _dismiss(proc: subprocess.Popen[bytes]) -> None:
-    _kill_group(proc, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        if proc.stdin is not None:
-            proc.stdin.close()
-    proc.wait()
-
-
-def _kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
+        os.killpg(group, sig)
     except (ProcessLookupError, PermissionError):
         pass

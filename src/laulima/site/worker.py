@@ -1,10 +1,12 @@
 """The child process that runs one algorithm on one task: ``python -m laulima.site.worker DIR``.
 
-A crash, a hang or a memory blow-up here costs one task, never the agent. It reads
-``DIR/task.json`` and ``DIR/weights.safetensors`` and writes ``DIR/result.json`` (plus
-``DIR/result.safetensors`` for training) or ``DIR/error.json``. Start-up time counts in
-every round, so this module imports only numpy, safetensors and the algorithm API — no
-httpx, pydantic, fastapi or rich.
+Usually the agent's zygote (``--zygote``, :mod:`laulima.site.zygote`) forks the task's
+process from itself instead, and the fork runs the same code. A crash, a hang or a
+memory blow-up here costs one task, never the agent. It reads ``DIR/task.json`` and
+``DIR/weights.safetensors`` and writes ``DIR/result.json`` (plus ``DIR/result.safetensors``
+for training) or ``DIR/error.json``. Start-up time counts in every round, so this module
+imports only numpy, safetensors and the algorithm API — no httpx, pydantic, fastapi or
+rich.
 """
 
 from __future__ import annotations
@@ -39,7 +41,10 @@ __all__ = [
     "STDOUT_LOG",
     "TASK_FILE",
     "WEIGHTS_FILE",
+    "agent_pid",
     "main",
+    "orphaned",
+    "run_task",
     "validate_evaluation",
     "validate_update",
     "write_safetensors",
@@ -61,24 +66,23 @@ STDERR_LOG = "stderr.log"
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``worker TASK_DIR`` runs one task; ``worker --wait [MODULE]`` first imports everything
-    (and MODULE, the algorithm most likely to come), then reads TASK_DIR from stdin."""
+    """``worker TASK_DIR`` runs one task; ``worker --zygote`` is the agent's fork server
+    (:mod:`laulima.site.zygote`), which runs each task in a forked child instead."""
     args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGTERM, _terminate)
-    _watch_parent()
-    if args and args[0] == "--wait" and len(args) <= 2:
-        if len(args) == 2:
-            _preload(args[1])
-        line = sys.stdin.readline().strip()
-        if not line:
-            return 0  # the agent discarded this spare worker
-        task_dir = Path(line)
-        _redirect_output(task_dir)
-    elif len(args) == 1:
-        task_dir = Path(args[0])
-    else:
-        print("usage: python -m laulima.site.worker TASK_DIR | --wait [MODULE]", file=sys.stderr)
+    if args == ["--zygote"]:
+        from laulima.site.zygote import serve
+
+        return serve()
+    if len(args) != 1 or args[0].startswith("-"):
+        print("usage: python -m laulima.site.worker TASK_DIR | --zygote", file=sys.stderr)
         return 2
+    signal.signal(signal.SIGTERM, _terminate)
+    _watch_parent(agent_pid())
+    return run_task(Path(args[0]))
+
+
+def run_task(task_dir: Path) -> int:
+    """Run the task in ``task_dir`` (this process's cwd from now on); 0, or 1 with error.json."""
     task_dir = task_dir.resolve()
     try:
         os.chdir(task_dir)
@@ -275,36 +279,35 @@ def _terminate(signum: int, frame: object) -> None:
     raise SystemExit(f"terminated by signal {signum} (time limit or agent shutdown)")
 
 
-def _watch_parent() -> None:
-    """Exit if the agent dies: an orphaned worker would compete with the restarted agent's."""
+def agent_pid() -> int | None:
+    """The agent's pid from ``LAULIMA_WORKER_PARENT``, if set."""
     try:
-        parent = int(os.environ.get(PARENT_ENV, ""))
+        return int(os.environ.get(PARENT_ENV, ""))
     except ValueError:
+        return None
+
+
+def orphaned(parent: int | None) -> bool:
+    """True once ``parent`` is no longer this process's parent (POSIX; never if None)."""
+    return parent is not None and os.name == "posix" and os.getppid() != parent
+
+
+def _watch_parent(parent: int | None) -> None:
+    """Exit if ``parent`` dies: an orphaned worker would compete with the restarted agent's."""
+    if parent is None or os.name != "posix":
         return
-    if os.name != "posix":
-        return
-    if os.getppid() != parent:
+    if orphaned(parent):
         os._exit(70)
 
     def watch() -> None:
         while True:
             time.sleep(0.5)
-            if os.getppid() != parent:
+            if orphaned(parent):
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5.0)
                 os._exit(70)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-def _preload(module: str) -> None:
-    """Import the algorithm's module ahead of time (torch and friends take seconds)."""
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except BaseException:  # noqa: BLE001 - the real import, in the task, reports it properly
-        pass
 
 
 def _redirect_output(task_dir: Path) -> None:

@@ -6,15 +6,22 @@ worker can import it only if the runner hands the parent's ``sys.path`` down.
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import numpy.random  # noqa: F401 - imported at import time, as torch and MONAI do
 
 from laulima.algorithms.base import Algorithm, Evaluation, SiteContext, TrainConfig, Update
 from laulima.core.weights import Weights
+
+CALLS = 0
+"""Bumped by Counter: a task must never see what an earlier task did to it."""
 
 
 class _Base(Algorithm):
@@ -76,3 +83,31 @@ class WrongShape(_Base):
 class ZeroSamples(_Base):
     def train(self, weights: Weights, config: TrainConfig) -> Update:
         return Update(dict(weights), n_samples=0)
+
+
+class Counter(_Base):
+    """Counts its runs in a module global; reports them, its pid, its parent's, and a random draw."""
+
+    def train(self, weights: Weights, config: TrainConfig) -> Update:
+        global CALLS
+        CALLS += 1
+        metrics = {"calls": CALLS, "pid": os.getpid(), "ppid": os.getppid(), "draw": float(np.random.random())}
+        return Update(dict(weights), n_samples=1, metrics=metrics)
+
+
+class SpawnsSleep(_Base):
+    """Starts ``sleep 60``, writes both pids to pids.txt in its work folder, then sleeps."""
+
+    def train(self, weights: Weights, config: TrainConfig) -> Update:
+        child = subprocess.Popen(["sleep", "60"])
+        (self.ctx.work_dir / "pids.txt").write_text(f"{os.getpid()} {child.pid}")
+        time.sleep(30)
+        return Update(dict(weights), n_samples=1)
+
+
+class AtExit(Echo):
+    """Leaves work for the interpreter's exit: an atexit handler writes ``atexit.txt``."""
+
+    def train(self, weights: Weights, config: TrainConfig) -> Update:
+        atexit.register((self.ctx.work_dir / "atexit.txt").write_text, "ran")
+        return super().train(weights, config)

@@ -1,0 +1,134 @@
+"""The task folder: the ``task.json`` the runner writes, and what it reads back.
+
+A finished run leaves ``result.json`` (and ``result.safetensors`` for training), read as a
+:class:`RunResult`; a failed one leaves ``error.json`` and ``stderr.log``, read as a short
+reason fit for the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from laulima.core.protocol import MetaKey, TaskKind, TaskPublic
+from laulima.site.worker import ERROR_FILE, RESULT_FILE, RESULT_WEIGHTS_FILE, STDERR_LOG
+
+__all__ = ["TRAIN_KEYS", "RunResult", "failure_reason", "short_stderr_reason", "task_spec", "train_settings"]
+
+TRAIN_KEYS = ("local_epochs", "local_steps", "proximal_mu", "seed")
+"""Keys of ``TaskPublic.config`` that become :class:`~laulima.TrainConfig` fields."""
+_REASON_MAX = 1000
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished algorithm run produced."""
+
+    kind: TaskKind
+    n_samples: int
+    metrics: dict[str, float]
+    seconds: float
+    weights_path: Path | None = None
+    """result.safetensors (TRAIN only), with n_samples, metrics and task id in its metadata."""
+    sha256: str | None = None
+    size: int | None = None
+
+    @classmethod
+    def from_dir(cls, task_dir: Path, kind: TaskKind) -> RunResult:
+        data = json.loads((task_dir / RESULT_FILE).read_text(encoding="utf-8"))
+        train = kind == TaskKind.TRAIN
+        return cls(
+            kind=kind,
+            n_samples=int(data["n_samples"]),
+            metrics={str(k): float(v) for k, v in data["metrics"].items()},
+            seconds=float(data.get("seconds", 0.0)),
+            weights_path=task_dir / RESULT_WEIGHTS_FILE if train else None,
+            sha256=data.get("sha256") if train else None,
+            size=data.get("size") if train else None,
+        )
+
+
+def train_settings(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a task's ``config`` into TrainConfig fields and the algorithm's ``params``.
+
+    Accepts both layouts: algorithm parameters nested under ``params`` (or ``config``), or
+    flat beside the training keys.
+    """
+    train = {k: config[k] for k in TRAIN_KEYS if k in config}
+    nested = config.get("params", config.get("config"))
+    if isinstance(nested, Mapping):
+        params = dict(nested)
+    else:
+        params = {k: v for k, v in config.items() if k not in TRAIN_KEYS and k != "round"}
+    return train, params
+
+
+def task_spec(task: TaskPublic, *, site: str, dataset_path: Path) -> dict[str, Any]:
+    """The ``task.json`` the worker reads."""
+    train, params = train_settings(task.config)
+    return {
+        "task_id": task.id,
+        "kind": task.kind.value,
+        "algorithm": task.algorithm,
+        "site": site,
+        "dataset": task.dataset,
+        "dataset_path": str(dataset_path),
+        "params": params,
+        "round": task.round,
+        "local_epochs": int(train.get("local_epochs", 1)),
+        "local_steps": int(train.get("local_steps", 0)),
+        "proximal_mu": float(train.get("proximal_mu", 0.0)),
+        "seed": int(train.get("seed", 0)),
+        "meta_keys": {
+            "n_samples": MetaKey.N_SAMPLES.value,
+            "metrics": MetaKey.METRICS.value,
+            "task": MetaKey.TASK.value,
+        },
+    }
+
+
+def short_stderr_reason(stderr: str) -> str:
+    """The exception line(s) that end a traceback, or the last non-empty line."""
+    lines = [line.rstrip() for line in stderr.splitlines()]
+    start = None
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            start = i
+    if start is not None:
+        tail = [ln for ln in lines[start + 1 :] if ln and not ln.startswith((" ", "\t"))]
+        if tail:
+            return "\n".join(tail)[-_REASON_MAX:]
+    meaningful = [ln for ln in lines if ln.strip()]
+    return meaningful[-1][-_REASON_MAX:] if meaningful else ""
+
+
+def failure_reason(task_dir: Path, returncode: int) -> str:
+    """Why the run in ``task_dir`` failed, from error.json, else stderr.log, and its exit code."""
+    try:
+        reason = str(json.loads((task_dir / ERROR_FILE).read_text(encoding="utf-8"))["reason"])
+    except (OSError, ValueError, KeyError, TypeError):
+        reason = ""
+    if not reason:
+        try:
+            stderr = (task_dir / STDERR_LOG).read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            stderr = ""
+        reason = short_stderr_reason(stderr)
+    if returncode < 0:
+        name = _signal_name(-returncode)
+        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
+        reason = f"the algorithm's process was killed by {name}{hint}" + (f": {reason}" if reason else "")
+    elif not reason:
+        reason = f"the algorithm's process exited with code {returncode} and no result"
+    return reason[:_REASON_MAX]
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
