@@ -25,7 +25,7 @@ from laulima.errors import NotFound, PayloadTooLarge, ProtocolError
 
 __all__ = ["BlobStore", "BlobWriter", "LocalBlobStore", "check_digest", "receive_into"]
 
-BATCH_BYTES = 8 * 1024 * 1024
+BATCH_BYTES = 1024 * 1024
 """Request chunks are handed to a worker thread in batches this big (hash + write there)."""
 
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
