@@ -6,6 +6,8 @@ The CLI and the local simulation use it; site agents have their own client in
 
 from __future__ import annotations
 
+import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,14 @@ from laulima.core.protocol import (
     ExperimentPublic,
     MetricRecord,
     RefusalRecord,
+    Role,
     RoundPublic,
     SiteCreate,
     SiteCreated,
     SitePublic,
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
 )
 from laulima.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ProtocolError, TransportError
 
@@ -37,12 +43,30 @@ _STATUS_ERRORS: dict[int, type[ProtocolError]] = {
 }
 
 
-class Client:
-    """Talks to one hub with one bearer token (operator or data scientist)."""
+CA_ENV = "LAULIMA_CA_FILE"
+"""The federation CA certificate a person's client trusts for an https hub (``ca.pem``)."""
 
-    def __init__(self, hub_url: str, token: str, *, client: httpx.Client | None = None, timeout: float = 60.0) -> None:
+
+class Client:
+    """Talks to one hub with one bearer token (operator or data scientist).
+
+    An https hub's certificate is checked against ``ca_file`` (default: ``$LAULIMA_CA_FILE``,
+    else the system's trust store); people need no certificate of their own.
+    """
+
+    def __init__(
+        self,
+        hub_url: str,
+        token: str,
+        *,
+        client: httpx.Client | None = None,
+        timeout: float = 60.0,
+        ca_file: str | Path | None = None,
+    ) -> None:
         self.hub_url = hub_url.rstrip("/")
-        self._http = client or httpx.Client(timeout=timeout)
+        ca_file = ca_file or os.environ.get(CA_ENV) or None
+        verify: Any = ssl.create_default_context(cafile=str(ca_file)) if ca_file else True
+        self._http = client or httpx.Client(timeout=timeout, verify=verify)
         self._http.headers["Authorization"] = f"Bearer {token}"
 
     def close(self) -> None:
@@ -62,11 +86,20 @@ class Client:
     def list_sites(self) -> list[SitePublic]:
         return [SitePublic.model_validate(x) for x in self._request("GET", "/sites")]
 
+    # -- people's tokens (operator) --------------------------------------------
+    def create_token(self, name: str, role: Role | str) -> TokenCreated:
+        body = TokenCreate(name=name, role=Role(role)).model_dump(mode="json")  # type: ignore[arg-type]
+        return TokenCreated.model_validate(self._request("POST", "/tokens", json=body))
+
+    def list_tokens(self) -> list[TokenPublic]:
+        return [TokenPublic.model_validate(x) for x in self._request("GET", "/tokens")]
+
+    def revoke_token(self, token_id: int) -> TokenPublic:
+        return TokenPublic.model_validate(self._request("POST", f"/tokens/{token_id}/revoke"))
+
     # -- blobs and experiments -------------------------------------------------
     def upload_blob(self, data: bytes) -> BlobCreated:
-        data_out = self._request(
-            "PUT", "/blobs", content=data, headers={"Content-Type": "application/octet-stream"}
-        )
+        data_out = self._request("PUT", "/blobs", content=data, headers={"Content-Type": "application/octet-stream"})
         return BlobCreated.model_validate(data_out)
 
     def submit(self, spec: dict[str, Any], initial_weights: bytes) -> ExperimentPublic:
@@ -108,7 +141,7 @@ class Client:
         try:
             response = self._http.request(method, url, **kwargs)
         except httpx.TransportError as exc:
-            raise TransportError(f"hub {self.hub_url} unreachable: {exc}", hub=self.hub_url) from exc
+            raise _transport_error(self.hub_url, exc) from exc
         _raise_for_status(response)
         return response.json() if response.content else None
 
@@ -132,6 +165,17 @@ class _StreamContext:
 
     def __exit__(self, *exc: Any) -> None:
         self._cm.__exit__(*exc)
+
+
+def _transport_error(hub_url: str, exc: httpx.TransportError) -> TransportError:
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text or "certificate verify failed" in text:
+        return TransportError(
+            f"hub {hub_url}: its certificate is not trusted ({text}); point {CA_ENV} (or --ca) at the "
+            "federation's ca.pem",
+            hub=hub_url,
+        )
+    return TransportError(f"hub {hub_url} unreachable: {exc}", hub=hub_url)
 
 
 def _raise_for_status(response: httpx.Response) -> None:

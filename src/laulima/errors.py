@@ -9,7 +9,9 @@
     │   ├── NotFound            404: the task, blob, site or experiment does not exist
     │   ├── Forbidden           403: it exists, but not for this caller
     │   ├── Conflict            409: duplicate result, closed round, wrong state
-    │   └── PayloadTooLarge     413: the body exceeds its limit
+    │   ├── RequestTimeout      408: the client stopped sending its body
+    │   ├── PayloadTooLarge     413: the body exceeds its limit
+    │   └── TooManyRequests     429: a per-site limit; ``retry_after`` says when to retry
     ├── TransportError          the network failed (retryable)
     ├── AlgorithmError          an algorithm crashed or ran past its time limit
     ├── PrivacyError            a privacy budget or parameter forbids the job
@@ -35,7 +37,9 @@ __all__ = [
     "PolicyError",
     "PrivacyError",
     "ProtocolError",
+    "RequestTimeout",
     "SpecError",
+    "TooManyRequests",
     "TransportError",
     "WeightsError",
 ]
@@ -94,6 +98,16 @@ class Conflict(ProtocolError):
 class PayloadTooLarge(ProtocolError):
     status = 413
     code = "payload_too_large"
+
+
+class RequestTimeout(ProtocolError):
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyRequests(ProtocolError):
+    status = 429
+    code = "too_many_requests"
 
 
 class TransportError(LaulimaError):

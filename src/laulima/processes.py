@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -79,30 +80,37 @@ class _Process:
 
 
 class HubProcess(_Process):
-    """``laulima hub`` on a loopback port."""
+    """``laulima hub`` on a loopback port; HTTPS with client certificates when ``ca_dir`` is set."""
 
-    def __init__(self, home: Path, port: int, admin_token: str, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, home: Path, port: int, admin_token: str, host: str = "127.0.0.1", ca_dir: Path | None = None
+    ) -> None:
         self.home = home
         self.port = port
         self.host = host
         self.admin_token = admin_token
-        super().__init__(
-            ["hub", "--home", str(home), "--host", host, "--port", str(port)],
-            home / "hub.log",
-            {"LAULIMA_HUB_ADMIN_TOKEN": admin_token},
-        )
+        self.ca_dir = ca_dir
+        env = {"LAULIMA_HUB_ADMIN_TOKEN": admin_token}
+        if ca_dir is not None:
+            env["LAULIMA_HUB_CA_DIR"] = str(ca_dir)
+        super().__init__(["hub", "--home", str(home), "--host", host, "--port", str(port)], home / "hub.log", env)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ca_dir else 'http'}://{self.host}:{self.port}"
+
+    @property
+    def ca_file(self) -> Path | None:
+        return self.ca_dir / "ca.pem" if self.ca_dir else None
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
+        verify: object = ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file else True
         while time.monotonic() < deadline:
             if not self.alive:
                 raise TransportError(f"hub process exited during start-up:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/api/v1/health", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}/api/v1/health", timeout=1.0, verify=verify).status_code == 200:  # type: ignore[arg-type]
                     return
             except httpx.TransportError:
                 pass

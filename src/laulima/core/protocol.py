@@ -8,7 +8,7 @@ of :class:`MetaKey`.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +26,7 @@ __all__ = [
     "MetricRecord",
     "RefusalRecord",
     "RoundPublic",
+    "Role",
     "RoundStatus",
     "SiteCreate",
     "SiteCreated",
@@ -34,6 +35,9 @@ __all__ = [
     "TaskKind",
     "TaskPublic",
     "TaskStatus",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenPublic",
     "UploadAccepted",
 ]
 
@@ -58,6 +62,17 @@ class MetaKey(StrEnum):
     N_SAMPLES = "laulima.n_samples"
     METRICS = "laulima.metrics"
     TASK = "laulima.task"
+
+
+class Role(StrEnum):
+    """Who may do what at the hub."""
+
+    OPERATOR = "operator"
+    """Runs the federation: sites, tokens, and everything a scientist may do."""
+    SCIENTIST = "scientist"
+    """Uploads initial weights, submits and follows experiments, downloads models."""
+    SITE = "site"
+    """A hospital's agent: its own tasks and the blobs they point to; identified by certificate."""
 
 
 class TaskKind(StrEnum):
@@ -113,8 +128,32 @@ class SiteCreate(_Msg):
 
 class SiteCreated(_Msg):
     name: str
+    token: str | None = None
+    """Token mode only (a loopback hub): shown once, the hub keeps only its hash. A hub with
+    a CA identifies sites by certificate (``laulima site enroll``) and issues no token."""
+
+
+TokenName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")]
+
+
+class TokenCreate(_Msg):
+    name: TokenName
+    """Whose token it is (a person or a service), e.g. ``alice`` or ``ci-bot``."""
+    role: Literal[Role.OPERATOR, Role.SCIENTIST]
+    """People's roles only: sites are identified by certificate."""
+
+
+class TokenPublic(_Msg):
+    id: int
+    name: str
+    role: Role
+    created_at: float
+    revoked_at: float | None
+
+
+class TokenCreated(TokenPublic):
     token: str
-    """Shown once; the hub keeps only its hash."""
+    """Shown once; the hub keeps only its sha256."""
 
 
 class SitePublic(_Msg):

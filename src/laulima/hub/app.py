@@ -3,6 +3,8 @@
 Errors leave the API in one shape (:class:`~laulima.core.protocol.ErrorBody`); the status
 code comes from the exception type (:func:`~laulima.hub.api.deps.error_status`), and an
 unexpected exception becomes a 500 that says where to look, never what broke inside.
+Every body except the two weight uploads is limited to ``max_json_bytes`` and must keep
+arriving (:class:`BodyLimit`); the uploads have their own limits in their routes.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from laulima.hub.api.deps import HubContext, error_status
 from laulima.hub.api.routes import api_router
 from laulima.hub.blobstore import LocalBlobStore
 from laulima.hub.db import create_all, make_engine, make_session_factory
+from laulima.hub.limits import SiteLimits
 from laulima.hub.notify import TaskBoard
 from laulima.hub.orchestrator import Orchestrator
 from laulima.hub.service import HubService
 from laulima.hub.settings import HubSettings
+from laulima.pki.ca import RevocationList
 
 __all__ = ["create_app"]
 
@@ -64,6 +68,7 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
         lifespan=lifespan,
     )
     app.include_router(api_router, prefix=API_PREFIX)
+    app.add_middleware(BodyLimit, limit=settings.max_json_bytes, stall_s=settings.body_timeout_s)
     app.add_exception_handler(LaulimaError, _laulima_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -78,7 +83,8 @@ def _start(settings: HubSettings, clock: Callable[[], float]) -> HubContext:
     engine = make_engine(settings.database_url)
     create_all(engine)
     sessions = make_session_factory(engine)
-    blobs = LocalBlobStore(settings.home)
+    assert settings.key_dir is not None
+    blobs = LocalBlobStore(settings.home, key_dir=settings.key_dir)
     board = TaskBoard()
     orchestrator = Orchestrator(
         sessions,
@@ -98,13 +104,68 @@ def _start(settings: HubSettings, clock: Callable[[], float]) -> HubContext:
         board=board,
         admin_token=admin_token,
         clock=clock,
+        revocations=_revocations(settings),
+        limits=SiteLimits(settings.site_uploads_per_minute, settings.site_upload_burst, settings.site_max_transfers),
     )
+
+
+def _revocations(settings: HubSettings) -> RevocationList | None:
+    if not settings.tls:
+        return None
+    revocations = RevocationList(settings.revoked_file)
+    revocations.is_revoked(0)  # an unreadable list stops the start, not the first request
+    return revocations
+
+
+def _is_upload(method: str, path: str) -> bool:
+    if method != "PUT" or not path.startswith(API_PREFIX):
+        return False
+    rest = path[len(API_PREFIX) :]
+    return rest == "/blobs" or (rest.startswith("/tasks/") and rest.endswith("/update"))
+
+
+class BodyLimit:
+    """Pure ASGI middleware: bodies of at most ``limit`` bytes (413), none stalling for
+    ``stall_s`` (408); the weight uploads are exempt (their routes limit them)."""
+
+    def __init__(self, app: Any, limit: int, stall_s: float) -> None:
+        self.app, self.limit, self.stall_s = app, limit, stall_s
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or _is_upload(scope["method"], scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            response = _error(413, "payload_too_large", f"body of {int(declared)} bytes exceeds {self.limit} bytes")
+            await response(scope, receive, send)
+            return
+        received, done = 0, False
+
+        async def limited() -> Any:
+            nonlocal received, done
+            if done:  # the body is in; later receives wait for a disconnect, without a deadline
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.stall_s)
+            except TimeoutError as exc:
+                raise StarletteHTTPException(408, f"request body stalled for {self.stall_s:g} s") from exc
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                done = not message.get("more_body", False)
+                if received > self.limit:
+                    raise StarletteHTTPException(413, f"body exceeds the limit of {self.limit} bytes")
+            return message
+
+        await self.app(scope, limited, send)
 
 
 def _error(status: int, code: str, detail: str, context: dict[str, Any] | None = None) -> JSONResponse:
     body = ErrorBody(error=code, detail=detail, context=_plain(context or {}))
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+    if status in (429, 503) and context and "retry_after" in context:
+        headers["Retry-After"] = str(context["retry_after"])
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers or None)
 
 
 def _plain(value: Any) -> Any:
@@ -121,6 +182,8 @@ def _plain(value: Any) -> Any:
 async def _laulima_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LaulimaError)
     status, code = error_status(exc)
+    if exc.context.get("reason") in ("revoked", "expired") or status >= 500:
+        log.warning("%s %s refused (%d): %s", request.method, request.url.path, status, exc)
     return _error(status, code, str(exc), exc.context)
 
 
@@ -138,7 +201,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    code = {404: "not_found", 405: "method_not_allowed", 408: "request_timeout", 413: "payload_too_large"}.get(
+        exc.status_code, "http_error"
+    )
     return _error(exc.status_code, code, str(exc.detail))
 
 

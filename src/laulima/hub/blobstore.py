@@ -1,29 +1,53 @@
 """Content-addressed blob storage for weights: streamed in, hashed on the way, never rewritten.
 
 A tiny interface (:class:`BlobStore`, :class:`BlobWriter`) so an S3-compatible store can
-replace :class:`LocalBlobStore` later. Blobs are named by the sha256 of their bytes; a
+replace :class:`LocalBlobStore` later. Blobs are named by the sha256 of their plaintext; a
 writer streams into a temporary file, and only :meth:`BlobWriter.commit` makes the blob
 visible, atomically, so a crash never leaves a half-written blob under a valid name.
+
+At rest every blob is sealed (:mod:`laulima.hub.sealed`: AES-GCM segments, a key per
+experiment, keys outside the blob folder); :meth:`BlobStore.open` reads the plaintext back
+with random access, authenticating each segment it touches.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import os
 import re
 import tempfile
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO
 
 import anyio
 
-from laulima.errors import NotFound, PayloadTooLarge, ProtocolError
+from laulima.errors import NotFound, PayloadTooLarge, ProtocolError, RequestTimeout
+from laulima.hub.sealed import BlobIntegrityError, Keyring, SealedReader, SealingFile, plain_size
 
-__all__ = ["BlobStore", "BlobWriter", "LocalBlobStore", "check_digest", "receive_into"]
+__all__ = [
+    "UPLOAD_KEY",
+    "BlobIntegrityError",
+    "BlobStore",
+    "BlobWriter",
+    "LocalBlobStore",
+    "check_digest",
+    "experiment_key",
+    "receive_into",
+]
+
+UPLOAD_KEY = "uploads"
+"""Key of blobs uploaded before any experiment exists (a scientist's initial weights)."""
+
+
+def experiment_key(experiment_id: int) -> str:
+    """Key id of everything an experiment produces: updates, global models, strategy state."""
+    return f"experiment-{int(experiment_id)}"
+
 
 BATCH_BYTES = 1024 * 1024
 """Request chunks are handed to a worker thread in batches this big (hash + write there)."""
@@ -63,7 +87,11 @@ class BlobWriter(ABC):
     @property
     @abstractmethod
     def temp_path(self) -> Path:
-        """The uncommitted bytes, readable for validation before ``commit``."""
+        """The uncommitted (sealed) file."""
+
+    @abstractmethod
+    def reader(self) -> SealedReader:
+        """The plaintext written so far, for validation before ``commit`` (ends writing)."""
 
     @abstractmethod
     def commit(self) -> tuple[str, int]:
@@ -86,11 +114,23 @@ class BlobStore(ABC):
     """Where weights live, addressed by sha256."""
 
     @abstractmethod
-    def writer(self) -> BlobWriter: ...
+    def writer(self, key_id: str = UPLOAD_KEY) -> BlobWriter: ...
 
     @abstractmethod
     def path(self, digest: str) -> Path:
-        """A local file holding the blob (raises ``NotFound`` when absent)."""
+        """The local file holding the (sealed) blob (raises ``NotFound`` when absent)."""
+
+    @abstractmethod
+    def open(self, digest: str) -> SealedReader:
+        """The blob's plaintext, seekable; every segment read is authenticated."""
+
+    @abstractmethod
+    def size(self, digest: str) -> int:
+        """Plaintext size, without decrypting anything."""
+
+    @abstractmethod
+    def verify(self, digest: str) -> None:
+        """Decrypt it all and check its sha256; raises :class:`BlobIntegrityError`."""
 
     @abstractmethod
     def exists(self, digest: str) -> bool: ...
@@ -105,35 +145,39 @@ class BlobStore(ABC):
             digest, _ = w.commit()
         return digest
 
-    def open(self, digest: str) -> BinaryIO:
-        return self.path(digest).open("rb")
-
-    def size(self, digest: str) -> int:
-        return self.path(digest).stat().st_size
-
     def read_bytes(self, digest: str) -> bytes:
-        return self.path(digest).read_bytes()
+        with self.open(digest) as f:
+            return f.readall()
 
 
 class _LocalWriter(BlobWriter):
-    def __init__(self, store: LocalBlobStore) -> None:
+    def __init__(self, store: LocalBlobStore, key_id: str) -> None:
         self._store = store
         fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
         self._path = Path(name)
-        self._file: BinaryIO | None = os.fdopen(fd, "wb", buffering=0)
+        self._file: io.RawIOBase | None = os.fdopen(fd, "wb", buffering=0)
+        try:
+            self._sealed = SealingFile(self._file, store.keyring, key_id)
+        except BaseException:
+            self._file.close()
+            self._path.unlink(missing_ok=True)
+            raise
         self._hash = hashlib.sha256()
         self._size = 0
         self._done = False
 
     def write(self, chunk: bytes | memoryview) -> None:
-        if self._file is None:
+        if self._file is None or self._sealed.finished:
             raise RuntimeError("blob writer is closed")
         self._hash.update(chunk)
-        view = memoryview(chunk)
-        while view:  # raw files may write less than asked
-            n = self._file.write(view)
-            view = view[n or 0 :]
+        self._sealed.write(chunk)
         self._size += len(chunk)
+
+    def reader(self) -> SealedReader:
+        if self._file is None:
+            raise RuntimeError("blob writer is closed")
+        self._sealed.finish()
+        return SealedReader(self._path, self._store.keyring, name=self._hash.hexdigest())
 
     @property
     def size(self) -> int:
@@ -149,6 +193,7 @@ class _LocalWriter(BlobWriter):
     def commit(self) -> tuple[str, int]:
         if self._file is None or self._done:
             raise RuntimeError("blob writer is closed")
+        self._sealed.finish()
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
@@ -173,10 +218,14 @@ class _LocalWriter(BlobWriter):
 
 
 class LocalBlobStore(BlobStore):
-    """Blobs under ``root/blobs/ab/cdef…``; uploads in progress under ``root/tmp``."""
+    """Blobs under ``root/blobs/ab/cdef…``; uploads in progress under ``root/tmp``; keys in
+    ``key_dir`` (default ``root/keys``)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], key_dir: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root)
+        self.keyring = Keyring(key_dir if key_dir is not None else self.root / "keys")
+        self._verified: set[tuple[str, int, int]] = set()
+        self._verified_lock = threading.Lock()
         self.blob_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -188,8 +237,35 @@ class LocalBlobStore(BlobStore):
         check_digest(digest)
         return self.blob_dir / digest[:2] / digest[2:]
 
-    def writer(self) -> BlobWriter:
-        return _LocalWriter(self)
+    def writer(self, key_id: str = UPLOAD_KEY) -> BlobWriter:
+        return _LocalWriter(self, key_id)
+
+    def open(self, digest: str) -> SealedReader:
+        return SealedReader(self.path(digest), self.keyring, name=digest)
+
+    def size(self, digest: str) -> int:
+        return plain_size(self.path(digest))
+
+    def verify(self, digest: str) -> None:
+        """Checked once per file version (name, mtime, size); a later change is checked again."""
+        path = self.path(digest)
+        st = path.stat()
+        stamp = (digest, st.st_mtime_ns, st.st_size)
+        with self._verified_lock:
+            if stamp in self._verified:
+                return
+        with self.open(digest) as f:
+            actual = f.sha256()
+        if actual != digest:
+            raise BlobIntegrityError(
+                f"blob {digest[:12]}: decrypts to content with sha256 {actual[:12]}…, not its name; the "
+                "file was replaced on the hub's disk. It is not used; tell the federation operator",
+                digest=digest,
+            )
+        with self._verified_lock:
+            if len(self._verified) > 10_000:
+                self._verified.clear()
+            self._verified.add(stamp)
 
     def path(self, digest: str) -> Path:
         path = self.path_for(digest)
@@ -208,32 +284,45 @@ class LocalBlobStore(BlobStore):
         return True
 
 
-async def receive_into(writer: BlobWriter, chunks: AsyncIterable[bytes], *, limit: int, what: str) -> int:
-    """Stream an HTTP body into ``writer``; refuse (413) once it exceeds ``limit`` bytes.
+async def receive_into(
+    writer: BlobWriter, chunks: AsyncIterable[bytes], *, limit: int, what: str, stall_s: float | None = None
+) -> int:
+    """Stream an HTTP body into ``writer``; refuse (413) once it exceeds ``limit`` bytes, and
+    (408) when the client sends nothing for ``stall_s`` seconds.
 
-    Hashing and writing happen in a worker thread, a batch at a time, so the event loop
-    does no per-chunk work beyond collecting chunks, and hashing overlaps with receiving.
+    Hashing, sealing and writing happen in a worker thread, a batch at a time, so the event
+    loop does no per-chunk work beyond collecting chunks, and that work overlaps with receiving.
     """
     batch: list[bytes] = []
     buffered = total = 0
     job: asyncio.Task[None] | None = None
+    loop = asyncio.get_running_loop()
     try:
-        async for chunk in chunks:
-            total += len(chunk)
-            if total > limit:
-                raise PayloadTooLarge(f"{what}: body exceeds the limit of {limit} bytes; stopped reading", limit=limit)
-            batch.append(chunk)
-            buffered += len(chunk)
-            if buffered >= BATCH_BYTES:
-                if job is not None:
-                    await job
-                job = asyncio.ensure_future(anyio.to_thread.run_sync(writer.write_many, batch))
-                batch, buffered = [], 0
-        if job is not None:
-            await job
-            job = None
-        if batch:
-            await anyio.to_thread.run_sync(writer.write_many, batch)
+        async with asyncio.timeout(stall_s) as watchdog:  # one timer, moved on at each chunk
+            async for chunk in chunks:
+                if stall_s is not None:
+                    watchdog.reschedule(loop.time() + stall_s)
+                total += len(chunk)
+                if total > limit:
+                    raise PayloadTooLarge(
+                        f"{what}: body exceeds the limit of {limit} bytes; stopped reading", limit=limit
+                    )
+                batch.append(chunk)
+                buffered += len(chunk)
+                if buffered >= BATCH_BYTES:
+                    if job is not None:
+                        await job
+                    job = asyncio.ensure_future(anyio.to_thread.run_sync(writer.write_many, batch))
+                    batch, buffered = [], 0
+            if job is not None:
+                await job
+                job = None
+            if batch:
+                await anyio.to_thread.run_sync(writer.write_many, batch)
+    except TimeoutError as exc:
+        raise RequestTimeout(
+            f"{what}: nothing received for {stall_s:g} s after {total} bytes; upload aborted", size=total
+        ) from exc
     finally:
         if job is not None:  # never let the caller abort the writer under a running write
             if not job.done():

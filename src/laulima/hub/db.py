@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session as Session
 from sqlalchemy.pool import StaticPool
 
 __all__ = [
+    "ApiToken",
     "Base",
     "Experiment",
     "Metric",
@@ -56,10 +57,24 @@ class Site(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
-    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    """sha256 hex of the bearer token; the token itself is never stored."""
+    token_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    """sha256 hex of the bearer token (token mode); the token itself is never stored. None for
+    a site known by its certificate only."""
     created_at: Mapped[float]
     last_seen: Mapped[float | None]
+
+
+class ApiToken(Base):
+    """A person's (or a service's) credential: a role and the sha256 of a random token."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[float]
+    revoked_at: Mapped[float | None]
 
 
 class Experiment(Base):

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from sqlalchemy.exc import OperationalError
@@ -26,10 +27,10 @@ from laulima.core.spec import ExperimentSpec
 from laulima.core.strategies import FitResult, Strategy, build_strategy
 from laulima.core.weights import Weights, WeightsSchema, safetensors_chunks
 from laulima.errors import WeightsError
-from laulima.hub.blobstore import BlobStore
+from laulima.hub.blobstore import BlobStore, experiment_key
 from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
 from laulima.hub.service import HubService, NewTask, spec_of
-from laulima.hub.validation import read_into, schema_from, tensor_index
+from laulima.hub.validation import Source, open_source, read_into, schema_from, tensor_index
 
 __all__ = ["LazyWeights", "Orchestrator", "store_weights"]
 
@@ -44,10 +45,17 @@ class LazyWeights(Mapping[str, np.ndarray]):
     memory), so folding N updates costs the accumulator plus one tensor.
     """
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._index, _ = tensor_index(self.path, where=f"stored weights {self.path.name[:12]}")
-        self._file: io.RawIOBase | None = open(self.path, "rb", buffering=0)  # closed by close()
+    def __init__(self, source: Source, name: str | None = None) -> None:
+        self.name = name or (Path(source).name if isinstance(source, str | Path) else "blob")
+        where = f"stored weights {self.name[:12]}"
+        self._index, _ = tensor_index(source, where=where)
+        self._file: io.RawIOBase | BinaryIO | None = open_source(source)  # closed by close()
+
+    @classmethod
+    def from_store(cls, blobs: BlobStore, digest: str) -> LazyWeights:
+        """A stored (sealed) blob, read tensor by tensor through its decrypting reader."""
+        blobs.path(digest)  # NotFound before anything else
+        return cls(lambda: blobs.open(digest), name=digest)
 
     @property
     def schema(self) -> WeightsSchema:
@@ -58,7 +66,7 @@ class LazyWeights(Mapping[str, np.ndarray]):
         out = np.empty(loc.shape, dtype=loc.dtype)
         if out.nbytes:
             if self._file is None:
-                raise ValueError(f"{self.path}: closed")
+                raise ValueError(f"{self.name}: closed")
             read_into(self._file, out.reshape(-1).view(np.uint8).data, loc.offset)
         return out
 
@@ -261,11 +269,11 @@ class Orchestrator:
         """Fold the updates (ordered by site name) into the next global model; store it."""
         opened: list[LazyWeights] = []
         try:
-            global_w = LazyWeights(self.blobs.path(rnd.global_in_digest))
+            global_w = LazyWeights.from_store(self.blobs, rnd.global_in_digest)
             opened.append(global_w)
             results = []
             for u in sorted(updates, key=lambda u: u.site):
-                weights = LazyWeights(self.blobs.path(u.digest))
+                weights = LazyWeights.from_store(self.blobs, u.digest)
                 opened.append(weights)
                 results.append(FitResult(site=u.site, weights=weights, n_samples=u.n_samples))
             strategy = self._strategy(spec, rnd.strategy_state_digest)
@@ -275,14 +283,15 @@ class Orchestrator:
         finally:
             for w in opened:
                 w.close()
-        digest = store_weights(self.blobs, new)
-        state_digest = store_weights(self.blobs, state) if state else None
+        key = experiment_key(rnd.experiment_id)
+        digest = store_weights(self.blobs, new, key_id=key)
+        state_digest = store_weights(self.blobs, state, key_id=key) if state else None
         return digest, state_digest
 
     def _strategy(self, spec: ExperimentSpec, state_digest: str | None) -> Strategy:
         strategy = build_strategy(spec.strategy)
         if state_digest is not None:
-            state = LazyWeights(self.blobs.path(state_digest))
+            state = LazyWeights.from_store(self.blobs, state_digest)
             try:
                 strategy.load_state_dict({k: state[k] for k in state})
             finally:
@@ -290,10 +299,10 @@ class Orchestrator:
         return strategy
 
 
-def store_weights(blobs: BlobStore, weights: Mapping[str, np.ndarray]) -> str:
+def store_weights(blobs: BlobStore, weights: Mapping[str, np.ndarray], *, key_id: str | None = None) -> str:
     """Write ``weights`` as a safetensors blob, tensor by tensor: no second copy of the model
-    is built in memory."""
-    with blobs.writer() as writer:
+    is built in memory. ``key_id``: the experiment's key (default: the uploads key)."""
+    with blobs.writer(key_id) if key_id else blobs.writer() as writer:
         for chunk in safetensors_chunks(weights):
             writer.write(chunk)
         digest, _ = writer.commit()

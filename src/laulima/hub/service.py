@@ -27,6 +27,7 @@ from laulima.core.protocol import (
     ExperimentStatus,
     MetricRecord,
     RefusalRecord,
+    Role,
     RoundPublic,
     RoundStatus,
     SiteCreated,
@@ -35,13 +36,16 @@ from laulima.core.protocol import (
     TaskKind,
     TaskPublic,
     TaskStatus,
+    TokenCreate,
+    TokenCreated,
+    TokenPublic,
     UploadAccepted,
 )
 from laulima.core.spec import ExperimentSpec, parse_spec
 from laulima.core.strategies import build_strategy
 from laulima.errors import Conflict, LaulimaError, NotFound, SpecError
 from laulima.hub.blobstore import BlobStore
-from laulima.hub.db import Experiment, Metric, Refusal, Round, Session, SessionFactory, Site, Task, Update
+from laulima.hub.db import ApiToken, Experiment, Metric, Refusal, Round, Session, SessionFactory, Site, Task, Update
 from laulima.hub.validation import check_result_allowed, check_weights_file
 
 __all__ = ["HubService", "NewTask", "hash_token", "spec_of"]
@@ -74,22 +78,78 @@ class HubService:
         self.clock = clock
 
     # -- sites ------------------------------------------------------------------------
-    def register_site(self, name: str) -> SiteCreated:
-        token = secrets.token_urlsafe(32)
+    def register_site(self, name: str, *, with_token: bool = True) -> SiteCreated:
+        """Create site ``name``; in token mode it gets a bearer token (shown once)."""
+        token = secrets.token_urlsafe(32) if with_token else None
         try:
             with self.sessions.begin() as s:
                 if s.scalar(select(Site.id).where(Site.name == name)) is not None:
                     raise Conflict(f"site {name!r} is already registered; pick another name", site=name)
-                s.add(Site(name=name, token_hash=hash_token(token), created_at=self.clock(), last_seen=None))
+                digest = hash_token(token) if token else None
+                s.add(Site(name=name, token_hash=digest, created_at=self.clock(), last_seen=None))
         except IntegrityError as exc:
             raise Conflict(f"site {name!r} is already registered; pick another name", site=name) from exc
         return SiteCreated(name=name, token=token)
+
+    def site_by_certificate(self, name: str) -> Site:
+        """The site a verified certificate names; created at its first request (the CA's
+        signature is the enrolment, so an operator need not also register the name)."""
+        with self.sessions() as s:
+            site = s.scalar(select(Site).where(Site.name == name))
+        if site is not None:
+            return site
+        try:
+            with self.sessions.begin() as s:
+                s.add(Site(name=name, token_hash=None, created_at=self.clock(), last_seen=None))
+        except IntegrityError:
+            pass  # a concurrent first request created it
+        with self.sessions() as s:
+            found = s.scalar(select(Site).where(Site.name == name))
+        assert found is not None
+        return found
+
+    # -- people's tokens --------------------------------------------------------------
+    def create_token(self, body: TokenCreate) -> TokenCreated:
+        token = "lt_" + secrets.token_urlsafe(32)
+        with self.sessions.begin() as s:
+            row = ApiToken(
+                name=body.name,
+                role=body.role.value,
+                token_hash=hash_token(token),
+                created_at=self.clock(),
+                revoked_at=None,
+            )
+            s.add(row)
+            s.flush()
+            return TokenCreated(**_token_public(row).model_dump(), token=token)
+
+    def list_tokens(self) -> list[TokenPublic]:
+        with self.sessions() as s:
+            return [_token_public(t) for t in s.scalars(select(ApiToken).order_by(ApiToken.id))]
+
+    def revoke_token(self, token_id: int) -> TokenPublic:
+        with self.sessions.begin() as s:
+            row = s.get(ApiToken, token_id)
+            if row is None:
+                raise NotFound(f"no API token with id {token_id}; list them with GET /api/v1/tokens", token=token_id)
+            if row.revoked_at is None:
+                row.revoked_at = self.clock()
+            return _token_public(row)
+
+    def authenticate_person(self, token: str) -> tuple[str, Role] | None:
+        """(name, role) of a live API token, or None."""
+        digest = hash_token(token)
+        with self.sessions() as s:
+            row = s.scalar(select(ApiToken).where(ApiToken.token_hash == digest))
+        if row is None or row.revoked_at is not None or not hmac.compare_digest(row.token_hash, digest):
+            return None
+        return row.name, Role(row.role)
 
     def authenticate_site(self, token: str) -> Site | None:
         digest = hash_token(token)
         with self.sessions() as s:
             site = s.scalar(select(Site).where(Site.token_hash == digest))
-        if site is None or not hmac.compare_digest(site.token_hash, digest):
+        if site is None or site.token_hash is None or not hmac.compare_digest(site.token_hash, digest):
             return None
         return site
 
@@ -111,7 +171,7 @@ class HubService:
                 "weights first (PUT /api/v1/blobs) and submit the digest it returns",
                 field="initial_weights",
             )
-        check_weights_file(self.blobs.path(body.initial_weights), where="initial_weights")
+        check_weights_file(lambda: self.blobs.open(body.initial_weights), where="initial_weights")
         try:
             build_strategy(spec.strategy)
         except LaulimaError:
@@ -566,6 +626,10 @@ def _experiment(s: Session, experiment_id: int) -> Experiment:
     if exp is None:
         raise NotFound(f"no experiment with id {experiment_id}", experiment=experiment_id)
     return exp
+
+
+def _token_public(t: ApiToken) -> TokenPublic:
+    return TokenPublic(id=t.id, name=t.name, role=Role(t.role), created_at=t.created_at, revoked_at=t.revoked_at)
 
 
 def _experiment_public(e: Experiment) -> ExperimentPublic:

@@ -1,4 +1,10 @@
-"""Hub configuration, from arguments or ``LAULIMA_HUB_*`` variables; insecure setups refused."""
+"""Hub configuration, from arguments or ``LAULIMA_HUB_*`` variables; insecure setups refused.
+
+Two modes. With ``ca_dir`` (the federation CA folder of ``laulima ca init``) the hub serves
+HTTPS, identifies sites by their client certificates and people by role tokens: the mode
+for any real deployment. Without it the hub serves plain HTTP with bearer tokens for sites
+too, and only on loopback (tests, quick local runs).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from laulima.errors import ConfigurationError
 __all__ = ["HubSettings", "is_loopback"]
 
 GIB = 1024**3
+MIB = 1024**2
 
 
 def is_loopback(host: str) -> bool:
@@ -47,20 +54,71 @@ class HubSettings(BaseSettings):
     keep_updates: bool = False
     """Keep every site's update blob after its round is checkpointed (for audits; costs
     model size x sites of disk per round). By default only digests and metrics are kept."""
+    ca_dir: Path | None = None
+    """The federation CA folder (``laulima ca init``): ca.pem, hub.pem, hub.key, revoked.json.
+    Set: HTTPS with site certificates. Unset: plain HTTP with tokens, loopback only."""
+    key_dir: Path | None = None
+    """Where the blob encryption keys live (default ``home/keys``); keep it off the blob volume
+    and out of blob backups."""
+    max_json_bytes: Annotated[int, Field(gt=0)] = 1 * MIB
+    """Body limit of every endpoint except the two weight uploads (which have their own)."""
+    body_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    """A request body that sends nothing for this long is aborted with 408."""
+    site_uploads_per_minute: Annotated[float, Field(gt=0)] = 120.0
+    """Refill rate of each site's upload token bucket (429 when empty)."""
+    site_upload_burst: Annotated[int, Field(ge=1)] = 20
+    site_max_transfers: Annotated[int, Field(ge=1)] = 2
+    """Concurrent uploads plus downloads one site may run; more are answered 429, so one site's
+    flood cannot take the hub's threads and bandwidth from the others."""
 
     @model_validator(mode="after")
     def _secure_and_complete(self) -> HubSettings:
-        if not is_loopback(self.host):
+        if self.ca_dir is None and not is_loopback(self.host):
             raise ConfigurationError(
-                f"host {self.host!r}: this hub serves plain HTTP with bearer tokens, and plaintext "
-                "is refused off loopback; bind to 127.0.0.1, ::1 or localhost (mutual TLS for "
-                "remote sites is not available yet)",
+                f"host {self.host!r}: without a CA this hub serves plain HTTP with bearer tokens, and "
+                "plaintext is refused off loopback; bind to 127.0.0.1, ::1 or localhost, or serve "
+                "HTTPS with client certificates: `laulima ca init` once, then `laulima hub --ca-dir DIR`",
                 field="host",
             )
         self.home = self.home.expanduser().resolve()
+        if self.ca_dir is not None:
+            self.ca_dir = self.ca_dir.expanduser().resolve()
+            for path in (self.ca_file, self.tls_cert_file, self.tls_key_file):
+                if not path.is_file():
+                    raise ConfigurationError(
+                        f"ca_dir {self.ca_dir}: {path.name} is missing; create the CA with "
+                        f"`laulima ca init --dir {self.ca_dir}`",
+                        field="ca_dir",
+                        file=str(path),
+                    )
+        self.key_dir = (self.key_dir or self.home / "keys").expanduser().resolve()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'hub.db'}"
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_dir is not None
+
+    @property
+    def ca_file(self) -> Path:
+        assert self.ca_dir is not None
+        return self.ca_dir / "ca.pem"
+
+    @property
+    def tls_cert_file(self) -> Path:
+        assert self.ca_dir is not None
+        return self.ca_dir / "hub.pem"
+
+    @property
+    def tls_key_file(self) -> Path:
+        assert self.ca_dir is not None
+        return self.ca_dir / "hub.key"
+
+    @property
+    def revoked_file(self) -> Path:
+        assert self.ca_dir is not None
+        return self.ca_dir / "revoked.json"
 
     @property
     def admin_token_file(self) -> Path:
@@ -69,7 +127,7 @@ class HubSettings(BaseSettings):
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}"
 
     def resolve_admin_token(self) -> str:
         """The configured token, else the one stored under ``home`` (created on first use)."""

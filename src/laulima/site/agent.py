@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -270,16 +269,20 @@ def run_agent(settings: SiteSettings) -> None:
     """
     _default_logging()
     settings.home.mkdir(parents=True, exist_ok=True)
+    if settings.cert_file is not None:
+        _check_certificate_validity(settings)
     with _single_agent(settings.home):
         stop = threading.Event()
-        verify: Any = ssl.create_default_context(cafile=str(settings.ca_file)) if settings.ca_file else True
+        context = settings.ssl_context()
+        verify: Any = context if context is not None else True
         client = HubClient(
             settings.hub_url,
-            settings.token,
+            None if settings.uses_certificate else settings.token,
             backoff_max_s=settings.backoff_max_s,
             attempts=settings.upload_attempts,
             verify=verify,
             stop=stop,
+            probe_verify=settings.ssl_context(with_certificate=False) if settings.uses_certificate else None,
         )
         agent = Agent(
             settings,
@@ -337,6 +340,24 @@ def _single_agent(home: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _check_certificate_validity(settings: SiteSettings) -> None:
+    """Say early when the site's certificate is about to expire (or has): the hub would refuse it."""
+    from cryptography import x509
+
+    assert settings.cert_file is not None
+    cert = x509.load_pem_x509_certificate(Path(settings.cert_file).read_bytes())
+    days = (cert.not_valid_after_utc.timestamp() - time.time()) / 86400
+    renew = f"ask the federation operator for a renewed bundle (`laulima ca renew {settings.name}`)"
+    if days < 0:
+        raise ConfigurationError(
+            f"site {settings.name}: its certificate {settings.cert_file} expired {-days:.0f} days ago and would be "
+            f"refused by the hub; {renew}",
+            file=str(settings.cert_file),
+        )
+    if days < 14:
+        log.warning("site %s: its certificate expires in %.1f days; %s", settings.name, days, renew)
 
 
 def _default_logging() -> None:

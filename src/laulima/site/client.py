@@ -58,6 +58,17 @@ _STATUS_ERRORS: dict[int, type[ProtocolError]] = {
     413: PayloadTooLarge,
 }
 _RETRY_STATUS = {408, 425, 429}
+_CERT_ALERTS = [
+    ("alert certificate revoked", "the certificate is revoked"),
+    ("alert certificate expired", "the certificate has expired"),
+    ("alert unknown ca", "the certificate is not signed by the federation CA"),
+    ("alert bad certificate", "the certificate was not accepted"),
+    ("alert certificate unknown", "the certificate was not accepted"),
+    ("alert certificate required", "no certificate was presented"),
+    ("alert decrypt error", "the certificate was not accepted"),
+    ("alert access denied", "access denied"),
+]
+"""TLS alerts a hub sends when it refuses a client certificate (OpenSSL's wording)."""
 """4xx answers that mean "not now" rather than "no"; every 5xx is retried as well."""
 
 
@@ -80,7 +91,7 @@ class HubClient:
     def __init__(
         self,
         base_url: str,
-        token: str,
+        token: str | None,
         *,
         client: httpx.Client | None = None,
         backoff_max_s: float = 30.0,
@@ -89,6 +100,7 @@ class HubClient:
         verify: Any = True,
         stop: threading.Event | None = None,
         chunk_size: int = CHUNK_SIZE,
+        probe_verify: Any = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.backoff_max_s = backoff_max_s
@@ -100,7 +112,13 @@ class HubClient:
         self._http = client or httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0), verify=verify, follow_redirects=False
         )
-        self._headers = {"Authorization": f"Bearer {token}", "User-Agent": f"laulima-site/{__version__}"}
+        self._headers = {"User-Agent": f"laulima-site/{__version__}"}
+        if token is not None:
+            self._headers["Authorization"] = f"Bearer {token}"
+        self.uses_certificate = token is None
+        self._probe_verify = probe_verify
+        """TLS settings without the client certificate: to tell a refused certificate from a
+        hub that is merely restarting (see :meth:`_certificate_refused`)."""
 
     # -- the protocol ------------------------------------------------------------------
     def next_task(self, wait: float, *, attempts: int | None = None) -> TaskPublic | None:
@@ -148,7 +166,7 @@ class HubClient:
                     size, actual = _write_hashing(response.iter_bytes(), tmp)
             except httpx.TransportError as exc:
                 tmp.unlink(missing_ok=True)
-                raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+                raise self._transport_failure(exc, what) from exc
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -242,9 +260,62 @@ class HubClient:
         try:
             response = self._http.request(method, self._url(path), headers={**self._headers, **(headers or {})}, **kw)
         except httpx.TransportError as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+            raise self._transport_failure(exc, what) from exc
         self._check(response, what)
         return response
+
+    def _transport_failure(self, exc: httpx.TransportError, what: str) -> Exception:
+        """A TLS refusal is final and says so; anything else is worth retrying.
+
+        With TLS 1.3 a hub that refuses the site's certificate completes the handshake and
+        then closes the connection, so the refusal arrives as a TLS alert on the first read.
+        """
+        text = f"{exc} {exc.__cause__ or ''} {exc.__context__ or ''}".lower()
+        refused = next((reason for alert, reason in _CERT_ALERTS if alert in text), None)
+        if refused is not None:
+            return Forbidden(
+                f"{what}: certificate refused by the hub at {self.base_url} ({refused}); "
+                "ask the federation operator for a new enrolment bundle and install it with "
+                "`laulima site init BUNDLE`",
+                status=401,
+                reason=refused,
+            )
+        if "certificate_verify_failed" in text or "certificate verify failed" in text:
+            return Forbidden(
+                f"{what}: the hub at {self.base_url} presented a certificate this site does not trust "
+                f"({exc}); it is not signed by the federation CA of the site's bundle, or names another host",
+                status=495,
+                reason="hub certificate not trusted",
+            )
+        reason = f"{type(exc).__name__}: {exc}"
+        if self.uses_certificate and isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+            if self._certificate_refused():
+                return Forbidden(
+                    f"{what}: certificate refused by the hub at {self.base_url}: it closes every connection "
+                    "that presents this site's certificate but answers without one, so the certificate has "
+                    "expired or is not signed by the federation's CA (the hub's log says which). Ask the "
+                    "federation operator for a new enrolment bundle and install it with `laulima site init BUNDLE`",
+                    status=401,
+                    reason="certificate refused",
+                )
+            reason += " (if this repeats, the hub may have refused this site's certificate)"
+        return _Retry(reason)
+
+    def _certificate_refused(self) -> bool:
+        """The hub dropped us: does it answer the same health check without our certificate?"""
+        if self._probe_verify is None:
+            return False
+        try:
+            with httpx.Client(verify=self._probe_verify, timeout=10.0) as probe:
+                return probe.get(self._url("/health")).status_code == 200 and not self._health_with_certificate()
+        except httpx.HTTPError:
+            return False
+
+    def _health_with_certificate(self) -> bool:
+        try:
+            return self._http.get(self._url("/health"), headers=self._headers, timeout=10.0).status_code == 200
+        except httpx.TransportError:
+            return False
 
     def _stream(self, method: str, path: str, *, what: str) -> _Streamed:
         return _Streamed(self, self._http.stream(method, self._url(path), headers=self._headers), what)
@@ -261,12 +332,19 @@ class HubClient:
         if status >= 500 or status in _RETRY_STATUS:
             raise _Retry(f"hub answered {status}: {detail}", _retry_after(response))
         context = {k: v for k, v in context.items() if k not in ("message", "status")}
-        if status == 401:
+        if status == 401 or (status == 403 and context.get("reason") in ("revoked", "expired")):
+            credential = "certificate" if self.uses_certificate else "token"
+            hint = (
+                "ask the federation operator for a new enrolment bundle and install it with `laulima site init BUNDLE`"
+                if self.uses_certificate
+                else "check LAULIMA_SITE_TOKEN or the site's token file, or ask the operator for a new token"
+            )
+            lead = f"the hub refused this site's {credential}"
+            if self.uses_certificate:
+                lead = "certificate refused by the hub"
             raise Forbidden(
-                f"{what}: the hub at {self.base_url} refused this site's token (401: {detail}); "
-                "check LAULIMA_SITE_TOKEN or the site's token file, or ask the operator for a new token",
-                status=401,
-                **context,
+                f"{what}: {lead} at {self.base_url} ({status}: {detail}); {hint}",
+                **{**context, "status": 401},
             )
         cls = _STATUS_ERRORS.get(status, ProtocolError)
         raise cls(f"{what}: hub answered {status}: {detail}", status=status, **context)

@@ -1,8 +1,13 @@
-"""A site agent's configuration: ``home/site.toml`` and ``home/token``, overridden by env.
+"""A site agent's configuration: ``home/site.toml`` (and ``home/token``), overridden by env.
 
 Precedence, highest first: keyword overrides, environment (``LAULIMA_SITE_*``), the file
-``home/site.toml`` written by ``laulima site init``, the defaults below. The token never
-goes into ``site.toml``: it lives in ``home/token`` (mode 0600) or ``LAULIMA_SITE_TOKEN``.
+``home/site.toml`` written by ``laulima site init``, the defaults below.
+
+A site proves who it is in one of two ways. Over HTTPS (the default, and the only way off
+loopback) with its certificate: ``cert_file``/``key_file`` from the enrolment bundle, and
+``ca_file``, the federation CA the hub's certificate must chain to. On a loopback test hub
+in token mode, with a bearer token that never goes into ``site.toml``: it lives in
+``home/token`` (mode 0600) or ``LAULIMA_SITE_TOKEN``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,7 +45,8 @@ class SiteSettings(BaseSettings):
     """The site's folder: config, token, catalog, state and per-task work folders."""
     name: Annotated[str, Field(pattern=_NAME)]
     hub_url: str
-    token: Annotated[str, Field(min_length=1, repr=False)]
+    token: Annotated[str | None, Field(min_length=1, repr=False)] = None
+    """Bearer token (token mode on a loopback hub only); unused when a certificate is set."""
     poll_wait_s: Annotated[float, Field(ge=0, le=300)] = 20.0
     """How long one long poll for the next task may wait at the hub."""
     backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
@@ -52,6 +59,10 @@ class SiteSettings(BaseSettings):
     """How many recent tasks the restart state (and their work folders) keeps."""
     ca_file: Path | None = None
     """PEM bundle of the federation CA that signed the hub's certificate."""
+    cert_file: Path | None = None
+    """The site's certificate (PEM), from the enrolment bundle: its identity at the hub."""
+    key_file: Path | None = None
+    """The site's private key (PEM, mode 0600)."""
     allow_insecure_http: bool = False
     """Permit plain http:// to a hub that is not on loopback (testing only)."""
 
@@ -72,6 +83,42 @@ class SiteSettings(BaseSettings):
                 "use https (or set allow_insecure_http = true for a test network)"
             )
         return self
+
+    @model_validator(mode="after")
+    def _credentials(self) -> SiteSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together; set both (from the enrolment bundle) or neither")
+        if self.cert_file is not None:
+            if urlsplit(self.hub_url).scheme != "https":
+                raise ValueError(f"hub_url {self.hub_url!r}: a site with a certificate talks to its hub over https")
+            for path in (self.cert_file, self.key_file, self.ca_file):
+                if path is not None and not Path(path).is_file():
+                    raise ValueError(f"{path} does not exist; reinstall the bundle with `laulima site init BUNDLE`")
+        elif self.token is None:
+            raise ValueError(
+                "missing credentials: install the enrolment bundle with `laulima site init BUNDLE` "
+                f"(a certificate), or give a token ({ENV_PREFIX}TOKEN or the file 'token') for a loopback test hub"
+            )
+        return self
+
+    @property
+    def uses_certificate(self) -> bool:
+        return self.cert_file is not None
+
+    def ssl_context(self, *, with_certificate: bool = True) -> ssl.SSLContext | None:
+        """The agent's TLS context: trusts only the federation CA, presents the site's certificate.
+
+        httpx needs the context itself (``verify=context``): ``verify=path`` together with
+        ``cert=`` would silently send no client certificate.
+        """
+        if self.ca_file is None and self.cert_file is None:
+            return None
+        context = ssl.create_default_context(cafile=str(self.ca_file) if self.ca_file else None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if with_certificate and self.cert_file is not None and self.key_file is not None:
+            _check_private(Path(self.key_file))
+            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+        return context
 
     @property
     def work_dir(self) -> Path:
@@ -101,7 +148,8 @@ class SiteSettings(BaseSettings):
         # Environment beats the file: drop file values that an env variable sets.
         merged = {k: v for k, v in data.items() if f"{ENV_PREFIX}{k}".upper() not in env_keys}
         merged["home"] = home
-        if f"{ENV_PREFIX}TOKEN" not in env_keys and "token" not in overrides:
+        has_cert = "cert_file" in merged or "cert_file" in overrides or f"{ENV_PREFIX}CERT_FILE" in env_keys
+        if f"{ENV_PREFIX}TOKEN" not in env_keys and "token" not in overrides and not has_cert:
             merged["token"] = _read_token(home)
         merged.update(overrides)
         return cls.from_mapping(merged, source=str(config_path))
@@ -122,8 +170,8 @@ class SiteSettings(BaseSettings):
             raise ConfigurationError(f"{source}: '{field}': {reason}", file=source, field=field) from exc
 
 
-def write_site_config(home: str | Path, name: str, hub_url: str, token: str, **options: Any) -> Path:
-    """Create ``home`` with ``site.toml`` and a 0600 ``token`` file; returns the config path.
+def write_site_config(home: str | Path, name: str, hub_url: str, token: str | None, **options: Any) -> Path:
+    """Create ``home`` with ``site.toml`` (and a 0600 ``token`` file); returns the config path.
 
     ``options`` are further :class:`SiteSettings` fields (``poll_wait_s=5``, ...); they
     are validated before anything is written.
@@ -145,10 +193,16 @@ def write_site_config(home: str | Path, name: str, hub_url: str, token: str, **o
         else:
             rendered = json.dumps(str(value))
         lines.append(f"{key} = {rendered}")
-    header = "# Written by `laulima site init`. The token is in ./token (mode 0600), not here.\n"
+    if token is None:
+        header = "# Written by `laulima site init`. The site's key is in ./tls/site.key (mode 0600).\n"
+    else:
+        header = "# Written by `laulima site init`. The token is in ./token (mode 0600), not here.\n"
     config_path = home / CONFIG_FILE
     write_atomic(config_path, header + "\n".join(lines) + "\n", mode=0o644)
-    write_atomic(home / TOKEN_FILE, token.strip() + "\n", mode=0o600)
+    if token is not None:
+        write_atomic(home / TOKEN_FILE, token.strip() + "\n", mode=0o600)
+    else:
+        (home / TOKEN_FILE).unlink(missing_ok=True)
     return config_path
 
 
@@ -172,6 +226,15 @@ def _read_token(home: Path) -> str:
     if not token:
         raise ConfigurationError(f"{path} is empty; put the site token issued by the hub in it", file=str(path))
     return token
+
+
+def _check_private(path: Path) -> None:
+    if os.name == "posix" and path.stat().st_mode & 0o077:
+        raise ConfigurationError(
+            f"{path} is readable by other users (mode {path.stat().st_mode & 0o777:o}); run `chmod 600 {path}`",
+            file=str(path),
+            field="key_file",
+        )
 
 
 def _is_loopback(host: str) -> bool:

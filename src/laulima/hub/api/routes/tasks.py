@@ -18,7 +18,7 @@ from laulima.core.protocol import EvaluationResult, Header, TaskFailure, TaskKin
 from laulima.errors import LaulimaError
 from laulima.hub.api.deps import CurrentSite, HubContext, HubDep, error_status
 from laulima.hub.api.routes.blobs import check_claimed_digest, check_content_length
-from laulima.hub.blobstore import receive_into
+from laulima.hub.blobstore import experiment_key, receive_into
 from laulima.hub.db import Site
 from laulima.hub.service import spec_of
 from laulima.hub.validation import upload_limit, validate_update_file
@@ -50,13 +50,20 @@ async def next_task(
             return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.put("/tasks/{task_id}/update")
+@router.put(
+    "/tasks/{task_id}/update",
+    openapi_extra={
+        "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+    },
+)
 async def upload_update(task_id: str, request: Request, site: CurrentSite, hub: HubDep) -> UploadAccepted:
-    try:
-        accepted = await _receive_update(task_id, request, site, hub)
-    except LaulimaError as exc:
-        await anyio.to_thread.run_sync(partial(_refuse, hub, site, task_id, exc))
-        raise
+    hub.limits.take_upload(site.name)  # 429 before anything is read or recorded
+    with hub.limits.transfer(site.name):
+        try:
+            accepted = await _receive_update(task_id, request, site, hub)
+        except LaulimaError as exc:
+            await anyio.to_thread.run_sync(partial(_refuse, hub, site, task_id, exc))
+            raise
     hub.orchestrator.wake()
     return accepted
 
@@ -86,18 +93,18 @@ async def _receive_update(task_id: str, request: Request, site: Site, hub: HubCo
     nonce = request.headers.get(Header.UPLOAD_NONCE, "")
     what = f"update for task {task_id}"
     task, exp = await run(partial(svc.check_result, task_id, site, kind=TaskKind.TRAIN, nonce=nonce))
-    global_path = hub.blobs.path(task.weights_digest)
-    limit = upload_limit(global_path.stat().st_size, hub.settings.max_upload_bytes)
+    blobs, global_digest = hub.blobs, task.weights_digest
+    limit = upload_limit(blobs.size(global_digest), hub.settings.max_upload_bytes)
     check_content_length(request, limit, what)
     spec = spec_of(exp)
-    with hub.blobs.writer() as writer:
-        await receive_into(writer, request.stream(), limit=limit, what=what)
+    with blobs.writer(experiment_key(exp.id)) as writer:
+        await receive_into(writer, request.stream(), limit=limit, what=what, stall_s=hub.settings.body_timeout_s)
         check_claimed_digest(request, writer, what)
         valid = await run(
             partial(
                 validate_update_file,
-                writer.temp_path,
-                global_path=global_path,
+                writer.reader,
+                global_path=lambda: blobs.open(global_digest),
                 task_id=task_id,
                 max_update_norm=spec.max_update_norm,
             )
