@@ -1,0 +1,124 @@
+"""Site-local cases in memory: read once per task, normalised once, augmented per batch from a seed.
+
+The demo's cases are small (48³, at most four channels), so a task reads its whole split
+into memory; batches are drawn in this process (no data-loader workers: the task is a
+forked child and must not fork again). Randomness comes only from the seed handed in: a
+numpy Generator orders the cases and the transforms carry their own RandomState, so no
+global RNG state is read or left behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.transforms import Compose, NormalizeIntensity, RandCropByPosNegLabeld, RandFlipd, SpatialPadd
+from monai.utils import convert_to_tensor
+
+from laulima.errors import DataError
+from laulima.imaging import Case, SegmentationDataset, read_case
+
+__all__ = ["Sample", "Split", "augmentation", "batches", "load_samples", "normalize", "split_cases"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One subject in memory: normalised image [C, X, Y, Z] float32, label [1, X, Y, Z] uint8."""
+
+    id: str
+    image: torch.Tensor
+    label: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Split:
+    """The cases a site trains on and the labelled cases it is evaluated on."""
+
+    train: tuple[Case, ...]
+    held_out: tuple[Case, ...]
+    source: str
+    """``"test"`` (imagesTs with labels) or ``"validation"`` (carved from training: no test labels)."""
+
+
+def split_cases(dataset: SegmentationDataset, val_fraction: float = 0.2) -> Split:
+    """Test subjects with labels are held out; without any, a fixed ``val_fraction`` of training is.
+
+    The validation subjects are the ones whose ids hash lowest (sha256), so the split is the
+    same on every run and every machine and does not depend on the order of the listing.
+    """
+    labelled = tuple(case for case in dataset.test if case.label is not None)
+    if labelled:
+        return Split(train=tuple(dataset.training), held_out=labelled, source="test")
+    training = tuple(dataset.training)
+    n_val = min(len(training) - 1, max(1, round(val_fraction * len(training))))
+    ranked = sorted(training, key=lambda case: hashlib.sha256(case.id.encode("utf-8")).hexdigest())
+    chosen = {case.id for case in ranked[:n_val]}
+    return Split(
+        train=tuple(c for c in training if c.id not in chosen),
+        held_out=tuple(c for c in training if c.id in chosen),
+        source="validation",
+    )
+
+
+def normalize(image: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Zero mean, unit variance per channel over the non-zero (head) voxels: what scanners disagree on."""
+    out = NormalizeIntensity(nonzero=True, channel_wise=True, dtype=np.float32)(image)
+    return convert_to_tensor(out, dtype=torch.float32, track_meta=False)
+
+
+def load_samples(cases: Sequence[Case], n_channels: int) -> list[Sample]:
+    """Read and normalise ``cases``; each must have a label."""
+    samples = []
+    for case in cases:
+        image, label, _ = read_case(case, n_channels)
+        if label is None:
+            raise DataError(
+                f"case {case.id!r} ({case.images[0]}) has no label; only labelled cases can be trained on or scored",
+                file=str(case.images[0]),
+            )
+        samples.append(
+            Sample(id=case.id, image=normalize(image), label=torch.from_numpy(np.ascontiguousarray(label))[None])
+        )
+    return samples
+
+
+def augmentation(roi_size: Sequence[int], seed: int) -> Compose:
+    """Pad to ``roi_size``, crop ``roi_size`` centred on foreground or background (1:1), flip each axis (p = 0.5)."""
+    keys = ["image", "label"]
+    transform = Compose(
+        [
+            SpatialPadd(keys, spatial_size=roi_size),
+            RandCropByPosNegLabeld(keys, label_key="label", spatial_size=roi_size, pos=1.0, neg=1.0, num_samples=1),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys, prob=0.5, spatial_axis=2),
+        ]
+    )
+    return transform.set_random_state(seed=seed)
+
+
+def batches(
+    samples: Sequence[Sample], batch_size: int, roi_size: Sequence[int], seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (image [B, C, *roi], label [B, 1, *roi] float32) batches; epochs are shuffled permutations."""
+    if not samples:
+        raise ValueError("no training cases")
+    sequence = np.random.SeedSequence(seed)
+    order_seed, transform_seed = sequence.generate_state(2)
+    rng = np.random.default_rng(order_seed)
+    transform = augmentation(roi_size, int(transform_seed))
+    order: list[int] = []
+    while True:
+        images, labels = [], []
+        for _ in range(batch_size):
+            if not order:
+                order = rng.permutation(len(samples)).tolist()
+            sample = samples[order.pop()]
+            out = transform({"image": sample.image, "label": sample.label})
+            crop = out[0] if isinstance(out, list) else out
+            images.append(convert_to_tensor(crop["image"], dtype=torch.float32, track_meta=False))
+            labels.append(convert_to_tensor(crop["label"], dtype=torch.float32, track_meta=False))
+        yield torch.stack(images), torch.stack(labels)
