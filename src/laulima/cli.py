@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -14,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from laulima.cli_security import ca_app, site_enroll, site_init, token_app
+from laulima.cli_security import hub as hub_command
 from laulima.errors import (
     AlgorithmError,
     ConfigurationError,
@@ -53,6 +54,13 @@ EXIT_CODES: list[tuple[type[LaulimaError], int]] = [
 HubUrl = Annotated[str, typer.Option("--hub", envvar="LAULIMA_HUB_URL", help="Hub base URL.")]
 Token = Annotated[str, typer.Option("--token", envvar="LAULIMA_TOKEN", help="Your API token.")]
 
+# The federation's identities: CA, site enrolment, people's tokens, and the TLS hub.
+app.add_typer(ca_app, name="ca")
+app.add_typer(token_app, name="token")
+app.command("hub")(hub_command)
+site_app.command("enroll")(site_enroll)
+site_app.command("init")(site_init)
+
 
 def _fail(exc: LaulimaError) -> NoReturn:
     code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
@@ -67,21 +75,6 @@ def _logging(verbose: bool) -> None:
     )
 
 
-# -- hub ------------------------------------------------------------------------
-@app.command()
-def hub(
-    home: Annotated[Path, typer.Option(help="Folder for the hub's database and blobs.")] = Path(".laulima/hub"),
-    host: Annotated[str, typer.Option(help="Address to bind (plain HTTP only on loopback).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8780,
-) -> None:
-    """Run the federation hub."""
-    from laulima.hub.server import serve
-    from laulima.hub.settings import HubSettings
-
-    _logging(False)
-    serve(HubSettings(home=home, host=host, port=port))
-
-
 # -- site -----------------------------------------------------------------------
 @site_app.command("register")
 def site_register(name: str, hub_url: HubUrl, token: Token) -> None:
@@ -90,22 +83,11 @@ def site_register(name: str, hub_url: HubUrl, token: Token) -> None:
 
     with Client(hub_url, token) as client:
         created = client.register_site(name)
+    if created.token is None:  # a TLS hub: the site's identity is its certificate
+        console.print(f"site [bold]{created.name}[/] registered; issue its certificate with `laulima site enroll`")
+        return
     console.print(f"site [bold]{created.name}[/] registered; its token (shown once):")
     print(created.token)
-
-
-@site_app.command("init")
-def site_init(
-    home: Annotated[Path, typer.Option(help="The site's home folder.")],
-    name: Annotated[str, typer.Option(help="The site's name at the hub.")],
-    hub_url: HubUrl,
-    site_token: Annotated[str, typer.Option("--site-token", envvar="LAULIMA_SITE_TOKEN")],
-) -> None:
-    """(Site admin) write the agent's configuration into HOME."""
-    from laulima.site.settings import write_site_config
-
-    write_site_config(home, name=name, hub_url=hub_url, token=site_token)
-    console.print(f"site [bold]{name}[/] configured in {home}; register data with `laulima site dataset add`")
 
 
 @site_app.command("run")
@@ -176,7 +158,7 @@ def experiment_list(hub_url: HubUrl, token: Token) -> None:
 def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None:
     """Show one experiment: rounds, per-site metrics, refused updates."""
     from laulima.client import Client
-    from laulima.reporting import metrics_table
+    from laulima.terminal import metrics_table
 
     with Client(hub_url, token) as client:
         exp = client.experiment(experiment_id)
@@ -220,6 +202,23 @@ def experiment_model(
     console.print(f"global model of experiment {experiment_id} → {output}")
 
 
+@experiment_app.command("tensorboard")
+def experiment_tensorboard(
+    experiment_id: int,
+    hub_url: HubUrl,
+    token: Token,
+    logdir: Annotated[Path, typer.Option(help="TensorBoard log folder.")] = Path("runs"),
+) -> None:
+    """Write the experiment's per-site and global metrics as TensorBoard event files."""
+    from laulima.client import Client
+    from laulima.tracking import write_tensorboard
+
+    with Client(hub_url, token) as client:
+        exp = client.experiment(experiment_id)
+        path = write_tensorboard(logdir / f"{exp.id}-{exp.name}", client.metrics(experiment_id))
+    console.print(f"TensorBoard logs → {path}; view with `tensorboard --logdir {logdir}`")
+
+
 # -- simulation -------------------------------------------------------------------
 @app.command()
 def sim(
@@ -236,22 +235,73 @@ def sim(
 
 @app.command()
 def demo(
-    workdir: Annotated[Path, typer.Option(help="Where hub, sites and data live.")] = Path("laulima-demo"),
-    sites: Annotated[int, typer.Option("--sites")] = 3,
+    quick: Annotated[bool, typer.Option("--quick", help="The short preset (under 5 minutes on 2 cores).")] = False,
+    preset: Annotated[str | None, typer.Option(help="Preset name: quick, default or test.")] = None,
+    workdir: Annotated[Path, typer.Option(help="Where phantoms, hub, sites and the report go.")] = Path(
+        "laulima-demo"
+    ),
+    baselines: Annotated[bool, typer.Option(help="Also train the centralized and local-only baselines.")] = True,
 ) -> None:
-    """The demonstration: a whole federation on this machine, one command."""
+    """Federated brain MRI segmentation across three simulated hospitals, with a report."""
+    from laulima.demo import PRESETS, run_demo
+
+    name = preset or ("quick" if quick else "default")
+    if name not in PRESETS:
+        raise ConfigurationError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}", field="preset")
+    run_demo(PRESETS[name], workdir, console, baselines=baselines)
+
+
+@app.command()
+def baseline(
+    mode: Annotated[str, typer.Option(help="central: all sites' training data pooled; local: each site alone.")],
+    spec_path: Annotated[Path, typer.Option("--spec", help="The federated experiment's spec (its budget and config).")],
+    site: Annotated[list[str], typer.Option(help="NAME=DATASET_DIR, once per site.")],
+    steps: Annotated[
+        int | None,
+        typer.Option(help="Steps per model (default: the federated total; for local, one site's share)."),
+    ] = None,
+    output: Annotated[Path, typer.Option(help="Where to write the evaluation (JSON).")] = Path("baseline.json"),
+) -> None:
+    """Train the comparison models on the same budget and evaluate them on every site's test data."""
+    from laulima.baselines import run_baseline
     from laulima.core.spec import load_spec
 
-    spec_file = resources.files("laulima.examples").joinpath("tiny.toml")
-    with resources.as_file(spec_file) as path:
-        spec = load_spec(path)
-    _run_sim(spec, sites, workdir, workdir / "result.json")
+    if mode not in ("central", "local"):
+        raise ConfigurationError(f"--mode {mode!r}: choose central or local", field="mode")
+    spec = load_spec(spec_path)
+    datasets: dict[str, Path] = {}
+    for item in site:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigurationError(f"--site {item!r}: expected NAME=DATASET_DIR", field="site")
+        datasets[name] = Path(path)
+    per_site = spec.rounds * spec.local_steps
+    budget = steps if steps is not None else (per_site * len(datasets) if mode == "central" else per_site)
+    if budget <= 0:
+        raise ConfigurationError("the spec sets no local_steps; give the budget with --steps", field="steps")
+    with console.status(f"{mode} baseline: {budget} optimizer steps per model…"):
+        result = run_baseline(mode, datasets, dict(spec.config), steps=budget, seed=spec.seed)
+    output.write_text(json.dumps(result.to_json(), indent=2))
+    console.print(f"{mode} baseline → {output}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option(help="A model folder written by the demo or `experiment export`.")],
+    input_path: Annotated[Path, typer.Option("--input", help="A NIfTI file or a DICOM series folder.")],
+    output: Annotated[Path, typer.Option(help="The label map to write (.nii.gz).")],
+) -> None:
+    """Segment an image with a trained model."""
+    from laulima.predict import predict as run_predict
+
+    written = run_predict(model, input_path, output)
+    console.print(f"segmentation → {written}")
 
 
 def _run_sim(spec: object, sites: int, workdir: Path, json_out: Path | None) -> None:
     from laulima.core.spec import ExperimentSpec
-    from laulima.reporting import SimProgress, metrics_table
     from laulima.sim import run_simulation
+    from laulima.terminal import SimProgress, metrics_table
 
     assert isinstance(spec, ExperimentSpec)
     console.print(

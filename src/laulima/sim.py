@@ -1,11 +1,15 @@
 """A whole federation on one machine: a hub and N site agents as separate processes.
 
-Everything runs for real — HTTP on loopback, one OS process per party, each with its own
-home folder and database — so what works here works across hospitals.
+Everything runs for real — one OS process per party, each with its own home folder and
+database, and by default the secure path a real federation takes: a throwaway CA under the
+workdir, the hub on HTTPS demanding site certificates, each site enrolled and its bundle
+installed exactly as ``laulima site enroll`` / ``laulima site init BUNDLE`` do, and the
+experiment submitted with a scientist's token. ``tls=False`` runs the loopback token mode.
 """
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import string
@@ -39,9 +43,20 @@ def _write_nothing(dest: Path, index: int, n_sites: int, seed: int) -> None:
     dest.mkdir(parents=True, exist_ok=True)
 
 
+def _brain_writer(task: str) -> DatasetWriter:
+    def write(dest: Path, index: int, n_sites: int, seed: int) -> None:
+        from laulima.imaging import write_site_dataset
+
+        write_site_dataset(dest, task=task, site_index=index, n_sites=n_sites, seed=seed)
+
+    return write
+
+
 #: Datasets the simulation can generate for its sites, by the name a spec uses.
 DEMO_DATASETS: dict[str, DatasetWriter] = {
     "tabular-demo": _write_tabular,
+    "brain-tissue": _brain_writer("brain-tissue"),
+    "brain-tumour": _brain_writer("brain-tumour"),
     "none": _write_nothing,
 }
 
@@ -85,9 +100,14 @@ class LocalFederation:
     seed: int = 0
     dataset_writer: DatasetWriter | None = None
     site_env: dict[str, str] = field(default_factory=dict)
+    tls: bool = field(default_factory=lambda: os.environ.get("LAULIMA_SIM_TLS", "1") != "0")
+    """Mutual TLS with a throwaway CA (the default); False: plain HTTP with tokens on loopback
+    (``LAULIMA_SIM_TLS=0`` sets that for whole runs, e.g. to measure what TLS costs)."""
     hub: HubProcess = field(init=False)
     sites: dict[str, SiteProcess] = field(init=False, default_factory=dict)
     client: Client = field(init=False)
+    """The data scientist's client (a scientist token under TLS)."""
+    operator: Client = field(init=False)
 
     def __enter__(self) -> LocalFederation:
         writer = self.dataset_writer or DEMO_DATASETS.get(self.dataset)
@@ -100,11 +120,14 @@ class LocalFederation:
         if self.n_sites < 1:
             raise ConfigurationError("--sites must be at least 1", field="sites")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.hub = HubProcess(self.workdir / "hub", free_port(), secrets.token_urlsafe(24))
+        ca_dir = self._ca() if self.tls else None
+        self.hub = HubProcess(self.workdir / "hub", free_port(), secrets.token_urlsafe(24), ca_dir=ca_dir)
         self.hub.start()
         try:
             self.hub.wait_ready()
-            self.client = Client(self.hub.url, self.hub.admin_token)
+            self.operator = Client(self.hub.url, self.hub.admin_token, ca_file=self.hub.ca_file)
+            scientist = self.operator.create_token("sim-scientist", "scientist").token if self.tls else None
+            self.client = Client(self.hub.url, scientist or self.hub.admin_token, ca_file=self.hub.ca_file)
             for index, name in enumerate(site_names(self.n_sites)):
                 self._add_site(name, index, writer)
         except BaseException:
@@ -120,13 +143,28 @@ class LocalFederation:
         data_dir = self.workdir / "data" / name / self.dataset
         if not data_dir.exists():
             writer(data_dir, index, self.n_sites, self.seed)
-        token = self.client.register_site(name).token
-        write_site_config(home, name=name, hub_url=self.hub.url, token=token)
+        created = self.operator.register_site(name)  # so "every registered site" includes it at once
+        if self.hub.ca_dir is not None:
+            from laulima.pki.bundle import enroll_site, install_bundle
+
+            bundle = enroll_site(self.hub.ca_dir, name, self.hub.url, self.workdir / "bundles" / f"{name}.laulima-site")
+            install_bundle(bundle, home)
+        else:
+            write_site_config(home, name=name, hub_url=self.hub.url, token=created.token)
         Catalog(home).add(self.dataset, data_dir)
         site = SiteProcess(home, name)
         site.env.update(self.site_env)
         site.start()
         self.sites[name] = site
+
+    def _ca(self) -> Path:
+        """The federation CA of this simulation (created on first use, kept with the workdir)."""
+        from laulima.pki.ca import CertificateAuthority
+
+        ca_dir = self.workdir / "ca"
+        if not (ca_dir / "ca.pem").exists():
+            CertificateAuthority.init(ca_dir, federation="Laulima simulation")
+        return ca_dir
 
     def submit(self, spec: ExperimentSpec) -> ExperimentPublic:
         return self.client.submit(spec.model_dump(mode="json"), initial_weights_bytes(spec))
@@ -157,13 +195,14 @@ class LocalFederation:
             time.sleep(poll_s)
 
     def close(self) -> None:
+        for attr in ("client", "operator"):  # first: an open keep-alive connection delays the hub's exit
+            client = getattr(self, attr, None)
+            if client is not None:
+                client.close()
         for site in self.sites.values():
             site.stop()
         if getattr(self, "hub", None) is not None:
             self.hub.stop()
-        client = getattr(self, "client", None)
-        if client is not None:
-            client.close()
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
