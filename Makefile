@@ -23,7 +23,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/mypy src/laulima/core
+	$(BIN)/mypy src/laulima/core src/laulima/hub src/laulima/pki
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregate.py

@@ -111,6 +111,25 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: Path, title: str, *, legend_columns: int = 1) -> bool:
+    """Common finish of the Dice plots: 0..1 scale, grid, legend, PNG."""
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(axis="y" if legend_columns > 1 else "both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right", ncol=legend_columns)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _integer_rounds(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def _dice_keys(metrics: Mapping[str, float]) -> list[str]:
     return sorted(k for k in metrics if k.startswith("dice_") and k != "dice_mean")
 
@@ -133,16 +152,9 @@ def _plot_rounds(data: ReportData, path: Path) -> bool:
     if locals_:
         best = max(locals_, key=lambda a: a.pooled["dice_mean"])
         ax.axhline(best.pooled["dice_mean"], color="tab:red", ls=":", label=f"best {best.name} (same budget)")
-    ax.set_xlabel("round")
+    _integer_rounds(ax)
     ax.set_ylabel("Dice on all sites' test phantoms")
-    ax.set_ylim(0, 1)
-    ax.set_title("Federated global model, per round")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, "Federated global model, per round")
 
 
 def _plot_sites(data: ReportData, path: Path) -> bool:
@@ -154,16 +166,9 @@ def _plot_sites(data: ReportData, path: Path) -> bool:
     for site in sorted({m.site for m in evals}):
         ms = sorted((m for m in evals if m.site == site), key=lambda m: m.round)
         ax.plot([m.round for m in ms], [m.metrics["dice_mean"] for m in ms], marker=".", label=site)
-    ax.set_xlabel("round")
+    _integer_rounds(ax)
     ax.set_ylabel("mean foreground Dice")
-    ax.set_ylim(0, 1)
-    ax.set_title("Federated global model on each site's test phantoms")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, ax, path, "Federated global model on each site's test phantoms")
 
 
 def _plot_comparison(data: ReportData, path: Path) -> bool:
@@ -178,14 +183,8 @@ def _plot_comparison(data: ReportData, path: Path) -> bool:
         ax.bar([x + i * width for x in range(len(sets))], values, width, label=arm.name)
     ax.set_xticks([x + width * (len(data.arms) - 1) / 2 for x in range(len(sets))], [f"test: {s}" for s in sets])
     ax.set_ylabel("mean foreground Dice")
-    ax.set_ylim(0, 1)
-    ax.set_title("Same optimizer-step budget: federated vs centralized vs local-only")
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, ncol=2, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    title = "Same optimizer-step budget: federated vs centralized vs local-only"
+    return _save(plt, fig, ax, path, title, legend_columns=2)
 
 
 # -- html --------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from laulima.errors import ConfigurationError
+from laulima.pki.layout import CaLayout
 
 __all__ = ["HubSettings", "is_loopback"]
 
@@ -101,24 +102,26 @@ class HubSettings(BaseSettings):
         return self.ca_dir is not None
 
     @property
+    def ca_layout(self) -> CaLayout:
+        if self.ca_dir is None:
+            raise ConfigurationError("this hub has no CA folder (--ca-dir); it runs in token mode", field="ca_dir")
+        return CaLayout(self.ca_dir)
+
+    @property
     def ca_file(self) -> Path:
-        assert self.ca_dir is not None
-        return self.ca_dir / "ca.pem"
+        return self.ca_layout.ca_file
 
     @property
     def tls_cert_file(self) -> Path:
-        assert self.ca_dir is not None
-        return self.ca_dir / "hub.pem"
+        return self.ca_layout.hub_cert_file
 
     @property
     def tls_key_file(self) -> Path:
-        assert self.ca_dir is not None
-        return self.ca_dir / "hub.key"
+        return self.ca_layout.hub_key_file
 
     @property
     def revoked_file(self) -> Path:
-        assert self.ca_dir is not None
-        return self.ca_dir / "revoked.json"
+        return self.ca_layout.revoked_file
 
     @property
     def admin_token_file(self) -> Path:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -113,7 +113,7 @@ def protocol_class() -> type:
     return H11TLSProtocol
 
 
-def peer_cert_der(scope: dict[str, Any]) -> bytes | None:
+def peer_cert_der(scope: Mapping[str, Any]) -> bytes | None:
     """The verified client certificate of this request (DER), or None if none was presented."""
     tls = scope.get("extensions", {}).get(TLS_EXTENSION)
     if not tls:

@@ -215,7 +215,7 @@ def read_into(f: io.RawIOBase | io.BufferedIOBase | BinaryIO, view: memoryview, 
     f.seek(offset)
     done = 0
     while done < len(view):
-        n = f.readinto(view[done:])
+        n = f.readinto(view[done:])  # type: ignore[union-attr]  # binary files opened by us all have it
         if not n:
             raise WeightsError(f"{getattr(f, 'name', 'file')}: ends early; not a valid safetensors file")
         done += n

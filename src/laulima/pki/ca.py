@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -31,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from laulima.errors import ConfigurationError
+from laulima.pki.layout import CaLayout
 
 __all__ = [
     "CA_DAYS",
@@ -180,24 +182,28 @@ class CertificateAuthority:
 
     # -- files ---------------------------------------------------------------------------
     @property
+    def files(self) -> CaLayout:
+        return CaLayout(self.dir)
+
+    @property
     def ca_file(self) -> Path:
-        return self.dir / "ca.pem"
+        return self.files.ca_file
 
     @property
     def hub_cert_file(self) -> Path:
-        return self.dir / "hub.pem"
+        return self.files.hub_cert_file
 
     @property
     def hub_key_file(self) -> Path:
-        return self.dir / "hub.key"
+        return self.files.hub_key_file
 
     @property
     def revoked_file(self) -> Path:
-        return self.dir / "revoked.json"
+        return self.files.revoked_file
 
     @property
     def issued_file(self) -> Path:
-        return self.dir / "issued.json"
+        return self.files.issued_file
 
     @property
     def ca_pem(self) -> bytes:
@@ -429,12 +435,12 @@ class CertificateAuthority:
                 x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(at).build()
             )
         crl = builder.sign(self._key, hashes.SHA256())
-        path = self.dir / "crl.pem"
+        path = self.files.crl_file
         write_private(path, crl.public_bytes(serialization.Encoding.PEM), mode=0o644)
         return path
 
     # -- helpers -------------------------------------------------------------------------
-    def _load_json(self, path: Path) -> dict[str, object]:
+    def _load_json(self, path: Path) -> dict[str, Any]:
         if not path.exists():
             return {}
         return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
