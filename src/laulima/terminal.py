@@ -14,6 +14,9 @@ from laulima.core.protocol import ExperimentPublic, MetricRecord, TaskKind
 
 __all__ = ["SimProgress", "metrics_table", "weighted_mean"]
 
+#: Bookkeeping values algorithms report that do not belong in a results table.
+HIDDEN_METRICS = frozenset({"held_out_test", "steps"})
+
 
 def weighted_mean(records: list[MetricRecord]) -> dict[str, float]:
     """Sample-weighted mean of each metric over ``records``."""
@@ -32,8 +35,10 @@ def metrics_table(metrics: list[MetricRecord], *, last_round_only: bool = False)
     if last_round_only and evals:
         last = max(m.round for m in evals)
         evals = [m for m in evals if m.round == last]
-    keys = sorted({k for m in evals for k in m.metrics})
-    table = Table("round", "site", "n", *keys, title="evaluation of the global model")
+    keys = sorted({k for m in evals for k in m.metrics} - HIDDEN_METRICS)
+    headers = [k.removeprefix("dice_").replace("_", " ") for k in keys]
+    title = "evaluation of the global model" + (" (Dice)" if any(k.startswith("dice_") for k in keys) else "")
+    table = Table("round", "site", "n", *headers, title=title)
     by_round: dict[int, list[MetricRecord]] = defaultdict(list)
     for m in evals:
         by_round[m.round].append(m)
