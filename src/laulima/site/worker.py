@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from laulima.algorithms.base import Algorithm, Evaluation, SiteContext, TrainConfig, Update, load_algorithm
-from laulima.core.weights import SAFETENSORS_DTYPES, Weights, check_finite, check_matches, schema_of
+from laulima.core.weights import Weights, check_finite, check_matches, safetensors_chunks, schema_of
 from laulima.errors import AlgorithmError, LaulimaError, WeightsError
 from laulima.site._fs import write_atomic
 
@@ -193,47 +193,23 @@ def _metrics(metrics: object, *, where: str) -> dict[str, float]:
 
 
 def write_safetensors(path: Path, weights: Weights, metadata: dict[str, str]) -> tuple[str, int]:
-    """Write ``weights`` as safetensors straight from the arrays' memory; return (sha256, size).
-
-    ``safetensors.numpy.save`` copies every tensor twice into a bytes object first; for a
-    100 MB model that costs more than the write itself. Written to a temporary file, then
-    renamed, so ``path`` is complete or absent.
-    """
-    arrays = {name: _little_endian(weights[name]) for name in sorted(weights)}
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, array in arrays.items():
-        try:
-            dtype = _ST_DTYPES[array.dtype.name]
-        except KeyError as exc:
-            raise WeightsError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot carry") from exc
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
-        offset += array.nbytes
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)
-    prefix = len(head).to_bytes(8, "little") + head
-    digest = hashlib.sha256(prefix)
+    """Write ``weights`` as safetensors straight from the arrays' memory, hashing as it goes;
+    return (sha256, size). Written to a temporary file, then renamed, so ``path`` is complete
+    or absent."""
+    digest = hashlib.sha256()
+    size = 0
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            fh.write(prefix)
-            for array in arrays.values():
-                view = array.reshape(-1).data.cast("B")
-                digest.update(view)
-                fh.write(view)
+            for chunk in safetensors_chunks(weights, metadata):
+                digest.update(chunk)
+                fh.write(chunk)
+                size += len(chunk) if isinstance(chunk, bytes) else chunk.nbytes
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return digest.hexdigest(), len(prefix) + offset
-
-
-_ST_DTYPES = {numpy_name: st_name for st_name, numpy_name in SAFETENSORS_DTYPES.items()}
-
-
-def _little_endian(array: np.ndarray) -> np.ndarray:
-    out = np.asarray(array, dtype=array.dtype.newbyteorder("<"))
-    return out if out.flags.c_contiguous else out.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
+    return digest.hexdigest(), size
 
 
 def _load_weights(path: Path) -> Weights:
