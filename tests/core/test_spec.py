@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 
-from laulima.core.spec import ExperimentSpec, StrategySpec, load_spec, parse_spec
+from laulima.core.spec import (
+    CONFIG_MAX_BYTES,
+    CONFIG_MAX_DEPTH,
+    MAX_SITES,
+    ExperimentSpec,
+    StrategySpec,
+    load_spec,
+    parse_spec,
+)
 from laulima.errors import ConfigurationError, SpecError
 
 VALID = """\
@@ -168,3 +177,183 @@ def test_spec_is_frozen(tmp_path: Path) -> None:
     spec = load_spec(write(tmp_path, VALID))
     with pytest.raises(ValueError, match="frozen"):
         spec.rounds = 3  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- numbers: finite and bounded
+
+MINIMAL = {"name": "x", "algorithm": "a.b:C", "dataset": "d", "rounds": 1}
+
+
+def with_field(path: str, value: object) -> dict[str, object]:
+    """MINIMAL with ``value`` at the dotted ``path`` (``strategy.tau`` sets a nested table)."""
+    data: dict[str, object] = {**MINIMAL}
+    head, _, tail = path.partition(".")
+    data[head] = {tail: value} if tail else value
+    return data
+
+
+NUMBER_FIELDS = [
+    "rounds",
+    "local_epochs",
+    "local_steps",
+    "min_sites",
+    "round_timeout_s",
+    "task_timeout_s",
+    "max_update_norm",
+    "max_samples_per_site",
+    "seed",
+    "strategy.proximal_mu",
+    "strategy.server_lr",
+    "strategy.beta_1",
+    "strategy.beta_2",
+    "strategy.tau",
+    "strategy.trim_fraction",
+    "evaluation.every",
+]
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+@pytest.mark.parametrize("field", NUMBER_FIELDS)
+def test_every_number_must_be_finite(field: str, value: float) -> None:
+    # What Python's JSON parser makes of Infinity / NaN in a request body.
+    with pytest.raises(SpecError) as info:
+        parse_spec(with_field(field, value), source="experiment spec")
+    assert str(info.value).startswith(f"experiment spec: field '{field}': ")
+    assert "finite number" in str(info.value) or "greater than" in str(info.value)
+    assert info.value.context["field"] == field
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("round_timeout_s", 7 * 24 * 3600 + 1, "less than or equal to 604800"),
+        ("task_timeout_s", 1e9, "less than or equal to 604800"),
+        ("local_epochs", 10**6, "less than or equal to 100000"),
+        ("local_steps", 10**9, "less than or equal to 100000000"),
+        ("min_sites", 1001, "less than or equal to 1000"),
+        ("seed", 2**63, "less than or equal to 9223372036854775807"),
+        ("seed", -1, "greater than or equal to 0"),
+        ("max_update_norm", 1e300, "less than or equal to 1" + "0" * 30),
+        ("max_samples_per_site", 0, "greater than or equal to 1"),
+        ("max_samples_per_site", 10**9 + 1, "less than or equal to 1000000000"),
+        ("strategy.server_lr", 1e6, "less than or equal to 1000"),
+        ("strategy.proximal_mu", 1e9, "less than or equal to 10000"),
+        ("strategy.tau", 1e-300, "greater than or equal to 0.000000000001"),
+        ("evaluation.every", 10**6, "less than or equal to 100000"),
+    ],
+)
+def test_numbers_are_bounded(field: str, value: float, reason: str) -> None:
+    with pytest.raises(SpecError, match=rf"field '{re.escape(field)}': .*{re.escape(reason)}"):
+        parse_spec(with_field(field, value))
+
+
+def test_max_samples_per_site_is_optional_and_kept() -> None:
+    assert parse_spec(MINIMAL).max_samples_per_site is None
+    assert parse_spec({**MINIMAL, "max_samples_per_site": 250}).max_samples_per_site == 250
+
+
+@pytest.mark.parametrize("literal", ["inf", "-inf", "nan", "+inf"])
+def test_toml_inf_and_nan_name_file_and_field(tmp_path: Path, literal: str) -> None:
+    path = write(tmp_path, replace_line(VALID, "round_timeout_s", f"round_timeout_s = {literal}"))
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"{path}: field 'round_timeout_s': ")
+    assert info.value.context == {"file": str(path), "field": "round_timeout_s"}
+
+
+# --------------------------------------------------------------------------- sites
+
+
+def test_at_most_max_sites_are_listed() -> None:
+    names = [f"site-{i}" for i in range(MAX_SITES)]
+    assert len(parse_spec({**MINIMAL, "sites": names}).sites) == MAX_SITES
+    with pytest.raises(SpecError, match=r"field 'sites': List should have at most 1000 items"):
+        parse_spec({**MINIMAL, "sites": [*names, "one-more"]})
+
+
+def test_thirty_thousand_sites_are_refused_by_their_number() -> None:
+    with pytest.raises(SpecError, match=r"field 'sites': List should have at most 1000 items .* not 30000"):
+        parse_spec({**MINIMAL, "sites": [f"site-{i}" for i in range(30_000)]})
+
+
+def test_duplicates_are_found_among_many_sites() -> None:
+    names = [f"site-{i}" for i in range(MAX_SITES - 2)] + ["site-7", "site-500"]
+    with pytest.raises(SpecError, match=r"listed twice: site-500, site-7$"):
+        parse_spec({**MINIMAL, "sites": names})
+
+
+# --------------------------------------------------------------------------- config
+
+
+def nested(depth: int, leaf: object = 1) -> object:
+    """``{"a": {"a": ... leaf}}`` with ``depth`` tables (built without recursion)."""
+    value = leaf
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+def test_config_nesting_limit_is_exact() -> None:
+    # The config table itself is the first level.
+    parse_spec({**MINIMAL, "config": nested(CONFIG_MAX_DEPTH)})
+    with pytest.raises(SpecError, match=rf"nested deeper than {CONFIG_MAX_DEPTH} levels") as info:
+        parse_spec({**MINIMAL, "config": nested(CONFIG_MAX_DEPTH + 1)})
+    assert info.value.context["field"] == "config" + ".a" * CONFIG_MAX_DEPTH
+
+
+@pytest.mark.parametrize("depth", [900, 3000, 100_000])
+def test_deep_config_is_refused_without_recursion(depth: int) -> None:
+    with pytest.raises(SpecError, match=r"field 'config(\.a)+': nested deeper than 32 levels"):
+        parse_spec({**MINIMAL, "config": nested(depth)}, source="experiment spec")
+
+
+def test_deep_lists_in_config_are_refused() -> None:
+    value: object = 1
+    for _ in range(5000):
+        value = [value]
+    with pytest.raises(SpecError, match=r"field 'config\.x(\[0\])+': nested deeper than 32"):
+        parse_spec({**MINIMAL, "config": {"x": value}})
+
+
+@pytest.mark.parametrize(
+    ("config", "field", "reason"),
+    [
+        ({"lr": float("nan")}, "config.lr", "is nan; every number in a spec must be finite"),
+        ({"opt": {"betas": [0.9, float("inf")]}}, "config.opt.betas[1]", "is inf"),
+        ({"big": 2**63}, "config.big", "integer outside the 64-bit range"),
+        ({"blob": "x" * (CONFIG_MAX_BYTES + 1)}, "config.blob", "a string longer than 64 KiB"),
+        ({"text": "\u2603" * (CONFIG_MAX_BYTES // 2)}, "config", "larger than 64 KiB as JSON"),
+        ({f"k{i}": "y" * 100 for i in range(1000)}, "config", "larger than 64 KiB as JSON"),
+        ({"s": {1, 2}}, "config.s", "is a set"),
+        ({"nested": {3: "x"}}, "config.nested", "key 3 that is not a string"),
+    ],
+)
+def test_config_values_are_finite_bounded_and_plain(config: dict[str, object], field: str, reason: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({**MINIMAL, "config": config}, source="experiment spec")
+    assert str(info.value).startswith(f"experiment spec: field '{field}': ")
+    assert reason in str(info.value)
+    assert info.value.context["field"] == field
+
+
+def test_config_keeps_plain_values_and_toml_dates(tmp_path: Path) -> None:
+    text = VALID + 'schedule = [1, 2.5, "x", true]\nwhen = 2024-01-02\n[config.optimizer]\nname = "adam"\n'
+    spec = load_spec(write(tmp_path, text))
+    assert spec.config["schedule"] == [1, 2.5, "x", True]
+    assert spec.config["optimizer"] == {"name": "adam"}
+    assert str(spec.config["when"]) == "2024-01-02"
+
+
+def test_toml_nested_too_deeply_for_the_parser_names_the_file(tmp_path: Path) -> None:
+    text = 'name = "x"\nalgorithm = "a.b:C"\ndataset = "d"\nrounds = 1\nconfig = ' + "{a = " * 3000 + "1" + "}" * 3000
+    path = write(tmp_path, text + "\n")
+    with pytest.raises(SpecError, match=r"nested too deeply") as info:
+        load_spec(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_toml_dotted_keys_nested_too_deeply_name_the_field(tmp_path: Path) -> None:
+    text = 'name = "x"\nalgorithm = "a.b:C"\ndataset = "d"\nrounds = 1\n[config]\n' + ".".join(["a"] * 3000) + " = 1\n"
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError, match=r"field 'config(\.a)+': nested deeper than 32 levels"):
+        load_spec(path)

@@ -25,7 +25,7 @@ from laulima.core.strategies import (
 from laulima.core.strategies._checks import check_aggregation
 from laulima.core.strategies._fold import weighted_mean_into
 from laulima.core.strategies.fedavg import weighted_means
-from laulima.core.weights import TensorSpec, from_safetensors, schema_of, to_safetensors
+from laulima.core.weights import TensorSpec, check_weights_finite, from_safetensors, schema_of, to_safetensors
 from laulima.errors import ConfigurationError, DataError, WeightsError
 
 # --------------------------------------------------------------------------- helpers
@@ -105,7 +105,7 @@ def test_fedavg_hand_computed() -> None:
     # w: 1/4 * [1, 2] + 3/4 * [5, 6] = [4, 5];  b: 1/4 * 4 + 3/4 * 0 = 1
     np.testing.assert_allclose(new["w"], [4.0, 5.0], rtol=1e-6)
     np.testing.assert_allclose(new["b"], [1.0], rtol=1e-6)
-    # float16 averages in float32: 1/4 * [1, 2] + 3/4 * [3, 2] = [2.5, 2]
+    # float16 averages in float64: 1/4 * [1, 2] + 3/4 * [3, 2] = [2.5, 2]
     np.testing.assert_array_equal(new["h"], np.array([2.5, 2.0], np.float16))
     # integers: 1/4 * 10 + 3/4 * 30 = 25
     assert new["num_batches_tracked"] == 25
@@ -595,3 +595,155 @@ def test_public_names() -> None:
 def test_schema_of_helper_agrees_with_checks() -> None:
     global_weights, results = two_sites()
     assert check_aggregation("fedavg", global_weights, results) == schema_of(global_weights)
+
+
+# --------------------------------------------------------------------------- overflow from finite inputs
+
+F32_MAX = float(np.finfo(np.float32).max)
+STRATEGY_CLASSES: list[type[Strategy]] = [FedAvg, FedProx, FedAdam, FedYogi, FedMedian, TrimmedMean]
+
+
+def float32_round(values: list[float], counts: list[int]) -> tuple[dict[str, np.ndarray], list[FitResult]]:
+    g = {"x": np.zeros(2, np.float32)}
+    results = [
+        FitResult(f"s{i}", {"x": np.array([v, -v], np.float32)}, c)
+        for i, (v, c) in enumerate(zip(values, counts, strict=True))
+    ]
+    return g, results
+
+
+def exact_mean(values: list[float], counts: list[int]) -> float:
+    """The weighted mean in exact rational arithmetic (float32 inputs are exact binary fractions)."""
+    from fractions import Fraction
+
+    total = sum(Fraction(float(np.float32(v))) * c for v, c in zip(values, counts, strict=True))
+    return float(total / sum(counts))
+
+
+@pytest.mark.parametrize(
+    ("values", "counts"),
+    [
+        ([1e21, 1.0], [10**18, 1]),  # Horner rescaling in float32 reached 1e39
+        ([1.0, 1e21], [1, 10**18]),
+        ([3e38, 3e38], [1, 1]),  # the plain sum in float32 is inf
+        ([3e38, 3e38], [1, 3]),
+        ([F32_MAX] * 20, list(range(1, 21))),
+        ([F32_MAX, -F32_MAX, F32_MAX], [10**18, 1, 10**18]),
+        ([3e38, 1e-30, 2e38], [7, 10**18, 1]),
+    ],
+)
+@pytest.mark.parametrize("cls", [FedAvg, FedProx])
+def test_weighted_averages_do_not_overflow_on_finite_float32(
+    cls: type[FedAvg], values: list[float], counts: list[int]
+) -> None:
+    g, results = float32_round(values, counts)
+    new = cls().aggregate(g, results)["x"]
+    assert new.dtype == np.float32 and np.isfinite(new).all()
+    expected = exact_mean(values, counts)
+    np.testing.assert_allclose(new, [expected, -expected], rtol=1e-6)
+    check_weights_finite({"x": new})
+
+
+def test_weighted_average_is_independent_of_result_order() -> None:
+    rng = np.random.default_rng(12)
+    global_weights, results = random_round(rng, 6)
+    results = [FitResult(r.site, r.weights, n) for r, n in zip(results, [5, 10**12, 1, 70, 3, 900], strict=True)]
+    first = FedAvg().aggregate(global_weights, results)
+    again = FedAvg().aggregate(global_weights, list(reversed(results)))
+    for key in first:
+        np.testing.assert_array_equal(first[key], again[key])
+
+
+def test_float16_averages_at_the_top_of_its_range() -> None:
+    top = float(np.finfo(np.float16).max)
+    g = {"h": np.zeros(3, np.float16)}
+    results = [FitResult(f"s{i}", {"h": np.full(3, top, np.float16)}, c) for i, c in enumerate([10**18, 1, 5])]
+    for cls in STRATEGY_CLASSES:
+        new = cls().aggregate(g, results)["h"]
+        assert new.dtype == np.float16 and np.isfinite(new).all()
+        if cls not in (FedAdam, FedYogi):  # the averages; the optimizers take one bounded step
+            np.testing.assert_array_equal(new, np.full(3, top, np.float16))
+
+
+@pytest.mark.parametrize("values", [[3e38, 3e38], [F32_MAX, F32_MAX, -F32_MAX, F32_MAX], [3e38, 2e38, 3e38]])
+def test_fedmedian_does_not_overflow_between_the_middle_pair(values: list[float]) -> None:
+    g, results = float32_round(values, [1] * len(values))
+    new = FedMedian().aggregate(g, results)["x"]
+    expected = float(np.median(np.array(values, np.float64)))
+    np.testing.assert_allclose(new, [expected, -expected], rtol=1e-7)
+    assert np.isfinite(new).all()
+
+
+@pytest.mark.parametrize("trim", [0.0, 0.2, 0.4])
+def test_trimmed_mean_does_not_overflow(trim: float) -> None:
+    values = [3e38, F32_MAX, 2.5e38, 3.1e38, F32_MAX]
+    g, results = float32_round(values, [1] * 5)
+    new = TrimmedMean(trim).aggregate(g, results)["x"]
+    k = TrimmedMean(trim).trimmed(5)
+    expected = statistics.fmean(sorted(float(np.float32(v)) for v in values)[k : 5 - k])
+    np.testing.assert_allclose(new, [expected, -expected], rtol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [FedAdam, FedYogi])
+def test_fedopt_does_not_overflow_on_finite_float32(cls: type[FedAdam] | type[FedYogi]) -> None:
+    # delta = 6e38 (beyond float32) and delta**2 = 3.6e77: both overflowed float32 moments.
+    strategy = cls(server_lr=0.1, beta_1=0.9, beta_2=0.99, tau=1e-3)
+    g = {"x": np.array([-3e38, 0.0], np.float32)}
+    results = [FitResult(s, {"x": np.array([3e38, 1e30], np.float32)}, n) for s, n in (("a", 10**18), ("b", 1))]
+    x = np.asarray(g["x"], np.float64)
+    m, v = np.zeros(2), np.full(2, 1e-6)
+    for _ in range(3):
+        new = strategy.aggregate(g, results)
+        assert new["x"].dtype == np.float32 and np.isfinite(new["x"]).all()
+        mean = np.array([exact_mean([3e38, 3e38], [10**18, 1]), exact_mean([1e30, 1e30], [10**18, 1])])
+        expected, m, v = numpy_fedopt_with(cls.name, x, mean, m, v, eta=0.1, b1=0.9, b2=0.99, tau=1e-3)
+        np.testing.assert_allclose(new["x"], expected, rtol=1e-6)
+        g, x = new, np.asarray(new["x"], np.float64)
+    state = strategy.state_dict()
+    assert state["m/x"].dtype == state["v/x"].dtype == np.float64
+    assert all(np.isfinite(a).all() for a in state.values())
+
+
+def numpy_fedopt_with(
+    kind: str, x: np.ndarray, mean: np.ndarray, m: np.ndarray, v: np.ndarray, **p: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    eta, b1, b2, tau = p["eta"], p["b1"], p["b2"], p["tau"]
+    delta = mean - x
+    m = b1 * m + (1 - b1) * delta
+    if kind == "fedadam":
+        v = b2 * v + (1 - b2) * delta**2
+    else:
+        v = v - (1 - b2) * delta**2 * np.sign(v - delta**2)
+    return x + eta * m / (np.sqrt(v) + tau), m, v
+
+
+@pytest.mark.parametrize("cls", STRATEGY_CLASSES, ids=lambda c: c.name)
+def test_no_strategy_overflows_on_random_float32_near_its_limit(cls: type[Strategy]) -> None:
+    rng = np.random.default_rng(13)
+    shape = (64, 33)
+    g = {"w": np.zeros(shape, np.float32), "n": np.zeros((), np.int64)}
+    results = [
+        FitResult(
+            f"s{i:02d}",
+            {"w": (rng.uniform(-1, 1, shape) * F32_MAX).astype(np.float32), "n": np.array(i, np.int64)},
+            int(rng.choice([1, 7, 10**9, 10**18])),
+        )
+        for i in range(9)
+    ]
+    new = cls().aggregate(g, results)
+    check_weights_finite(new)  # raises WeightsError naming the tensor otherwise
+    assert new["w"].dtype == np.float32
+
+
+def test_fedopt_widens_moments_saved_in_float32() -> None:
+    global_weights, results = random_round(np.random.default_rng(14), 3)
+    saved = FedAdam()
+    saved.aggregate(global_weights, results)
+    old = {k: a.astype(np.float32) for k, a in saved.state_dict().items()}  # as checkpoints were
+    restored = FedAdam()
+    restored.load_state_dict(old)
+    new = restored.aggregate(global_weights, results)
+    assert {a.dtype for a in restored.state_dict().values()} == {np.dtype(np.float64)}
+    expected = saved.aggregate(global_weights, results)
+    for key in new:
+        np.testing.assert_allclose(new[key], expected[key], rtol=1e-5)

@@ -59,3 +59,14 @@ def test_an_unreachable_hub_is_a_clear_transport_error(tmp_path):
     run = laulima("experiment", "list", "--hub", "http://127.0.0.1:9", "--token", "t", cwd=tmp_path, timeout=30)
     assert run.returncode == 5
     assert "unreachable" in run.stderr
+
+
+@pytest.mark.parametrize("literal", ["inf", "nan"])
+def test_a_non_finite_number_in_a_spec_is_one_line_naming_file_and_field(tmp_path, literal):
+    bad = tmp_path / "spec.toml"
+    bad.write_text(f'name = "x"\nalgorithm = "a.b:C"\ndataset = "d"\nrounds = 1\nround_timeout_s = {literal}\n')
+    run = laulima("experiment", "submit", str(bad), "--hub", "http://127.0.0.1:9", "--token", "t", cwd=tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "Traceback" not in run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert line == f"error: {bad}: field 'round_timeout_s': Input should be a finite number"

@@ -2,39 +2,74 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
+import math
 import tomllib
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from laulima.core.protocol import N_SAMPLES_MAX
 from laulima.errors import SpecError
 
-__all__ = ["EvaluationSpec", "ExperimentSpec", "StrategySpec", "load_spec", "parse_spec"]
+__all__ = [
+    "CONFIG_MAX_BYTES",
+    "CONFIG_MAX_DEPTH",
+    "MAX_SITES",
+    "MAX_TIMEOUT_S",
+    "EvaluationSpec",
+    "ExperimentSpec",
+    "StrategySpec",
+    "load_spec",
+    "parse_spec",
+]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
+MAX_SITES = 1000
+"""Most sites one spec may list (and the largest quorum it may ask for)."""
+
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+"""Longest round or task time limit: a week. Longer is a typo, and a deadline that far out
+keeps the round's tasks and blobs alive for nothing."""
+
+CONFIG_MAX_DEPTH = 32
+"""Deepest nesting of tables and lists in ``config``: deeper data only exercises recursion
+in every reader (the JSON encoder, pydantic's serializer, the algorithm)."""
+
+CONFIG_MAX_BYTES = 64 * 1024
+"""Largest ``config`` as JSON: it is copied into every task the hub hands out."""
+
+_INT64 = 2**63 - 1
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float of a spec is finite (inf and nan are valid TOML and
+    # Python's JSON parser reads Infinity/NaN; either would break JSON encoding of the tasks).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class StrategySpec(_Strict):
     """Which strategy aggregates the updates, and its parameters (see core.strategies)."""
 
     name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed_mean"] = "fedavg"
-    proximal_mu: Annotated[float, Field(ge=0)] = 0.01
-    server_lr: Annotated[float, Field(gt=0)] = 0.1
+    proximal_mu: Annotated[float, Field(ge=0, le=1e4)] = 0.01
+    server_lr: Annotated[float, Field(gt=0, le=1e3)] = 0.1
     beta_1: Annotated[float, Field(ge=0, lt=1)] = 0.9
     beta_2: Annotated[float, Field(ge=0, lt=1)] = 0.99
-    tau: Annotated[float, Field(gt=0)] = 1e-3
+    tau: Annotated[float, Field(ge=1e-12, le=1e3)] = 1e-3
+    """Adaptivity floor; at least 1e-12 so ``tau**2`` stays a normal float64."""
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
 
 
 class EvaluationSpec(_Strict):
     """When the global model is evaluated on every site's validation split."""
 
-    every: Annotated[int, Field(ge=0)] = 1
+    every: Annotated[int, Field(ge=0, le=100_000)] = 1
     """Evaluate after every N-th round; 0 evaluates only the final model."""
     final: bool = True
 
@@ -47,19 +82,22 @@ class ExperimentSpec(_Strict):
     """Entry point ``package.module:Class`` of a ``laulima.Algorithm``."""
     dataset: Annotated[str, Field(pattern=_NAME)]
     """Name under which each site registered its local dataset."""
-    sites: list[Annotated[str, Field(pattern=_NAME)]] = []
+    sites: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(max_length=MAX_SITES)] = []
     """Sites that take part; empty means every site registered when the experiment starts."""
     rounds: Annotated[int, Field(ge=1, le=100_000)]
-    local_epochs: Annotated[int, Field(ge=0)] = 1
-    local_steps: Annotated[int, Field(ge=0)] = 0
+    local_epochs: Annotated[int, Field(ge=0, le=100_000)] = 1
+    local_steps: Annotated[int, Field(ge=0, le=100_000_000)] = 0
     """Optimizer steps per round; when > 0 it replaces local_epochs."""
-    min_sites: Annotated[int, Field(ge=1)] = 1
-    round_timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    task_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    min_sites: Annotated[int, Field(ge=1, le=MAX_SITES)] = 1
+    round_timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] = 600.0
+    task_timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = None
     """Time limit for one algorithm run at a site; defaults to round_timeout_s."""
-    max_update_norm: Annotated[float, Field(gt=0)] | None = None
+    max_update_norm: Annotated[float, Field(gt=0, le=1e30)] | None = None
     """Refuse updates whose L2 distance to the global model exceeds this."""
-    seed: int = 0
+    max_samples_per_site: Annotated[int, Field(ge=1, le=N_SAMPLES_MAX)] | None = None
+    """Cap on the ``n_samples`` one site may claim for one update (its weight in FedAvg);
+    None: only the hub's own bounds apply (N_SAMPLES_MAX, the cases a site reported)."""
+    seed: Annotated[int, Field(ge=0, le=_INT64)] = 0
     strategy: StrategySpec = StrategySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     config: dict[str, Any] = {}
@@ -68,10 +106,22 @@ class ExperimentSpec(_Strict):
     @field_validator("sites")
     @classmethod
     def _unique_sites(cls, sites: list[str]) -> list[str]:
-        dup = sorted({s for s in sites if sites.count(s) > 1})
+        dup = sorted(name for name, n in Counter(sites).items() if n > 1)
         if dup:
             raise ValueError(f"site(s) listed twice: {', '.join(dup)}")
         return sites
+
+    @field_validator("config", mode="before")
+    @classmethod
+    def _bounded_config(cls, config: Any) -> Any:
+        # mode="before": runs on the raw value, before anything walks it recursively.
+        problem = config_problem(config)
+        if problem is not None:
+            path, reason = problem
+            if len(path) > 200:  # 32 levels of long keys: keep the message readable
+                path = f"{path[:100]}...{path[-80:]}"
+            raise PydanticCustomError("config_invalid", "{reason}", {"path": path, "reason": reason})
+        return config
 
     @model_validator(mode="after")
     def _quorum_possible(self) -> ExperimentSpec:
@@ -87,18 +137,70 @@ class ExperimentSpec(_Strict):
         return self.task_timeout_s if self.task_timeout_s is not None else self.round_timeout_s
 
 
+def config_problem(config: Any) -> tuple[str, str] | None:
+    """``(path, reason)`` of the first thing wrong with a ``config`` table, or None.
+
+    Iterative (an explicit stack, no recursion), so a table nested thousands deep is refused
+    in O(size) instead of crashing whatever walks it first. Values must be what TOML and
+    JSON carry: tables with string keys, lists, strings, booleans, finite floats, integers
+    within int64 (and TOML's dates and times).
+    """
+    if not isinstance(config, dict):
+        return "config", f"must be a table of parameters, got {type(config).__name__}"
+    size = 0
+    stack: list[tuple[str, Any, int]] = [("config", config, 1)]
+    while stack:
+        path, value, depth = stack.pop()
+        if isinstance(value, dict | list | tuple):
+            if depth > CONFIG_MAX_DEPTH:
+                return path, f"nested deeper than {CONFIG_MAX_DEPTH} levels; flatten the parameters"
+            if isinstance(value, dict):
+                for key, item in value.items():
+                    if not isinstance(key, str):
+                        return path, f"has a key {key!r} that is not a string"
+                    size += len(key) + 4
+                    stack.append((f"{path}.{key}", item, depth + 1))
+            else:
+                stack.extend((f"{path}[{i}]", item, depth + 1) for i, item in enumerate(value))
+            size += 2
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                return path, f"is {value}; every number in a spec must be finite"
+        elif isinstance(value, int):  # bool included
+            if not -_INT64 - 1 <= value <= _INT64:
+                return path, "is an integer outside the 64-bit range"
+        elif isinstance(value, str):
+            if len(value) > CONFIG_MAX_BYTES:
+                return path, f"is a string longer than {CONFIG_MAX_BYTES // 1024} KiB; pass large data as a file"
+            size += len(value)
+        elif value is not None and not isinstance(value, dt.date | dt.time):  # datetime is a date
+            return path, f"is a {type(value).__name__}; use numbers, strings, booleans, lists and tables"
+        size += 1
+        if size > CONFIG_MAX_BYTES:  # stop early; the exact size is measured below
+            break
+    encoded = size if size > CONFIG_MAX_BYTES else len(json.dumps(config, default=str).encode("utf-8"))
+    if encoded > CONFIG_MAX_BYTES:
+        return "config", f"is larger than {CONFIG_MAX_BYTES // 1024} KiB as JSON; pass large data as a file"
+    return None
+
+
 def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> ExperimentSpec:
     """Validate a spec mapping; the first error names ``source`` and the field."""
     try:
         return ExperimentSpec.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        field = str((err.get("ctx") or {}).get("path") or ".".join(str(p) for p in err["loc"]) or "(top level)")
         reason = err["msg"]
         if err["type"] == "extra_forbidden":
             reason = "unknown field; check its spelling against docs/architecture.md"
         more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
         raise SpecError(f"{source}: field '{field}': {reason}{more}", file=source, field=field) from exc
+    except RecursionError:
+        raise SpecError(
+            f"{source}: the spec is nested too deeply to read; config allows {CONFIG_MAX_DEPTH} levels",
+            file=source,
+        ) from None
 
 
 def load_spec(path: str | Path) -> ExperimentSpec:
@@ -112,4 +214,9 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise SpecError(f"{path}: cannot read the spec file ({exc})", file=str(path)) from exc
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}", file=str(path)) from exc
+    except RecursionError:  # tomllib reads inline tables and arrays recursively
+        raise SpecError(
+            f"{path}: tables or arrays nested too deeply to read; config allows {CONFIG_MAX_DEPTH} levels",
+            file=str(path),
+        ) from None
     return parse_spec(data, source=str(path))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -18,14 +19,21 @@ from safetensors.numpy import load as _st_load
 from laulima.errors import WeightsError
 
 __all__ = [
+    "MAX_TENSOR_DIMS",
+    "MAX_TENSOR_NAME",
     "SAFETENSORS_DTYPES",
+    "SAFETENSORS_HEADER_MAX",
+    "SafetensorsHeader",
     "TensorSpec",
     "Weights",
     "WeightsSchema",
     "check_finite",
     "check_matches",
+    "check_weights_finite",
     "from_safetensors",
     "parse_safetensors_header",
+    "read_safetensors_header",
+    "safetensors_header_length",
     "safetensors_chunks",
     "schema_of",
     "sha256_hex",
@@ -48,6 +56,18 @@ SAFETENSORS_DTYPES: dict[str, str] = {
 }
 _ST_DTYPE_OF: dict[str, str] = {numpy_name: st_name for st_name, numpy_name in SAFETENSORS_DTYPES.items()}
 
+SAFETENSORS_HEADER_MAX = 16 * 1024 * 1024
+"""Largest JSON header of any safetensors file Laulima reads. A 3D U-Net's is a few KiB; a
+header is parsed whole into Python objects (about 20x its size), so this bounds that cost."""
+
+MAX_TENSOR_DIMS = 16
+"""Most dimensions a tensor may have (models use at most 5 or 6)."""
+
+MAX_TENSOR_NAME = 1024
+"""Longest tensor name, in characters."""
+
+_INT64_MAX = 2**63 - 1
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -58,7 +78,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize  # exact: no int64 wrap-around
 
 
 WeightsSchema = dict[str, TensorSpec]
@@ -133,38 +153,172 @@ def from_safetensors(data: bytes, *, where: str = "weights") -> Weights:
         ) from exc
 
 
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """Everything the JSON header of a safetensors file says, checked, from one parse."""
+
+    schema: WeightsSchema
+    metadata: dict[str, str]
+    offsets: dict[str, tuple[int, int]]
+    """Each tensor's ``[begin, end)`` in the data section (relative to ``data_start``)."""
+    data_start: int
+    """File offset of the data section: 8 + the header's length."""
+
+
+def safetensors_header_length(
+    head: bytes, *, where: str = "weights", limit: int = SAFETENSORS_HEADER_MAX, limit_reason: str | None = None
+) -> int:
+    """The JSON header's length, from the file's first 8 bytes; refused above ``limit``
+    (``limit_reason`` says where that limit comes from) before a byte of it is read."""
+    if len(head) < 8:
+        raise WeightsError(f"{where}: truncated safetensors header; not a valid safetensors file", where=where)
+    (n,) = struct.unpack("<Q", head[:8])
+    limit = min(limit, SAFETENSORS_HEADER_MAX)
+    if n > limit:
+        why = f" ({limit_reason})" if limit_reason else ""
+        raise WeightsError(
+            f"{where}: safetensors header of {n} bytes is above the limit of {limit} bytes{why}; "
+            "send weights serialized with laulima.core.weights.to_safetensors",
+            where=where,
+        )
+    return int(n)
+
+
+def read_safetensors_header(
+    head: bytes, *, where: str = "weights", limit: int = SAFETENSORS_HEADER_MAX, limit_reason: str | None = None
+) -> SafetensorsHeader:
+    """Parse and check the header at the start of ``head`` (8-byte length + JSON).
+
+    Refuses, with ``WeightsError`` naming ``where`` and the entry: a header above ``limit``,
+    JSON nested too deeply, ``__metadata__`` that is not a table of strings, tensor names
+    longer than MAX_TENSOR_NAME, unknown dtypes, shapes with more than MAX_TENSOR_DIMS
+    dimensions or dimensions outside int64, byte sizes beyond int64, ``data_offsets`` that
+    are not two integers spanning exactly the tensor's bytes. Offsets are not compared with
+    the file's size here: the caller knows it.
+    """
+    n = safetensors_header_length(head, where=where, limit=limit, limit_reason=limit_reason)
+    if len(head) < 8 + n:
+        raise WeightsError(f"{where}: truncated safetensors header; not a valid safetensors file", where=where)
+    try:
+        header = json.loads(head[8 : 8 + n])
+    except RecursionError:
+        raise WeightsError(
+            f"{where}: safetensors header is nested too deeply; not a valid safetensors file", where=where
+        ) from None
+    except ValueError as exc:  # also UnicodeDecodeError
+        raise WeightsError(f"{where}: safetensors header is not JSON ({exc})", where=where) from exc
+    if not isinstance(header, dict):
+        raise WeightsError(f"{where}: safetensors header is not an object", where=where)
+    metadata = _header_metadata(header.pop("__metadata__", None), where)
+    schema: WeightsSchema = {}
+    offsets: dict[str, tuple[int, int]] = {}
+    for name, info in header.items():
+        schema[name], offsets[name] = _header_entry(name, info, where)
+    return SafetensorsHeader(schema, metadata, offsets, 8 + n)
+
+
 def parse_safetensors_header(head: bytes, *, where: str = "weights") -> tuple[WeightsSchema, dict[str, str], int]:
     """Read the schema and metadata from the first bytes of a safetensors file.
 
     Returns ``(schema, metadata, data_start)``. ``head`` must hold at least the 8-byte
     length and the JSON header. Lets the hub refuse a wrong upload before storing its body.
+    Checked as :func:`read_safetensors_header` describes.
     """
-    if len(head) < 8:
-        raise WeightsError(f"{where}: truncated safetensors header", where=where)
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > 100_000_000:
-        raise WeightsError(f"{where}: safetensors header of {n} bytes is implausible", where=where)
-    if len(head) < 8 + n:
-        raise WeightsError(f"{where}: truncated safetensors header", where=where)
+    header = read_safetensors_header(head, where=where)
+    return header.schema, header.metadata, header.data_start
+
+
+def _header_metadata(raw: object, where: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+        raise WeightsError(
+            f"{where}: safetensors '__metadata__' must be an object of strings, got {_shown(raw)}", where=where
+        )
+    return dict(raw)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _INT64_MAX
+
+
+def _header_entry(name: str, info: object, where: str) -> tuple[TensorSpec, tuple[int, int]]:
+    """One tensor's entry of a safetensors header, checked: its spec and its data offsets."""
+    if not 1 <= len(name) <= MAX_TENSOR_NAME:
+        raise WeightsError(
+            f"{where}: tensor name {name[:60]!r}... is {len(name)} characters; at most {MAX_TENSOR_NAME} are accepted"
+            if name
+            else f"{where}: a tensor has an empty name",
+            where=where,
+        )
+
+    def bad(what: str) -> WeightsError:
+        return WeightsError(f"{where}: tensor {name!r} {what}; not a valid safetensors file", where=where)
+
+    if not isinstance(info, dict):
+        raise bad(f"has entry {_shown(info)}, not an object with dtype, shape and data_offsets")
+    extra = sorted(set(info) - {"dtype", "shape", "data_offsets"})
+    if extra:
+        raise bad(f"has unknown entry field(s) {', '.join(map(repr, extra[:5]))}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in info]
+    if missing:
+        raise bad(f"has no {' and no '.join(missing)}")
+    dtype, shape, span = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise WeightsError(
+            f"{where}: tensor {name!r} has an unsupported dtype {_shown(dtype)}; "
+            f"supported are {', '.join(SAFETENSORS_DTYPES)}",
+            where=where,
+        )
+    if not isinstance(shape, list) or len(shape) > MAX_TENSOR_DIMS or not all(_is_int(d) for d in shape):
+        raise bad(
+            f"has shape {_shown(shape)}; a shape is a list of at most {MAX_TENSOR_DIMS} non-negative 64-bit integers"
+        )
+    spec = TensorSpec(tuple(shape), SAFETENSORS_DTYPES[dtype])
+    nbytes = spec.nbytes
+    if nbytes > _INT64_MAX:
+        raise bad(f"has shape {shape}, {nbytes} bytes of {dtype}: beyond any file")
+    if not isinstance(span, list) or len(span) != 2 or not all(_is_int(x) for x in span):
+        raise bad(f"has data_offsets {_shown(span)}; expected two non-negative integers [begin, end]")
+    begin, end = span
+    if end - begin != nbytes:
+        raise bad(f"has data_offsets [{begin}, {end}), which do not hold its {nbytes} bytes of shape {shape}")
+    return spec, (begin, end)
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A short description of a header value for an error message (it may be huge or deep)."""
+    if isinstance(value, dict | list):
+        return f"a {type(value).__name__} of {len(value)} entries" if len(value) > 8 else _short_repr(value, limit)
+    return _short_repr(value, limit)
+
+
+def _short_repr(value: object, limit: int) -> str:
     try:
-        header = json.loads(head[8 : 8 + n])
-    except ValueError as exc:
-        raise WeightsError(f"{where}: safetensors header is not JSON ({exc})", where=where) from exc
-    if not isinstance(header, dict):
-        raise WeightsError(f"{where}: safetensors header is not an object", where=where)
-    metadata = header.pop("__metadata__", None) or {}
-    schema: WeightsSchema = {}
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(d) for d in info["shape"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsError(
-                f"{where}: tensor {name!r} has an unsupported or malformed entry {info!r}",
-                where=where,
-            ) from exc
-        schema[name] = TensorSpec(shape, dtype)
-    return schema, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+        text = repr(value)
+    except (RecursionError, ValueError):  # deeply nested, or an int too long to print
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_weights_finite(weights: Mapping[str, np.ndarray], *, where: str = "aggregate") -> None:
+    """Refuse ``weights`` if any float tensor holds NaN or Inf, naming the first such tensor.
+
+    For a freshly aggregated model: the strategies cannot overflow on finite float16/float32
+    inputs (they accumulate in float64), but a float64 model near its range, or a bug, still
+    could, and a non-finite global model must never be checkpointed. Reads each tensor in
+    pieces, so it needs no second copy of a large tensor.
+    """
+    for name, array in weights.items():
+        array = np.asarray(array)
+        if array.dtype.kind != "f":
+            continue
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, _FINITE_CHUNK):
+            check_finite(name, flat[start : start + _FINITE_CHUNK], where=where)
+
+
+_FINITE_CHUNK = 1 << 20
 
 
 def check_matches(expected: WeightsSchema, actual: WeightsSchema, *, where: str = "update") -> None:

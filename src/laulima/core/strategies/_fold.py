@@ -7,11 +7,18 @@ accumulator holds ``sum_{j<=k} (n_j / n_k) x_j``, so each new tensor costs
 ``acc += x`` reads memory that is not already in cache. Both passes run chunk by chunk
 (``CHUNK`` elements) so the slice of ``acc`` the first pass wrote is still in cache for the
 second, whatever the tensor's size. On the development machine (2-core EPYC VM, same
-data, one thread) this ran at ~17.5 GB/s of updates where ``tmp = c * x; acc += tmp`` ran
-at ~14 (benchmarks/aggregate.py measures the whole of FedAvg).
+data, one thread, float32 accumulator) this ran at ~17.5 GB/s of updates where
+``tmp = c * x; acc += tmp`` ran at ~14 (benchmarks/aggregate.py measures the whole of
+FedAvg); the float64 accumulator now used costs about 3x (see :func:`accumulator_dtype`).
 
 Numerically it is the same sum: the coefficients are positive and each ratio is rounded
 once, so a weight's relative error is at most (sites + 1) units in the last place.
+
+Overflow: the accumulator is float64 (see :func:`accumulator_dtype`) and callers fold sites
+in increasing order of their counts (FedAvg does), so every coefficient ``n_j / n_k`` is at
+most 1 and the accumulator never exceeds (sites x the largest magnitude): no finite float32
+or float16 input can overflow it, whatever the counts (float32 in float32 did: 1e21 from
+1e18 samples then 1 from 1 sample rescaled the accumulator to 1e39).
 """
 
 from __future__ import annotations
@@ -29,18 +36,24 @@ CHUNK = 1 << 19
 
 
 def accumulator_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype in which tensors of ``dtype`` are averaged.
+    """The dtype in which tensors of ``dtype`` are averaged: float64, whatever ``dtype`` is.
 
-    float32 and float64 accumulate in themselves: a float64 accumulator for a float32
-    model would double the bytes the fold reads and writes (it is bandwidth-bound), and
-    float32's rounding error over tens of sites (~1e-6 relative) is far below training
-    noise. float16 accumulates in float32 (range and precision), integers and booleans in
-    float64 (exact up to 2**53) and are rounded back by :func:`cast_back`.
+    Range, not precision, decides it: a float32 accumulator overflows on finite float32
+    inputs (two sites sending 3e38 sum to inf; Horner rescaling multiplies by count ratios),
+    and a model that became inf through an aggregation is lost. In float64 no finite
+    float32/float16 input can overflow the fold (see the module docstring). Integers and
+    booleans average in float64 too (exact up to 2**53) and are rounded back by
+    :func:`cast_back`.
+
+    The cost is real. For a float32 model the accumulator's memory traffic doubles (each
+    site's pass reads and writes 8 bytes per weight instead of 4, besides reading the site's
+    4), numpy adds float32 into float64 through a buffered cast loop (about 3x the time of a
+    same-dtype add), and the mean takes one more pass to be cast back. Measured on the 2-core
+    development VM (shared, noisy): the fold kernel alone went from 14 to 4.3 GB/s of
+    updates, ``benchmarks/aggregate.py`` (FedAvg, 20 updates of 76 MB) from 0.06-0.08 s to
+    0.22-0.32 s. A fold tensor also holds a float64 accumulator (twice the tensor) while it
+    is being folded.
     """
-    if dtype.kind == "f" and dtype.itemsize >= 8:
-        return np.dtype(np.float64)
-    if dtype.kind == "f":
-        return np.dtype(np.float32)
     return np.dtype(np.float64)
 
 

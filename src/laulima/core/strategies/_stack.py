@@ -1,8 +1,11 @@
 """Coordinate-wise strategies see every site's value of a coordinate at once: stack per key.
 
 Memory: the new model plus one tensor times the number of sites (the current key, from
-every result, in the accumulator dtype). Keys are processed one at a time and each stack
-is dropped before the next key is read, so it never holds whole updates side by side.
+every result). Float tensors are stacked in their own dtype: sorting and selecting need no
+wider type, and the strategies take any mean of stacked values in float64 (so two float32
+values of 3e38 average to 3e38, not inf) without a float64 copy of the stack. Integer and
+boolean tensors are stacked in float64. Keys are processed one at a time and each stack is
+dropped before the next key is read, so it never holds whole updates side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ def stacked_by_key(
     ``schema`` is what :func:`check_aggregation` returned; the stack is the caller's to modify.
     """
     for key, spec in schema.items():
-        stack = np.empty((len(results), *spec.shape), dtype=accumulator_dtype(np.dtype(spec.dtype)))
+        dtype = np.dtype(spec.dtype)
+        stack = np.empty((len(results), *spec.shape), dtype=dtype if dtype.kind == "f" else accumulator_dtype(dtype))
         for i, result in enumerate(results):
             stack[i] = read_tensor(strategy, result, key, spec)
         yield key, stack

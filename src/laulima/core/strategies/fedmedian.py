@@ -4,7 +4,8 @@ Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Toward
 Optimal Statistical Rates", ICML 2018 (arXiv:1803.01498), the coordinate-wise median.
 Unweighted, as in the paper: a site's ``n_samples`` is checked but cannot buy it more
 influence, which is the point of a robust aggregator. Memory: one tensor times the
-number of sites (see ``_stack``).
+number of sites (see ``_stack``). The middle two of an even number of sites are averaged
+in float64, so values near the float32 limit cannot overflow.
 """
 
 from __future__ import annotations
@@ -31,9 +32,19 @@ class FedMedian(Strategy):
     def aggregate(self, global_weights: Mapping[str, np.ndarray], results: Sequence[FitResult]) -> Weights:
         schema = check_aggregation(self.name, global_weights, results)
         return {
-            key: cast_back(
-                np.asarray(np.median(stack, axis=0, overwrite_input=True), dtype=stack.dtype),
-                np.dtype(schema[key].dtype),
-            )
+            key: cast_back(median_of_stack(stack), np.dtype(schema[key].dtype))
             for key, stack in stacked_by_key(self.name, schema, results)
         }
+
+
+def median_of_stack(stack: np.ndarray) -> np.ndarray:
+    """Median along axis 0, partitioning ``stack`` in place; an even count's middle pair is
+    averaged in float64 (``np.median`` averages in the stack's dtype: 3e38 and 3e38 give inf)."""
+    k = len(stack) // 2
+    if len(stack) % 2:
+        stack.partition(k, axis=0)
+        return np.asarray(stack[k])
+    stack.partition((k - 1, k), axis=0)
+    mid = np.array(stack[k - 1], dtype=np.float64)  # an array even for 0-d tensors
+    np.add(mid, stack[k], out=mid)
+    return np.multiply(mid, 0.5, out=mid)

@@ -12,7 +12,8 @@ Optimization", ICLR 2021 (arXiv:2003.00295), Algorithm 2, without bias correctio
 Algorithm 2 takes ``v_{-1} >= tau^2`` as input; we start from ``v = tau^2`` and ``m = 0``
 (Flower starts ``v`` at 0, which makes the first step ``eta * (1 - beta_1) / sqrt(1 -
 beta_2) * sign(delta)`` regardless of delta's size). Moments are kept per tensor in the
-accumulator dtype (float32 for float32/float16 models); integer buffers are not optimized
+accumulator dtype, float64 (``delta**2`` of float32 weights overflows float32 beyond about
+1.8e19, and ``m`` can exceed float32's range); integer buffers are not optimized
 but take FedAvg's rounded mean. :meth:`FedOpt.state_dict` holds ``m/<name>`` and
 ``v/<name>``, so a hub that checkpoints it every round continues bit-identically.
 """
@@ -131,7 +132,8 @@ class FedOpt(Strategy):
         self._m, self._v = m, v
 
     def _check_state(self, global_weights: Mapping[str, np.ndarray]) -> None:
-        """Refuse optimizer state that belongs to another model, before any arithmetic."""
+        """Refuse optimizer state that belongs to another model, before any arithmetic;
+        widen moments saved in a narrower float dtype (checkpoints from float32 days)."""
         if not self._m:
             return
         floats = {k: a for k, a in global_weights.items() if a.dtype.kind == "f"}
@@ -145,6 +147,10 @@ class FedOpt(Strategy):
             )
         for key, like in floats.items():
             dtype = accumulator_dtype(like.dtype)
+            if self._m[key].dtype != dtype and np.can_cast(self._m[key].dtype, dtype, "safe"):
+                # A checkpoint from before moments were kept in float64 (float32): widen it.
+                self._m[key] = self._m[key].astype(dtype)
+                self._v[key] = self._v[key].astype(dtype)
             if self._m[key].shape != like.shape or self._m[key].dtype != dtype:
                 raise WeightsError(
                     f"{self.name}: optimizer state for {key!r} is {self._m[key].dtype}"

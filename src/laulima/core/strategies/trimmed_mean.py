@@ -4,6 +4,7 @@ Yin, Chen, Ramchandran, Bartlett, "Byzantine-Robust Distributed Learning: Toward
 Optimal Statistical Rates", ICML 2018 (arXiv:1803.01498), the coordinate-wise
 beta-trimmed mean. With ``m`` sites, ``floor(trim_fraction * m)`` values are dropped at
 each end (none when that is 0: then it is the plain mean). Unweighted, as in the paper.
+The mean is taken in float64, so float32 values near their limit cannot overflow it.
 Memory: one tensor times the number of sites (see ``_stack``).
 """
 
@@ -51,6 +52,6 @@ class TrimmedMean(Strategy):
             if k:
                 stack.sort(axis=0)
                 stack = stack[k : len(results) - k]
-            mean = np.asarray(stack.mean(axis=0, dtype=stack.dtype))
+            mean = np.asarray(stack.mean(axis=0, dtype=np.float64))
             out[key] = cast_back(mean, np.dtype(schema[key].dtype))
         return out
