@@ -1,7 +1,8 @@
 """Mutual TLS for the hub: the server's SSL context, and the verified peer certificate in the app.
 
-uvicorn verifies client certificates (the SSL context below) but does not put the peer's
-certificate into the ASGI scope. The two protocol classes here — thin subclasses of
+The SSL context below verifies client certificates (the handshake itself is run by the
+connection guard, :mod:`laulima.hub.connections`, once it has admitted the connection), but
+uvicorn does not put the peer's certificate into the ASGI scope. The two protocol classes here — thin subclasses of
 uvicorn's httptools and h11 implementations — read it from the TLS connection once, when
 the connection is made, and attach it to every request's scope as the ASGI TLS extension
 (``scope["extensions"]["tls"]["client_cert_chain"]``, PEM). Nothing in the app touches the
