@@ -6,7 +6,7 @@ Mounted by :mod:`laulima.cli`::
     laulima site enroll NAME                    issue a site's certificate and bundle (operator)
     laulima site init BUNDLE --home DIR         install a bundle (hospital IT)
     laulima token create | list | revoke        people's API tokens (operator)
-    laulima hub --ca-dir DIR --host 0.0.0.0     the hub with mutual TLS
+    laulima hub --tls-dir DIR/hub --host 0.0.0.0  the hub with mutual TLS
 """
 
 from __future__ import annotations
@@ -61,7 +61,11 @@ def ca_init(
     ca = CertificateAuthority.init(directory, federation=federation, hub_names=hub_name or [])
     console.print(f"federation CA created in [bold]{ca.dir}[/] (ca.key is private: back it up, never share it)")
     console.print(f"hub certificate for {', '.join([*(hub_name or []), 'localhost', '127.0.0.1', '::1'])}")
-    console.print(f"next: [bold]laulima hub --ca-dir {ca.dir} --host 0.0.0.0[/], then `laulima site enroll NAME`")
+    console.print(
+        f"the hub's folder is [bold]{ca.hub_dir}[/]: copy only that folder to the hub machine; the CA folder "
+        "(ca.key) stays with you"
+    )
+    console.print(f"next: [bold]laulima hub --tls-dir {ca.hub_dir} --host 0.0.0.0[/], then `laulima site enroll NAME`")
 
 
 @ca_app.command("revoke")
@@ -73,6 +77,10 @@ def ca_revoke(name: str, directory: CaDir = Path(".laulima/ca")) -> None:
     if serials:
         console.print(
             f"site [bold]{name}[/]: {len(serials)} certificate(s) revoked ({', '.join(f'{s:x}' for s in serials)})"
+        )
+        console.print(
+            f"the hub reads {directory}/hub/revoked.json: if the hub runs on another machine, copy that file to "
+            "its TLS folder (a running hub picks it up without a restart)"
         )
     else:
         console.print(f"site [bold]{name}[/]: its certificates were already revoked")
@@ -94,7 +102,10 @@ def ca_renew(
     ca = CertificateAuthority.load(directory)
     if hub:
         issued = ca.issue_hub(ca.hub_names(), days=days)
-        console.print(f"hub certificate renewed until {_day(issued.not_after)}; restart the hub to use it")
+        console.print(
+            f"hub certificate renewed until {_day(issued.not_after)} in {ca.hub_dir}; copy hub.pem and hub.key to "
+            "the hub's TLS folder and restart the hub"
+        )
         return
     if hub_url is None:
         raise ConfigurationError("--hub-url is needed to write the site's new bundle", field="hub_url")
@@ -245,16 +256,21 @@ def hub(
     ca_dir: Annotated[
         Path | None,
         typer.Option(
-            "--ca-dir", envvar="LAULIMA_HUB_CA_DIR", help="The CA folder: serve HTTPS and require site certificates."
+            "--tls-dir",
+            "--ca-dir",
+            envvar="LAULIMA_HUB_CA_DIR",
+            help="The hub's TLS folder (CA/hub from `laulima ca init`): serve HTTPS and require site certificates.",
         ),
     ] = None,
 ) -> None:
-    """Run the federation hub (HTTPS with client certificates when --ca-dir is given)."""
+    """Run the federation hub (HTTPS with client certificates when --tls-dir is given)."""
     import logging
 
     from laulima.hub.server import serve
     from laulima.hub.settings import HubSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    extra = {"ca_dir": ca_dir} if ca_dir is not None else {}
-    serve(HubSettings(home=home, host=host, port=port, **extra))
+    if ca_dir is None:
+        serve(HubSettings(home=home, host=host, port=port))
+    else:
+        serve(HubSettings(home=home, host=host, port=port, ca_dir=ca_dir))

@@ -120,8 +120,10 @@ class LocalFederation:
         if self.n_sites < 1:
             raise ConfigurationError("--sites must be at least 1", field="sites")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ca_dir = self._ca() if self.tls else None
-        self.hub = HubProcess(self.workdir / "hub", free_port(), secrets.token_urlsafe(24), ca_dir=ca_dir)
+        ca_dir = self.ca_dir = self._ca() if self.tls else None
+        self.hub = HubProcess(
+            self.workdir / "hub", free_port(), secrets.token_urlsafe(24), ca_dir=ca_dir / "hub" if ca_dir else None
+        )
         self.hub.start()
         try:
             self.hub.wait_ready()
@@ -144,10 +146,10 @@ class LocalFederation:
         if not data_dir.exists():
             writer(data_dir, index, self.n_sites, self.seed)
         created = self.operator.register_site(name)  # so "every registered site" includes it at once
-        if self.hub.ca_dir is not None:
+        if self.ca_dir is not None:
             from laulima.pki.bundle import enroll_site, install_bundle
 
-            bundle = enroll_site(self.hub.ca_dir, name, self.hub.url, self.workdir / "bundles" / f"{name}.laulima-site")
+            bundle = enroll_site(self.ca_dir, name, self.hub.url, self.workdir / "bundles" / f"{name}.laulima-site")
             install_bundle(bundle, home)
         else:
             write_site_config(home, name=name, hub_url=self.hub.url, token=created.token)

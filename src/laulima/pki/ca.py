@@ -190,12 +190,17 @@ class CertificateAuthority:
         return self.files.ca_file
 
     @property
+    def hub_dir(self) -> Path:
+        """The hub's TLS folder (no CA key in it): copy it to the hub machine."""
+        return self.files.hub.dir
+
+    @property
     def hub_cert_file(self) -> Path:
-        return self.files.hub_cert_file
+        return self.files.hub.hub_cert_file
 
     @property
     def hub_key_file(self) -> Path:
-        return self.files.hub_key_file
+        return self.files.hub.hub_key_file
 
     @property
     def revoked_file(self) -> Path:
@@ -267,7 +272,7 @@ class CertificateAuthority:
         write_private(directory / "ca.pem", _cert_pem(cert), mode=0o644)
         ca = cls(directory, cert, key)
         ca._save_json(ca.issued_file, {"issued": []})
-        ca._save_json(ca.revoked_file, {"revoked": {}})
+        ca._save_revoked({"revoked": {}})
         ca.issue_hub(hub_names, days=hub_days)
         ca.write_crl()
         return ca
@@ -322,13 +327,24 @@ class CertificateAuthority:
             except ValueError:
                 san.append(x509.DNSName(host))
         issued = self._issue("hub", "hub", san=san, usage=ExtendedKeyUsageOID.SERVER_AUTH, days=days)
+        self._write_hub_dir()
         write_private(self.hub_key_file, issued.key_pem)
         write_private(self.hub_cert_file, issued.cert_pem, mode=0o644)
         return issued
 
+    def _write_hub_dir(self) -> None:
+        """``hub/``: the CA certificate and revocation list beside the hub's own files."""
+        hub = self.files.hub
+        hub.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_private(hub.ca_file, self.ca_pem, mode=0o644)
+        if not hub.revoked_file.exists():
+            revoked = self._load_json(self.revoked_file) or {"revoked": {}}
+            self._save_json(hub.revoked_file, revoked)
+
     def hub_names(self) -> list[str]:
         """The host names and addresses in the current hub certificate (for renewal)."""
-        cert = x509.load_pem_x509_certificate(self.hub_cert_file.read_bytes())
+        current = self.hub_cert_file if self.hub_cert_file.exists() else self.dir / "hub.pem"  # pre-hub/ layout
+        cert = x509.load_pem_x509_certificate(current.read_bytes())
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = [str(x) for x in san.get_values_for_type(x509.DNSName)]
         names += [str(x) for x in san.get_values_for_type(x509.IPAddress)]
@@ -415,9 +431,15 @@ class CertificateAuthority:
             if serial not in revoked:
                 revoked[serial] = {"name": name, "kind": kind, "at": _now().timestamp(), "reason": reason}
                 new.append(int(serial, 16))
-        self._save_json(self.revoked_file, data)
+        self._save_revoked(data)
         self.write_crl()
         return new
+
+    def _save_revoked(self, data: dict[str, object]) -> None:
+        """The revocation list, in the CA folder and in the hub's (a running hub re-reads it)."""
+        self._save_json(self.revoked_file, data)
+        if self.files.hub.dir.is_dir():
+            self._save_json(self.files.hub.revoked_file, data)
 
     def write_crl(self, days: int = 7) -> Path:
         """``crl.pem``: the revoked serials as an X.509 CRL (for tools other than the hub)."""
