@@ -1,17 +1,17 @@
-"""Fixtures for the site tests: tasks, weights on disk, and misbehaving algorithms."""
+"""Fixtures for the site tests: tasks, weights on disk, misbehaving algorithms, a real hub app."""
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from laulima.core.protocol import TaskKind, TaskPublic
+from laulima.core.protocol import API_PREFIX, TaskKind, TaskPublic
 from laulima.core.weights import sha256_hex, to_safetensors
 
 HELPERS = Path(__file__).resolve().parent / "helper_pkg"
@@ -45,6 +45,7 @@ def make_task(weights_blob: bytes) -> Callable[..., TaskPublic]:
             "weights_digest": sha256_hex(weights_blob),
             "weights_size": len(weights_blob),
             "deadline": time.time() + 600,
+            "seconds_left": 600.0,
             "time_limit_s": 60.0,
             "upload_nonce": "nonce-1",
         }
@@ -81,3 +82,72 @@ def all_gone() -> Callable[..., bool]:
         return True
 
     return check
+
+
+HUB_OPERATOR_TOKEN = "site-tests-operator-token-0123456789"
+
+
+class RealHub:
+    """The hub's own app in process (FastAPI TestClient, an ``httpx.Client``): agents talk to it
+    through ``HubClient(client=hub.http)``; the tests play operator and scientist."""
+
+    def __init__(self, home: Path) -> None:
+        from fastapi.testclient import TestClient
+
+        from laulima.hub.app import create_app
+        from laulima.hub.settings import HubSettings
+
+        settings = HubSettings(
+            home=home,
+            admin_token=HUB_OPERATOR_TOKEN,
+            orchestrator_tick_s=0.05,
+            long_poll_max_s=0.2,
+            requests_per_minute=60_000,  # the tests poll the hub's state in a tight loop
+            request_burst=10_000,
+        )
+        self.http = TestClient(create_app(settings))
+        self.http.__enter__()
+        self.admin = {"Authorization": f"Bearer {HUB_OPERATOR_TOKEN}"}
+
+    def close(self) -> None:
+        self.http.__exit__(None, None, None)
+
+    def call(self, method: str, path: str, expect: int = 200, **kw: Any) -> Any:
+        r = self.http.request(method, f"{API_PREFIX}{path}", headers=self.admin, **kw)
+        assert r.status_code == expect, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json() if r.content else None
+
+    def register(self, name: str) -> str:
+        """A site in token mode; returns its token."""
+        return self.call("POST", "/sites", 201, json={"name": name})["token"]
+
+    def submit(self, name: str, weights: bytes, **spec: Any) -> int:
+        """Submit a one-round experiment of the Echo algorithm on dataset ``ds``; its id."""
+        digest = self.call("PUT", "/blobs", 201, content=weights)["digest"]
+        body = {
+            "name": name,
+            "algorithm": "site_test_algorithms:Echo",
+            "dataset": "ds",
+            "sites": ["site-a"],
+            "rounds": 1,
+            "min_sites": 1,
+            "round_timeout_s": 120.0,
+            "evaluation": {"every": 0, "final": False},
+            **spec,
+        }
+        return int(self.call("POST", "/experiments", 201, json={"spec": body, "initial_weights": digest})["id"])
+
+    def wait_for(self, condition: Callable[[], Any], what: str, timeout: float = 20.0) -> Any:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if value := condition():
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture
+def real_hub(tmp_path: Path) -> Iterator[RealHub]:
+    hub = RealHub(tmp_path / "hub")
+    yield hub
+    hub.close()

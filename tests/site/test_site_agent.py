@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
+import stat
 import threading
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import httpx
 import pytest
 from safetensors.numpy import load as st_load
 
+from laulima import __version__
+from laulima.algorithms.tabular_data import write_tabular_site
 from laulima.core.protocol import Header, MetaKey, TaskKind
 from laulima.core.weights import parse_safetensors_header
 from laulima.errors import Forbidden
@@ -32,9 +36,19 @@ class FakeHub:
         self.failures: dict[str, dict] = {}
         self.upload_response: httpx.Response | None = None
         self.poll_response: httpx.Response | None = None
+        self.failure_response: httpx.Response | None = None
+        self.report_response: httpx.Response | None = None
+        self.reports: list[dict] = []
+        self.requests: list[httpx.Request] = []
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
         path = request.url.path.removeprefix("/api/v1")
+        if path == "/sites/self/report" and request.method == "PUT":
+            if self.report_response is not None:
+                return self.report_response
+            self.reports.append(json.loads(request.read()))
+            return httpx.Response(204)
         if path == "/tasks/next":
             if self.poll_response is not None:
                 return self.poll_response
@@ -55,6 +69,8 @@ class FakeHub:
             return httpx.Response(
                 200, json={"task_id": task_id, "digest": request.headers[Header.CONTENT_SHA256], "n_samples": int(n)}
             )
+        if what == "failure" and self.failure_response is not None:
+            return self.failure_response
         (self.evaluations if what == "evaluation" else self.failures)[task_id] = json.loads(body)
         return httpx.Response(200, json={})
 
@@ -157,13 +173,21 @@ def test_computed_task_is_uploaded_after_restart_without_retraining(helper_algor
     assert SiteState(home).get(task.id).phase == Phase.REPORTED
 
 
-def test_reported_task_is_never_run_again(helper_algorithms, make_task, hub, home):
+def test_reported_task_is_never_run_again_and_the_hub_is_told_once(helper_algorithms, make_task, hub, home):
     task = make_task()
     hub.tasks.append(task)
     make_agent(home, hub).step()
     hub.uploads.clear()
     hub.tasks.append(task)
-    make_agent(home, hub, runner=MustNotRun()).step()
+    restarted = make_agent(home, hub, runner=MustNotRun())
+    restarted.step()
+    assert hub.uploads == {}
+    assert hub.failures == {
+        "t-1": {"kind": "error", "reason": "this site has already reported this task and will not run it again"}
+    }
+    hub.failures.clear()
+    hub.tasks.append(task)  # a hub that ignores it still gets no second report
+    restarted.step()
     assert hub.uploads == {} and hub.failures == {}
 
 
@@ -236,3 +260,87 @@ def test_an_agent_fault_is_reported_and_the_agent_goes_on(make_task, hub, home):
         "reason": "site agent error: OSError: [Errno 28] No space left on device",
     }
     assert agent.state.get("t-1").phase == Phase.REPORTED
+
+
+def test_a_task_without_time_left_is_failed_as_a_timeout_without_running(make_task, hub, home):
+    hub.tasks.append(make_task(seconds_left=0.0))
+    agent = make_agent(home, hub, runner=MustNotRun())
+    agent.step()
+    assert hub.failures["t-1"] == {
+        "kind": "timeout",
+        "reason": "timeout: the task's deadline passed before this site could start it",
+    }
+    assert not any(r.url.path.startswith("/api/v1/blobs/") for r in hub.requests)  # nothing downloaded either
+    assert agent.state.get("t-1").phase == Phase.REPORTED
+
+
+def test_a_refused_result_is_reported_as_failed_and_409_counts_as_closed(helper_algorithms, make_task, hub, home):
+    hub.tasks.append(make_task())
+    hub.upload_response = httpx.Response(
+        422, json={"error": "invalid_update", "detail": "update norm 2.4 exceeds max_update_norm 1", "context": {}}
+    )
+    agent = make_agent(home, hub)
+    agent.step()
+    assert hub.failures["t-1"] == {
+        "kind": "error",
+        "reason": "the hub refused this site's result: 422: update norm 2.4 exceeds max_update_norm 1",
+    }
+    assert str(home) not in json.dumps(hub.failures)
+    assert agent.state.get("t-1").phase == Phase.GIVEN_UP and agent.state.get("t-1").closed_at_hub
+
+    hub.failures.clear()
+    hub.tasks.append(make_task(id="t-2"))
+    hub.failure_response = httpx.Response(409, json={"error": "conflict", "detail": "task is closed", "context": {}})
+    agent.step()
+    assert agent.state.get("t-2").phase == Phase.GIVEN_UP and agent.state.get("t-2").closed_at_hub
+    hub.tasks.append(make_task(id="t-2"))  # closed at the hub: no further report, no sleep-and-retry loop
+    n = len(hub.requests)
+    agent.step()
+    assert [r.url.path for r in hub.requests[n:]] == ["/api/v1/tasks/next"]
+
+
+def test_every_request_of_the_agent_carries_its_version(helper_algorithms, make_task, hub, home):
+    hub.tasks += [make_task(), make_task(id="e-1", kind=TaskKind.EVALUATE), make_task(id="t-3", dataset="brains")]
+    agent = make_agent(home, hub)
+    for _ in range(4):
+        agent.step()
+    paths = {r.url.path.removeprefix("/api/v1").split("/")[1] for r in hub.requests}
+    assert paths == {"sites", "tasks", "blobs"}
+    assert all(r.headers[Header.VERSION] == __version__ for r in hub.requests)
+
+
+def test_the_catalog_is_reported_at_start_and_when_it_changes(tmp_path, hub, home):
+    agent = make_agent(home, hub)
+    agent.step()
+    agent.step()
+    assert hub.reports == [{"version": __version__, "datasets": {"ds": None}}]  # once, not every poll
+    write_tabular_site(tmp_path / "tab", 0, 2, n_train=9, n_val=2)
+    Catalog(home, site="site-a").add("tab", tmp_path / "tab")
+    agent.report_interval_s = 0.0  # check at every poll
+    agent.step()
+    assert hub.reports[-1] == {"version": __version__, "datasets": {"ds": None, "tab": 9}}
+    agent.step()
+    assert len(hub.reports) == 2
+
+
+def test_an_older_hub_without_reports_is_told_nothing_more(make_task, hub, home, caplog):
+    hub.report_response = httpx.Response(404, json={"detail": "Not Found"})
+    agent = make_agent(home, hub)
+    agent.report_interval_s = 0.0
+    with caplog.at_level(logging.INFO, logger="laulima.site"):
+        agent.step()
+        (home / "catalog.json").touch()
+        agent.step()
+    reports = [r for r in hub.requests if r.url.path.endswith("/report")]
+    assert len(reports) == 1
+    assert len([r for r in caplog.records if "does not take reports" in r.getMessage()]) == 1
+
+
+def test_an_open_home_is_made_owner_only_at_start(hub, home, caplog):
+    (home / "work").mkdir()
+    for folder in (home, home / "work"):
+        folder.chmod(0o755)
+    with caplog.at_level(logging.WARNING, logger="laulima.site"):
+        make_agent(home, hub).step()
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700 and stat.S_IMODE((home / "work").stat().st_mode) == 0o700
+    assert f"{home} was accessible to other users (mode 755); made it owner-only (700)" in caplog.text

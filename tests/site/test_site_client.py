@@ -1,16 +1,22 @@
-"""HubClient against httpx.MockTransport: retries, error translation, streaming checks."""
+"""HubClient against httpx.MockTransport (retries, error translation, streaming checks) and, for
+bounded downloads, against a real HTTP server."""
 
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
+import logging
+import stat
+import threading
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 
-from laulima.core.protocol import EvaluationResult, FailureKind, Header, MetaKey, TaskFailure
+from laulima import __version__
+from laulima.core.protocol import EvaluationResult, FailureKind, Header, MetaKey, SiteReport, TaskFailure
 from laulima.core.weights import to_safetensors
 from laulima.errors import Conflict, DataError, Forbidden, NotFound, PayloadTooLarge, ProtocolError, TransportError
 from laulima.site.client import HubClient
@@ -224,3 +230,143 @@ def test_backoff_grows_and_is_capped():
     assert 15.0 <= client._backoff(50, None) <= 30.0
     assert client._backoff(1, retry_after=10) == 10
     client.close()
+
+
+class _Flood(http.server.BaseHTTPRequestHandler):
+    """Answers one GET with the server's ``body`` bytes, or with ``total`` bytes of filler,
+    announcing ``length`` (None: no Content-Length, the body ends when the connection does)."""
+
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:  # noqa: N802 - the name http.server calls
+        srv = self.server
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        if srv.length is not None:  # type: ignore[attr-defined]
+            self.send_header("Content-Length", str(srv.length))  # type: ignore[attr-defined]
+        self.end_headers()
+        body = srv.body  # type: ignore[attr-defined]
+        chunks = [body] if body is not None else iter(lambda: b"x" * (1 << 16), None)
+        try:
+            for chunk in chunks:
+                if srv.sent >= srv.total:  # type: ignore[attr-defined]
+                    break
+                self.wfile.write(chunk)
+                srv.sent += len(chunk)  # type: ignore[attr-defined]
+        except OSError:  # the client hung up: what the test wants to see
+            srv.hung_up = True  # type: ignore[attr-defined]
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def flood_server():
+    """``serve(length, total, body=None)``: a real HTTP server on loopback that answers one
+    download; returns (url, server). The server thread ends after that one answer."""
+    started: list[tuple[http.server.HTTPServer, threading.Thread]] = []
+
+    def serve(length: int | None, total: int, body: bytes | None = None):
+        server = http.server.HTTPServer(("127.0.0.1", 0), _Flood)
+        server.length, server.total, server.body, server.sent, server.hung_up = length, total, body, 0, False  # type: ignore[attr-defined]
+        thread = threading.Thread(target=server.handle_request, daemon=True)
+        thread.start()
+        server.done = thread  # type: ignore[attr-defined]
+        started.append((server, thread))
+        return f"http://127.0.0.1:{server.server_address[1]}", server
+
+    yield serve
+    for server, thread in started:
+        thread.join(30)
+        server.server_close()
+
+
+FLOOD = 64 << 20
+"""What a flooding server would send if nobody stopped it: far beyond any socket buffers."""
+
+
+def test_download_refuses_an_announced_body_larger_than_the_task_says(tmp_path: Path, flood_server):
+    url, server = flood_server(length=10**12, total=FLOOD)
+    digest = hashlib.sha256(b"x" * 1000).hexdigest()
+    with HubClient(url, "tok", attempts=1) as client, pytest.raises(DataError) as info:
+        client.download_blob(digest, tmp_path / "w.safetensors", 1000)
+    message = str(info.value)
+    assert f"downloading blob {digest[:12]}" in message
+    assert "announced a body of 1000000000000 bytes, more than the 1000 bytes the task announced" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_stops_reading_once_more_than_expected_arrives(tmp_path: Path, flood_server):
+    url, server = flood_server(length=None, total=FLOOD)
+    digest = hashlib.sha256(b"x" * 1000).hexdigest()
+    with HubClient(url, "tok", attempts=1) as client, pytest.raises(DataError) as info:
+        client.download_blob(digest, tmp_path / "w.safetensors", 1000)
+    assert f"downloading blob {digest[:12]}: the hub kept sending, more than the 1000 bytes" in str(info.value)
+    assert list(tmp_path.iterdir()) == []  # the partial file is gone
+    server.done.join(30)  # the server's one answer has ended
+    assert server.hung_up and server.sent < FLOOD  # the client hung up long before the flood ended
+
+
+def test_download_of_the_announced_size_from_a_real_server(tmp_path: Path, flood_server):
+    blob = b"weights" * 1000
+    url, _ = flood_server(length=len(blob), total=len(blob), body=blob)
+    with HubClient(url, "tok", attempts=1) as client:
+        assert client.download_blob(hashlib.sha256(blob).hexdigest(), tmp_path / "w", len(blob)) == len(blob)
+    assert (tmp_path / "w").read_bytes() == blob
+    assert stat.S_IMODE((tmp_path / "w").stat().st_mode) == 0o600
+
+
+def test_every_request_carries_the_agent_version(tmp_path: Path, make_task):
+    path, digest = _update_file(tmp_path)
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path.endswith("/update"):
+            return httpx.Response(200, json={"task_id": "t-1", "digest": digest, "n_samples": 7})
+        if request.url.path.startswith("/api/v1/blobs/"):
+            return httpx.Response(200, content=b"abc")
+        return httpx.Response(204)
+
+    client = client_for(handler)
+    client.next_task(0)
+    client.download_blob(hashlib.sha256(b"abc").hexdigest(), tmp_path / "blob", 3)
+    client.upload_update(make_task(), path)
+    client.send_failure("t-1", TaskFailure(reason="x"))
+    client.send_evaluation("t-1", EvaluationResult(n_samples=1, metrics={}))
+    client.report(SiteReport(version=__version__, datasets={"ds": 3}))
+    assert len(seen) == 6
+    assert all(r.headers[Header.VERSION] == __version__ for r in seen)
+
+
+def test_report_is_a_put_of_the_site_report():
+    seen = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append((request.method, request.url.path, json.loads(request.read())))
+        return httpx.Response(204)
+
+    assert client_for(handler).report(SiteReport(version="1.2.3", datasets={"ds": 3, "misc": None})) is True
+    assert seen == [("PUT", "/api/v1/sites/self/report", {"version": "1.2.3", "datasets": {"ds": 3, "misc": None}})]
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_an_older_hub_without_reports_is_noted_once(status, caplog):
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(request)
+        return httpx.Response(status, json={"detail": "Not Found"})
+
+    client = client_for(handler)
+    report = SiteReport(version="1.2.3", datasets={})
+    with caplog.at_level(logging.INFO, logger="laulima.site"):
+        assert client.report(report) is False
+        assert client.report(report) is False
+    assert len(calls) == 1
+    assert len([r for r in caplog.records if "does not take reports" in r.getMessage()]) == 1
+
+
+def test_other_refusals_of_a_report_are_errors():
+    with pytest.raises(ProtocolError, match="422"):
+        client_for(lambda r: error(422, "bad report")).report(SiteReport(version="1", datasets={}))

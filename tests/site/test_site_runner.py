@@ -62,6 +62,19 @@ def test_train_success_writes_result_with_metadata(runner, make_task, task_dir):
     assert (task_dir / "scratch" / "finalized").exists()
 
 
+def test_everything_a_run_writes_is_owner_only(runner, make_task, task_dir):
+    old = os.umask(0o022)  # the usual umask: files would be world-readable unless made private
+    try:
+        run(make_task(), task_dir, runner)
+    finally:
+        os.umask(old)
+    written = [p for p in task_dir.rglob("*") if p.name != WEIGHTS_FILE]
+    names = {p.name for p in written}
+    assert {"task.json", "result.json", "result.safetensors", "stderr.log", "stdout.log", "scratch"} <= names
+    assert "seen.txt" in names  # written by the algorithm itself, in its scratch folder
+    assert [f"{p.name} {p.stat().st_mode & 0o777:o}" for p in written if p.stat().st_mode & 0o077] == []
+
+
 def test_atexit_handlers_run_when_the_task_ends(runner, make_task, task_dir):
     run(make_task(algorithm="site_test_algorithms:AtExit"), task_dir, runner)
     assert (task_dir / "scratch" / "atexit.txt").read_text() == "ran"
@@ -113,16 +126,40 @@ def test_timeout_kills_an_algorithm_that_ignores_sigterm(runner, make_task, task
     assert time.monotonic() - started < 1.5
 
 
-def test_time_limit_is_the_smallest_of_task_deadline_and_site_cap(make_task):
-    task = make_task(time_limit_s=100.0, deadline=time.time() + 50)
-    assert 49 < TaskRunner().time_limit(task) <= 50
+def test_time_limit_is_the_smallest_of_time_left_task_limit_and_site_cap(make_task):
+    task = make_task(time_limit_s=100.0, seconds_left=50.0)
+    assert TaskRunner().time_limit(task) == 50
     assert TaskRunner(time_limit_cap_s=7).time_limit(task) == 7
+    assert TaskRunner().time_limit(make_task(time_limit_s=30.0, seconds_left=50.0)) == 30
+    received = time.monotonic() - 20  # the task arrived 20 s ago (its weights took that long)
+    assert 29 < TaskRunner().time_limit(task, received_at=received) <= 30
+    # A NaN or negative seconds_left never reaches the runner: TaskPublic refuses it when parsed.
 
 
-def test_deadline_already_passed_is_a_timeout(helper_algorithms, make_task, task_dir):
-    with pytest.raises(AlgorithmError) as info:
-        run(make_task(deadline=time.time() - 1), task_dir)
-    assert info.value.context["kind"] == "timeout"
+def test_a_site_whose_clock_is_an_hour_ahead_still_runs_its_tasks(helper_algorithms, make_task, task_dir, monkeypatch):
+    """Only durations count: the hub's deadline by the hub's clock is never compared with ours."""
+    task = make_task(deadline=time.time() + 60, seconds_left=60.0)
+    ahead = time.time
+    monkeypatch.setattr(time, "time", lambda: ahead() + 3600)
+    result = TaskRunner().run(task, task_dir, site="site-a", dataset_path=task_dir.parent, received_at=time.monotonic())
+    assert result.n_samples == 3
+
+
+def test_no_time_left_is_a_timeout_and_nothing_runs(helper_algorithms, make_task, task_dir):
+    for left in (0.0,):
+        with pytest.raises(AlgorithmError, match="deadline passed before the algorithm could start") as info:
+            run(make_task(seconds_left=left), task_dir)
+        assert info.value.context["kind"] == "timeout"
+        assert not (task_dir / "task.json").exists() and not (task_dir / "stderr.log").exists()
+    with pytest.raises(AlgorithmError, match="timeout"):  # 60 s were left when it arrived, 61 s ago
+        TaskRunner().run(
+            make_task(seconds_left=60.0),
+            task_dir,
+            site="site-a",
+            dataset_path=task_dir.parent,
+            received_at=time.monotonic() - 61,
+        )
+    assert not (task_dir / "task.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -133,9 +133,11 @@ def install_bundle(path: str | Path, home: str | Path, **options: Any) -> Path:
     bundle = read_bundle(path)
     home = Path(home).expanduser().resolve()
     tls = home / TLS_DIR
-    tls.mkdir(parents=True, exist_ok=True, mode=0o700)
-    write_private(tls / "ca.pem", bundle.ca_pem, mode=0o644)
-    write_private(tls / "site.pem", bundle.cert_pem, mode=0o644)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)  # owner-only: the home holds the key and updates
+    tls.mkdir(exist_ok=True, mode=0o700)
+    tls.chmod(0o700)
+    write_private(tls / "ca.pem", bundle.ca_pem)
+    write_private(tls / "site.pem", bundle.cert_pem)
     write_private(tls / "site.key", bundle.key_pem)
     return write_site_config(
         home,

@@ -26,15 +26,18 @@ from laulima.core.protocol import EvaluationResult, FailureKind, TaskFailure, Ta
 from laulima.errors import (
     AlgorithmError,
     ConfigurationError,
+    Conflict,
     DataError,
     Forbidden,
     NotFound,
     ProtocolError,
     TransportError,
 )
+from laulima.site._fs import PRIVATE_FILE, private_dir, tighten
 from laulima.site.catalog import Catalog
 from laulima.site.client import HubClient
-from laulima.site.runner import TaskRunner
+from laulima.site.cohort import site_report
+from laulima.site.runner import TaskRunner, seconds_left
 from laulima.site.settings import SiteSettings
 from laulima.site.state import Phase, SiteState, TaskRecord
 from laulima.site.worker import RESULT_FILE, RESULT_WEIGHTS_FILE, SCRATCH_DIR, WEIGHTS_FILE
@@ -45,6 +48,10 @@ log = logging.getLogger("laulima.site")
 LOCK_FILE = "agent.lock"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MB = 1e6
+_REASON_MAX = 300
+"""Characters of the hub's own refusal quoted back to it when the agent closes a task."""
+_NEVER = object()
+"""The catalog signature before the first report: differs from every real one."""
 
 
 class _StopPolling(BaseException):
@@ -72,7 +79,14 @@ class Agent:
         self.stop = stop or client.stop
         client.stop = self.stop
         self.polling = False
-        """True while waiting in a long poll, the one place a shutdown may interrupt at once."""
+        """True while waiting on the hub where nothing is lost by stopping (the long poll, the
+        catalog report): the one place a shutdown may interrupt at once."""
+        self.report_interval_s = 5.0
+        """How often, at most, the catalog is checked for changes to report to the hub."""
+        self._started = False
+        self._report_checked_at: float | None = None
+        self._reported: object = _NEVER
+        """Catalog signature the hub last heard about (or refused for good)."""
 
     # -- the loop ------------------------------------------------------------------------
     def run_forever(self, stop: threading.Event | None = None) -> None:
@@ -104,9 +118,13 @@ class Agent:
 
     def step(self) -> bool:
         """One long poll and, if a task came, its handling. True if there was a task."""
+        if not self._started:
+            self._start()
         self.polling = True
         try:
+            self._report_if_changed()
             task = self.client.next_task(self.settings.poll_wait_s)
+            received_at = time.monotonic()  # the task's time is counted from here, on this clock
         except ProtocolError as exc:
             if isinstance(exc, Forbidden):
                 raise
@@ -117,8 +135,46 @@ class Agent:
             self.polling = False
         if task is None:
             return False
-        self.handle(task)
+        self.handle(task, received_at=received_at)
         return True
+
+    def _start(self) -> None:
+        """Once per agent: make the home owner-only (an older version left it 0755)."""
+        self._started = True
+        home = self.settings.home
+        private_dir(home)
+        for folder in (home, self.settings.work_dir):
+            if folder.is_dir() and (old := tighten(folder)) is not None:
+                log.warning(
+                    "site %s: %s was accessible to other users (mode %o); made it owner-only (700)",
+                    self.settings.name,
+                    folder,
+                    old,
+                )
+
+    def _report_if_changed(self) -> None:
+        """Send the hub this agent's version and case counts at start and after the catalog
+        changes; the check is a stat of the catalog file, at most every ``report_interval_s``."""
+        now = time.monotonic()
+        if not self.client.reports_supported or (
+            self._report_checked_at is not None and now - self._report_checked_at < self.report_interval_s
+        ):
+            return
+        self._report_checked_at = now
+        signature = self.catalog.signature()
+        if signature == self._reported:
+            return
+        try:
+            report = site_report(self.catalog)
+            if self.client.report(report):
+                counts = " ".join(f"{name}={n if n is not None else '?'}" for name, n in report.datasets.items())
+                log.info("site %s: reported version %s, datasets: %s", self.settings.name, report.version, counts)
+        except TransportError as exc:  # tried again at the next check
+            log.warning("site %s: %s", self.settings.name, exc)
+            return
+        except (ConfigurationError, ProtocolError) as exc:  # no use repeating it until the catalog changes
+            log.warning("site %s: %s", self.settings.name, exc)
+        self._reported = signature
 
     def request_stop(self) -> None:
         """Stop after the current step; a running algorithm is killed (its task resumes on restart)."""
@@ -126,12 +182,16 @@ class Agent:
         self.runner.cancel()
 
     # -- one task ------------------------------------------------------------------------
-    def handle(self, task: TaskPublic) -> None:
-        """Take ``task`` as far as it goes; never raises for a problem of this task alone."""
+    def handle(self, task: TaskPublic, *, received_at: float | None = None) -> None:
+        """Take ``task`` as far as it goes; never raises for a problem of this task alone.
+
+        ``received_at``: when the hub's answer carrying it arrived, by ``time.monotonic()``
+        (default: now); the task's ``seconds_left`` count from then.
+        """
+        received_at = time.monotonic() if received_at is None else received_at
         record = self.state.get(task.id)
         if record is not None and record.phase.final:
-            log.warning("task %s: already %s here; the hub sent it again - ignoring it", task.id, record.phase.value)
-            self.stop.wait(min(5.0, self.settings.poll_wait_s))
+            self._redelivered(task, record)
             return
         log.info(
             "task %s received: %s round %d of %r, algorithm %s, dataset %r",
@@ -143,15 +203,16 @@ class Agent:
             task.dataset,
         )
         try:
-            self._handle(task, record)
+            self._handle(task, record, received_at)
         except TransportError as exc:
             log.warning("task %s: %s; kept for when the hub sends it again", task.id, exc)
         except ProtocolError as exc:
-            if isinstance(exc, Forbidden) and exc.context.get("status") == 401:
+            if _credentials_refused(exc):
                 raise
             log.warning("task %s: the hub refused it (%s); giving up on this task", task.id, exc)
-            self.state.set(task.id, Phase.GIVEN_UP, note=str(exc)[:1000])
+            given_up = self.state.set(task.id, Phase.GIVEN_UP, note=str(exc)[:1000])
             self._clean(task.id)
+            self._close_at_hub(task, given_up)
         except Exception as exc:  # a fault of this agent (disk full, a bug): tell the hub, go on
             log.exception("task %s: the site agent failed on it", task.id)
             with contextlib.suppress(Exception):
@@ -162,7 +223,38 @@ class Agent:
             for task_id in self.state.prune():
                 shutil.rmtree(self.task_dir(task_id), ignore_errors=True)
 
-    def _handle(self, task: TaskPublic, record: TaskRecord | None) -> None:
+    def _redelivered(self, task: TaskPublic, record: TaskRecord) -> None:
+        """The hub sent a task this agent is done with: have the hub close it, once."""
+        if not record.closed_at_hub:
+            log.info("task %s: already %s here; reporting it to the hub so that it closes it", task.id, record.phase)
+            self._close_at_hub(task, record)
+            return
+        # The hub heard that already and still sends it: a fault at the hub. A short pause
+        # keeps this agent from spinning on it; the task's deadline ends it.
+        log.warning(
+            "task %s: already %s here and reported closed; the hub sent it again - ignoring it", task.id, record.phase
+        )
+        self.stop.wait(min(5.0, self.settings.poll_wait_s))
+
+    def _close_at_hub(self, task: TaskPublic, record: TaskRecord) -> None:
+        """Report a task this agent will do no more for as failed, so the round does not wait
+        for it until its deadline and the hub does not send it again and again."""
+        reason = _closing_reason(record)
+        try:
+            self.client.send_failure(task.id, TaskFailure(kind=FailureKind.ERROR, reason=reason))
+            log.info("task %s: reported to the hub as failed (%s)", task.id, reason)
+        except Conflict:
+            log.info("task %s: the hub had closed it already", task.id)
+        except TransportError as exc:
+            log.warning("task %s: %s; the hub is told when it sends the task again", task.id, exc)
+            return
+        except ProtocolError as exc:
+            if _credentials_refused(exc):
+                raise
+            log.warning("task %s: the hub refused to close it as well (%s)", task.id, exc)
+        self.state.set(task.id, record.phase, closed_at_hub=True)
+
+    def _handle(self, task: TaskPublic, record: TaskRecord | None, received_at: float) -> None:
         if record is not None and record.phase == Phase.COMPUTED and _result_kept(record):
             log.info("task %s: its result was computed before a restart; reporting it", task.id)
             self._report(task, record)
@@ -176,8 +268,14 @@ class Agent:
             log.warning("task %s rejected: %s", task.id, exc)
             self._report(task, self._failed(task, FailureKind.REJECTED, str(exc)))
             return
+        if seconds_left(task, received_at) <= 0:
+            log.warning("task %s: its deadline passed before this site could start it", task.id)
+            reason = "timeout: the task's deadline passed before this site could start it"
+            self._report(task, self._failed(task, FailureKind.TIMEOUT, reason))
+            return
         task_dir = self.task_dir(task.id)
-        task_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.settings.work_dir)
+        private_dir(task_dir)
         weights = task_dir / WEIGHTS_FILE
         if not (downloaded and weights.exists()):
             started = time.monotonic()
@@ -192,7 +290,9 @@ class Agent:
             self.state.set(task.id, Phase.DOWNLOADED)
         started = time.monotonic()
         try:
-            result = self.runner.run(task, task_dir, site=self.settings.name, dataset_path=dataset_path)
+            result = self.runner.run(
+                task, task_dir, site=self.settings.name, dataset_path=dataset_path, received_at=received_at
+            )
         except AlgorithmError as exc:
             kind = str(exc.context.get("kind", FailureKind.ERROR.value))
             if kind == "cancelled":
@@ -268,7 +368,7 @@ def run_agent(settings: SiteSettings) -> None:
     next start), and returns; a second agent on the same home is refused.
     """
     _default_logging()
-    settings.home.mkdir(parents=True, exist_ok=True)
+    private_dir(settings.home)
     if settings.cert_file is not None:
         _check_certificate_validity(settings)
     with _single_agent(settings.home):
@@ -325,7 +425,7 @@ def _single_agent(home: Path) -> Iterator[None]:
         yield
         return
     path = home / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -371,6 +471,23 @@ def _default_logging() -> None:
     for name in ("httpx", "httpcore"):
         if logging.getLogger(name).level == logging.NOTSET and logging.getLogger().level > logging.DEBUG:
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _credentials_refused(exc: ProtocolError) -> bool:
+    """The hub refused this site itself (certificate or token), not one of its tasks."""
+    return isinstance(exc, Forbidden) and exc.context.get("status") == 401
+
+
+def _closing_reason(record: TaskRecord) -> str:
+    """Why a task this agent is done with is over, for the hub: the hub's own words, no site paths."""
+    if record.phase != Phase.GIVEN_UP:
+        return f"this site has already {record.phase.value} this task and will not run it again"
+    note = record.note or "no reason recorded"
+    subject = "download of the task's weights" if note.startswith("downloading blob") else "result"
+    refusal = note.split("hub answered ", 1)[1] if "hub answered " in note else note.split(": ", 1)[-1]
+    if len(refusal) > _REASON_MAX:
+        refusal = refusal[: _REASON_MAX - 1] + "…"
+    return f"the hub refused this site's {subject}: {refusal}"
 
 
 def _result_kept(record: TaskRecord) -> bool:

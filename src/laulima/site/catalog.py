@@ -7,13 +7,14 @@ not register here. Stored as ``home/catalog.json``, rewritten atomically on ever
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from pathlib import Path
 from typing import Any
 
 from laulima.errors import ConfigurationError, DataError
-from laulima.site._fs import write_atomic
+from laulima.site._fs import private_dir, write_atomic
 
 __all__ = ["CATALOG_FILE", "Catalog"]
 
@@ -81,6 +82,14 @@ class Catalog:
         """Every registered dataset, by name."""
         return {name: Path(e["path"]) for name, e in sorted(self._read().items())}
 
+    def signature(self) -> tuple[int, int, int] | None:
+        """Changes whenever the catalog file does (it is replaced on every write); None: no file."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and name in self._read()
 
@@ -111,5 +120,5 @@ class Catalog:
         return datasets
 
     def _write(self, entries: dict[str, dict[str, Any]]) -> None:
-        self.home.mkdir(parents=True, exist_ok=True)
+        private_dir(self.home)
         write_atomic(self.path, json.dumps({"datasets": entries}, indent=2, sort_keys=True) + "\n")

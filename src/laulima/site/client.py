@@ -27,6 +27,7 @@ from laulima.core.protocol import (
     EvaluationResult,
     Header,
     MetaKey,
+    SiteReport,
     TaskFailure,
     TaskPublic,
     UploadAccepted,
@@ -41,6 +42,7 @@ from laulima.errors import (
     ProtocolError,
     TransportError,
 )
+from laulima.site._fs import open_private
 
 __all__ = ["CHUNK_SIZE", "HubClient"]
 
@@ -112,13 +114,15 @@ class HubClient:
         self._http = client or httpx.Client(
             timeout=httpx.Timeout(60.0, connect=10.0), verify=verify, follow_redirects=False
         )
-        self._headers = {"User-Agent": f"laulima-site/{__version__}"}
+        self._headers = {"User-Agent": f"laulima-site/{__version__}", Header.VERSION.value: __version__}
         if token is not None:
             self._headers["Authorization"] = f"Bearer {token}"
         self.uses_certificate = token is None
         self._probe_verify = probe_verify
         """TLS settings without the client certificate: to tell a refused certificate from a
         hub that is merely restarting (see :meth:`_certificate_refused`)."""
+        self.reports_supported = True
+        """False once the hub answered 404/405 to :meth:`report` (a hub older than the report)."""
 
     # -- the protocol ------------------------------------------------------------------
     def next_task(self, wait: float, *, attempts: int | None = None) -> TaskPublic | None:
@@ -148,9 +152,21 @@ class HubClient:
         return self._retrying("polling for tasks", once, attempts)
 
     def download_blob(self, digest: str, dest: Path, expected_size: int | None = None) -> int:
-        """Stream blob ``digest`` into ``dest`` (atomically, sha256-checked); return its size."""
+        """Stream blob ``digest`` into ``dest`` (atomically, sha256-checked); return its size.
+
+        With ``expected_size`` (the task's ``weights_size``) a body announced or arriving
+        larger than that is refused at once: the disk never holds more than that many bytes of it.
+        """
         dest = Path(dest)
         what = f"downloading blob {digest[:12]}"
+
+        def too_large(received: str, done: str) -> DataError:
+            return DataError(
+                f"{what}: the hub {received}, more than the {expected_size} bytes the task announced; {done} "
+                "— tell the federation operator if this repeats",
+                digest=digest,
+                expected_size=expected_size,
+            )
 
         def once() -> int:
             tmp = dest.with_name(dest.name + ".part")
@@ -163,7 +179,12 @@ class HubClient:
                             "the hub's blob store may be damaged — tell the federation operator",
                             digest=digest,
                         )
-                    size, actual = _write_hashing(response.iter_bytes(), tmp)
+                    announced = _content_length(response)
+                    if expected_size is not None and announced is not None and announced > expected_size:
+                        raise too_large(f"announced a body of {announced} bytes", "refused it before reading")
+                    size, actual = _write_hashing(response.iter_bytes(), tmp, limit=expected_size)
+                    if size < 0:
+                        raise too_large("kept sending", "stopped reading and deleted the partial file")
             except httpx.TransportError as exc:
                 tmp.unlink(missing_ok=True)
                 raise self._transport_failure(exc, what) from exc
@@ -237,6 +258,35 @@ class HubClient:
             f"/tasks/{task_id}/failure", failure.model_dump(mode="json"), f"reporting the failure of task {task_id}"
         )
 
+    def report(self, report: SiteReport) -> bool:
+        """Tell the hub this agent's version and its datasets' case counts (one try).
+
+        False, logged once, when the hub is older than the report (404/405); other refusals
+        raise as usual, and so does a network failure (:class:`TransportError`): try later.
+        """
+        if not self.reports_supported:
+            return False
+        what = "reporting the site's version and datasets"
+        try:
+            self._retrying(
+                what,
+                lambda: self._send(
+                    "PUT",
+                    "/sites/self/report",
+                    what=what,
+                    json=report.model_dump(mode="json"),
+                    timeout=httpx.Timeout(10.0, connect=10.0),
+                ),
+                1,
+            )
+        except ProtocolError as exc:
+            if exc.context.get("status") not in (404, 405):
+                raise
+            self.reports_supported = False
+            log.info("%s: the hub at %s does not take reports (an older hub); not sending them", what, self.base_url)
+            return False
+        return True
+
     def close(self) -> None:
         if self._owns_http:
             self._http.close()
@@ -307,7 +357,8 @@ class HubClient:
             return False
         try:
             with httpx.Client(verify=self._probe_verify, timeout=10.0) as probe:
-                return probe.get(self._url("/health")).status_code == 200 and not self._health_with_certificate()
+                answered = probe.get(self._url("/health"), headers={Header.VERSION.value: __version__})
+                return answered.status_code == 200 and not self._health_with_certificate()
         except httpx.HTTPError:
             return False
 
@@ -394,15 +445,29 @@ class _Streamed:
         self._cm.__exit__(*exc)
 
 
-def _write_hashing(chunks: Iterator[bytes], dest: Path) -> tuple[int, str]:
+def _write_hashing(chunks: Iterator[bytes], dest: Path, *, limit: int | None = None) -> tuple[int, str]:
+    """Write ``chunks`` to ``dest`` (0600) hashing them; size -1 as soon as more than ``limit``
+    bytes arrive (the rest is not read, and the excess never written)."""
     h = hashlib.sha256()
     size = 0
-    with open(dest, "wb") as fh:
+    with open(open_private(dest), "wb") as fh:
         for chunk in chunks:
+            size += len(chunk)
+            if limit is not None and size > limit:
+                return -1, ""
             h.update(chunk)
             fh.write(chunk)
-            size += len(chunk)
     return size, h.hexdigest()
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    """The body's announced size in bytes, where it is the size of what ``iter_bytes`` yields."""
+    if response.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        return None  # the length of the compressed body; the decoded one is counted as it arrives
+    try:
+        return int(response.headers["Content-Length"])
+    except (KeyError, ValueError):
+        return None
 
 
 def _file_chunks(path: Path, chunk_size: int) -> Iterator[bytes]:

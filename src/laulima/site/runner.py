@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from typing import Any
 
 from laulima.core.protocol import FailureKind, TaskPublic
 from laulima.errors import AlgorithmError, DataError
-from laulima.site._fs import write_atomic
+from laulima.site._fs import open_private, write_atomic
 from laulima.site.taskdir import RunResult, failure_reason, task_spec
 from laulima.site.worker import (
     ERROR_FILE,
@@ -37,7 +38,7 @@ from laulima.site.worker import (
 )
 from laulima.site.zygote import Zygote, ZygoteGone
 
-__all__ = ["TaskRunner", "child_pythonpath"]
+__all__ = ["TaskRunner", "child_pythonpath", "seconds_left"]
 
 _ZYGOTE_STARTS = 3
 """Fork-server starts in a row that may die before serving a task, before giving up on it."""
@@ -71,24 +72,32 @@ class TaskRunner:
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
 
-    def time_limit(self, task: TaskPublic) -> float:
-        """Seconds the run may take: the task's limit, the time to its deadline, the site's cap."""
-        limits = [task.time_limit_s, task.deadline - time.time()]
+    def time_limit(self, task: TaskPublic, *, received_at: float | None = None) -> float:
+        """Seconds the run may take: the task's limit, what is left of the time to its deadline
+        (see :func:`seconds_left`), the site's cap."""
+        limits = [_finite(task.time_limit_s), seconds_left(task, received_at)]
         if self.time_limit_cap_s is not None:
             limits.append(self.time_limit_cap_s)
         return min(limits)
 
-    def run(self, task: TaskPublic, task_dir: Path, *, site: str, dataset_path: Path) -> RunResult:
-        """Run ``task`` on the weights in ``task_dir/weights.safetensors``; raise AlgorithmError on failure."""
+    def run(
+        self, task: TaskPublic, task_dir: Path, *, site: str, dataset_path: Path, received_at: float | None = None
+    ) -> RunResult:
+        """Run ``task`` on the weights in ``task_dir/weights.safetensors``; raise AlgorithmError on failure.
+
+        ``received_at`` is when the hub's answer carrying the task arrived, by ``time.monotonic()``
+        (default: now); the run must end by then + ``task.seconds_left``.
+        """
         task_dir = Path(task_dir).resolve()
         if not (task_dir / WEIGHTS_FILE).exists():
             raise DataError(
                 f"task {task.id}: no weights at {task_dir / WEIGHTS_FILE}; download them first", task=task.id
             )
-        limit = self.time_limit(task)
+        limit = self.time_limit(task, received_at=received_at)
         if limit <= 0:
             raise AlgorithmError(
-                f"task {task.id}: its deadline passed before the algorithm could start",
+                f"timeout: the task's deadline passed before the algorithm could start "
+                f"(the hub allowed {_finite(task.seconds_left):.1f} s from its delivery)",
                 kind=FailureKind.TIMEOUT.value,
                 task=task.id,
             )
@@ -221,7 +230,10 @@ class TaskRunner:
         with self._lock:
             if self._cancelled.is_set():
                 return None
-            with open(task_dir / STDERR_LOG, "wb") as err, open(task_dir / STDOUT_LOG, "wb") as out:
+            with (
+                open(open_private(task_dir / STDERR_LOG), "wb") as err,
+                open(open_private(task_dir / STDOUT_LOG), "wb") as out,
+            ):
                 proc = self._popen([str(task_dir)], stdin=subprocess.DEVNULL, stdout=out, stderr=err)
             self._group = proc.pid
         try:
@@ -245,9 +257,32 @@ class TaskRunner:
         env[PARENT_ENV] = str(os.getpid())
         env.setdefault("PYTHONUNBUFFERED", "1")
         streams.setdefault("stderr", subprocess.DEVNULL)
+        # umask 077: whatever the algorithm writes (scratch files, checkpoints) is the site's alone.
         return subprocess.Popen(
-            [sys.executable, "-m", "laulima.site.worker", *args], env=env, start_new_session=True, **streams
+            [sys.executable, "-m", "laulima.site.worker", *args],
+            env=env,
+            start_new_session=True,
+            umask=0o077,
+            **streams,
         )
+
+
+def seconds_left(task: TaskPublic, received_at: float | None = None) -> float:
+    """Seconds until ``task``'s deadline: the hub's ``seconds_left`` less the time since the
+    task arrived (``received_at``, by ``time.monotonic()``; None: it just arrived).
+
+    A duration on this site's monotonic clock, never this site's wall clock against the
+    hub's ``deadline``: a site whose clock is off by more than a round would fail every task.
+    """
+    left = _finite(task.seconds_left)
+    if received_at is not None:
+        left -= max(0.0, time.monotonic() - received_at)
+    return left
+
+
+def _finite(value: float) -> float:
+    """A time from the hub; NaN and infinities (never sent by a sound hub) count as no time at all."""
+    return value if math.isfinite(value) else 0.0
 
 
 def child_pythonpath(existing: str | None = None) -> str:

@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from laulima.errors import ConfigurationError
-from laulima.site._fs import write_atomic
+from laulima.site._fs import private_dir, tighten, write_atomic
 
 __all__ = ["CONFIG_FILE", "ENV_PREFIX", "TOKEN_FILE", "SiteSettings", "write_site_config"]
 
@@ -181,7 +181,8 @@ def write_site_config(home: str | Path, name: str, hub_url: str, token: str | No
         {"home": home, "name": name, "hub_url": hub_url, "token": token, **options},
         source=f"site config for {home}",
     )
-    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    private_dir(home)
+    tighten(home)  # a home made by an older version (0755): nothing in it is for other users
     lines = [f"name = {json.dumps(name)}", f"hub_url = {json.dumps(hub_url.rstrip('/'))}"]
     for key, value in options.items():
         if value is None:
@@ -198,9 +199,9 @@ def write_site_config(home: str | Path, name: str, hub_url: str, token: str | No
     else:
         header = "# Written by `laulima site init`. The token is in ./token (mode 0600), not here.\n"
     config_path = home / CONFIG_FILE
-    write_atomic(config_path, header + "\n".join(lines) + "\n", mode=0o644)
+    write_atomic(config_path, header + "\n".join(lines) + "\n")
     if token is not None:
-        write_atomic(home / TOKEN_FILE, token.strip() + "\n", mode=0o600)
+        write_atomic(home / TOKEN_FILE, token.strip() + "\n")
     else:
         (home / TOKEN_FILE).unlink(missing_ok=True)
     return config_path

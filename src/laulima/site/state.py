@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from laulima.site._fs import write_atomic
+from laulima.site._fs import private_dir, write_atomic
 
 __all__ = ["STATE_FILE", "Phase", "SiteState", "TaskRecord"]
 
@@ -52,6 +52,9 @@ class TaskRecord:
     """Set when the computed result is a failure (error, timeout, rejected) to report."""
     note: str | None = None
     """Why the task was given up or failed, for the admin reading state.json."""
+    closed_at_hub: bool = False
+    """The hub was told this final task is over here (a failure report it accepted, or a 409:
+    it had closed the task already); if it sends the task again, it is not told twice."""
 
 
 class SiteState:
@@ -112,7 +115,7 @@ class SiteState:
             return {}
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         data = {
             "tasks": {
                 r.task_id: {k: v for k, v in asdict(r).items() if k != "task_id" and v is not None}

@@ -29,7 +29,7 @@ import numpy as np
 from laulima.algorithms.base import Algorithm, Evaluation, SiteContext, TrainConfig, Update, load_algorithm
 from laulima.core.weights import Weights, check_finite, check_matches, safetensors_chunks, schema_of
 from laulima.errors import AlgorithmError, LaulimaError, WeightsError
-from laulima.site._fs import write_atomic
+from laulima.site._fs import PRIVATE_DIR, open_private, write_atomic
 
 __all__ = [
     "ERROR_FILE",
@@ -101,7 +101,7 @@ def run(task_dir: Path, spec: dict[str, Any]) -> None:
     weights = _load_weights(task_dir / WEIGHTS_FILE)
     algorithm: Algorithm = load_algorithm(entry)()
     scratch = task_dir / SCRATCH_DIR
-    scratch.mkdir(exist_ok=True)
+    scratch.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     ctx = SiteContext(
         site=spec["site"],
         dataset=spec["dataset"],
@@ -291,7 +291,7 @@ def _redirect_output(task_dir: Path) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     for fd, name in ((1, STDOUT_LOG), (2, STDERR_LOG)):
-        target = os.open(task_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        target = open_private(task_dir / name)
         os.dup2(target, fd)
         os.close(target)
 
