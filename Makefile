@@ -18,12 +18,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/laulima demo --quick
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/mypy src/laulima/core src/laulima/hub src/laulima/pki
+	$(BIN)/mypy src/laulima/core src/laulima/hub src/laulima/pki src/laulima/site \
+		src/laulima/cli.py src/laulima/cli_security.py src/laulima/client.py src/laulima/sim.py \
+		src/laulima/processes.py src/laulima/errors.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregate.py

@@ -90,6 +90,37 @@ def site_register(name: str, hub_url: HubUrl, token: Token) -> None:
     print(created.token)
 
 
+@site_app.command("list")
+def site_list(hub_url: HubUrl, token: Token) -> None:
+    """(Operator) every site: online / offline / revoked / removed, last contact, version, cohorts."""
+    import time
+
+    from laulima.client import Client
+
+    with Client(hub_url, token) as client:
+        sites = client.list_sites()
+    table = Table("site", "status", "last contact", "version", "datasets (cases)")
+    now = time.time()
+    for site in sites:
+        seen = "never" if site.last_seen is None else f"{max(0.0, now - site.last_seen):.0f} s ago"
+        cohorts = ", ".join(f"{k} ({'?' if v is None else v})" for k, v in sorted(site.datasets.items()))
+        table.add_row(site.name, site.status.value, seen, site.version or "?", cohorts or "-")
+    console.print(table)
+
+
+@site_app.command("remove")
+def site_remove(name: str, hub_url: HubUrl, token: Token) -> None:
+    """(Operator) deregister site NAME: its agent is refused and no round waits for it."""
+    from laulima.client import Client
+
+    with Client(hub_url, token) as client:
+        removed = client.remove_site(name)
+    console.print(
+        f"site [bold]{removed.name}[/] removed: its open tasks are cancelled and its agent is refused; "
+        "`laulima site register` brings it back"
+    )
+
+
 @site_app.command("run")
 def site_run(
     home: Annotated[Path, typer.Option(help="The site's home folder.")],
@@ -148,9 +179,9 @@ def experiment_list(hub_url: HubUrl, token: Token) -> None:
 
     with Client(hub_url, token) as client:
         exps = client.experiments()
-    table = Table("id", "name", "status", "rounds", "error")
+    table = Table("id", "name", "owner", "status", "rounds", "error")
     for e in exps:
-        table.add_row(str(e.id), e.name, e.status, f"{e.rounds_done}/{e.rounds}", e.error or "")
+        table.add_row(str(e.id), e.name, e.owner, e.status, f"{e.rounds_done}/{e.rounds}", e.error or "")
     console.print(table)
 
 
@@ -168,9 +199,12 @@ def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None
     console.print(f"[bold]{exp.name}[/] (#{exp.id}) {exp.status}, round {exp.rounds_done}/{exp.rounds}")
     if exp.error:
         console.print(f"[red]{exp.error}[/]")
-    table = Table("round", "status", "sites", "updates")
+    if exp.waiting:
+        console.print(f"[yellow]{exp.waiting}[/]")
+    table = Table("round", "status", "sites", "updates", "left out")
     for r in rounds:
-        table.add_row(str(r.index), r.status, ", ".join(r.sites), str(r.n_updates))
+        left_out = "; ".join(f"{site}: {why}" for site, why in sorted(r.left_out.items()))
+        table.add_row(str(r.index), r.status, ", ".join(r.sites), str(r.n_updates), left_out)
     console.print(table)
     console.print(metrics_table(metrics))
     for ref in refusals:
@@ -185,6 +219,27 @@ def experiment_cancel(experiment_id: int, hub_url: HubUrl, token: Token) -> None
     with Client(hub_url, token) as client:
         exp = client.cancel(experiment_id)
     console.print(f"experiment {exp.id} is {exp.status}")
+
+
+@experiment_app.command("share")
+def experiment_share(experiment_id: int, name: str, hub_url: HubUrl, token: Token) -> None:
+    """Let the person NAME (the name of their API token) read experiment ID; owner or operator only."""
+    from laulima.client import Client
+
+    with Client(hub_url, token) as client:
+        exp = client.share(experiment_id, name)
+    console.print(f"experiment {exp.id} ({exp.name}) of {exp.owner} is shared with {', '.join(exp.shared_with)}")
+
+
+@experiment_app.command("unshare")
+def experiment_unshare(experiment_id: int, name: str, hub_url: HubUrl, token: Token) -> None:
+    """Stop sharing experiment ID with the person NAME."""
+    from laulima.client import Client
+
+    with Client(hub_url, token) as client:
+        exp = client.unshare(experiment_id, name)
+    shared = ", ".join(exp.shared_with) or "nobody else"
+    console.print(f"experiment {exp.id} ({exp.name}) of {exp.owner} is shared with {shared}")
 
 
 @experiment_app.command("model")
@@ -280,7 +335,9 @@ def baseline(
     if budget <= 0:
         raise ConfigurationError("the spec sets no local_steps; give the budget with --steps", field="steps")
     with console.status(f"{mode} baseline: {budget} optimizer steps per model…"):
-        result = run_baseline(mode, datasets, dict(spec.config), steps=budget, seed=spec.seed)
+        result = run_baseline(
+            "central" if mode == "central" else "local", datasets, dict(spec.config), steps=budget, seed=spec.seed
+        )
     output.write_text(json.dumps(result.to_json(), indent=2))
     console.print(f"{mode} baseline → {output}")
 

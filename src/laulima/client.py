@@ -6,11 +6,13 @@ The CLI and the local simulation use it; site agents have their own client in
 
 from __future__ import annotations
 
+import hashlib
 import os
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -20,10 +22,12 @@ from laulima.core.protocol import (
     ErrorBody,
     ExperimentCreate,
     ExperimentPublic,
+    Header,
     MetricRecord,
     RefusalRecord,
     Role,
     RoundPublic,
+    ShareCreate,
     SiteCreate,
     SiteCreated,
     SitePublic,
@@ -86,6 +90,9 @@ class Client:
     def list_sites(self) -> list[SitePublic]:
         return [SitePublic.model_validate(x) for x in self._request("GET", "/sites")]
 
+    def remove_site(self, name: str) -> SitePublic:
+        return SitePublic.model_validate(self._request("DELETE", f"/sites/{name}"))
+
     # -- people's tokens (operator) --------------------------------------------
     def create_token(self, name: str, role: Role | str) -> TokenCreated:
         body = TokenCreate(name=name, role=Role(role)).model_dump(mode="json")  # type: ignore[arg-type]
@@ -99,7 +106,11 @@ class Client:
 
     # -- blobs and experiments -------------------------------------------------
     def upload_blob(self, data: bytes) -> BlobCreated:
-        data_out = self._request("PUT", "/blobs", content=data, headers={"Content-Type": "application/octet-stream"})
+        """Upload weights; the announced sha256 lets the hub check the body and not count the same
+        bytes twice against the upload quota."""
+        digest = hashlib.sha256(data).hexdigest()
+        headers = {"Content-Type": "application/octet-stream", Header.CONTENT_SHA256.value: digest}
+        data_out = self._request("PUT", "/blobs", content=data, headers=headers)
         return BlobCreated.model_validate(data_out)
 
     def submit(self, spec: dict[str, Any], initial_weights: bytes) -> ExperimentPublic:
@@ -116,11 +127,21 @@ class Client:
     def cancel(self, experiment_id: int) -> ExperimentPublic:
         return ExperimentPublic.model_validate(self._request("POST", f"/experiments/{experiment_id}/cancel"))
 
+    def share(self, experiment_id: int, name: str) -> ExperimentPublic:
+        """Let the person ``name`` read the experiment (its owner or an operator may)."""
+        body = ShareCreate(name=name).model_dump()
+        return ExperimentPublic.model_validate(self._request("POST", f"/experiments/{experiment_id}/shares", json=body))
+
+    def unshare(self, experiment_id: int, name: str) -> ExperimentPublic:
+        path = f"/experiments/{experiment_id}/shares/{quote(name, safe='')}"
+        return ExperimentPublic.model_validate(self._request("DELETE", path))
+
     def rounds(self, experiment_id: int) -> list[RoundPublic]:
         return [RoundPublic.model_validate(x) for x in self._request("GET", f"/experiments/{experiment_id}/rounds")]
 
     def metrics(self, experiment_id: int) -> list[MetricRecord]:
-        return [MetricRecord.model_validate(x) for x in self._request("GET", f"/experiments/{experiment_id}/metrics")]
+        data = self._request("GET", f"/experiments/{experiment_id}/metrics")
+        return [MetricRecord.model_validate(_without_null_metrics(x)) for x in data]
 
     def refusals(self, experiment_id: int) -> list[RefusalRecord]:
         data = self._request("GET", f"/experiments/{experiment_id}/refusals")
@@ -165,6 +186,15 @@ class _StreamContext:
 
     def __exit__(self, *exc: Any) -> None:
         self._cm.__exit__(*exc)
+
+
+def _without_null_metrics(record: Any) -> Any:
+    """``record`` without metric values that are null. Hubs before metrics were checked stored
+    NaN and Infinity, and serve them as null; dropping them keeps ``experiment status``, the
+    simulation and the demo from failing on one old record."""
+    if isinstance(record, dict) and isinstance(record.get("metrics"), dict):
+        return {**record, "metrics": {k: v for k, v in record["metrics"].items() if v is not None}}
+    return record
 
 
 def _transport_error(hub_url: str, exc: httpx.TransportError) -> TransportError:

@@ -35,6 +35,8 @@ def view(completed: str = "", failed: dict[str, str] | None = None, now: float =
         (view("", {"a": "x", "b": "y", "c": "z"}, min_sites=1), RoundState.FAIL, ()),
         (view("a", {"b": "x"}, min_sites=1), RoundState.WAIT, ()),  # c may still come
         (view("a", {"b": "x"}, now=10.0, min_sites=1), RoundState.AGGREGATE, ("a",)),
+        (view("", {"a": "refused", "b": "x"}, min_sites=2), RoundState.FAIL, ()),  # c alone cannot make 2
+        (view("", {"a": "refused"}, min_sites=2), RoundState.WAIT, ()),  # b and c still can
     ],
 )
 def test_decide(round_view: RoundView, state: RoundState, sites: tuple[str, ...]):

@@ -106,6 +106,18 @@ class Hub:
             r = self.client.post(self.url("/sites"), json={"name": name}, headers=self.admin)
             assert r.status_code == 201, r.text
             self.tokens[name] = r.json()["token"]
+            self.connect(name)
+
+    def connect(self, name: str) -> None:
+        """The site's agent says hello (an empty poll): rounds select only sites the hub has heard from."""
+        r = self.client.get(self.url("/tasks/next"), params={"wait": 0}, headers=self.site(name))
+        assert r.status_code == 204, r.text
+
+    def person(self, name: str, role: str = "scientist") -> dict[str, str]:
+        """Headers with a new API token of the person ``name``."""
+        r = self.client.post(self.url("/tokens"), json={"name": name, "role": role}, headers=self.admin)
+        assert r.status_code == 201, r.text
+        return {"Authorization": f"Bearer {r.json()['token']}"}
 
     def upload_blob(self, data: bytes) -> str:
         r = self.client.put(self.url("/blobs"), content=data, headers=self.admin)
@@ -171,6 +183,8 @@ def hub_settings(home: Path, **overrides: Any) -> HubSettings:
         "admin_token": ADMIN_TOKEN,
         "orchestrator_tick_s": 0.05,
         "long_poll_max_s": 5.0,
+        "requests_per_minute": 600_000.0,  # tests poll the API in tight loops; the limit has its own test
+        "request_burst": 10_000,
     }
     values.update(overrides)
     return HubSettings(**values)

@@ -74,3 +74,57 @@ def test_stored_weights_read_back_lazily_with_every_dtype_and_shape(tmp_path: Pa
                 np.testing.assert_array_equal(got, expected)
     finally:
         lazy.close()
+
+
+def test_a_commit_of_content_already_stored_pins_it_until_the_writer_closes(tmp_path: Path):
+    """The race: a clean-up deletes a blob that an identical upload just found already stored
+    (and so did not write) before that upload's database row refers to it."""
+    store = LocalBlobStore(tmp_path)
+    digest = store.put_bytes(b"the same update")  # stored earlier, referenced by nothing any more
+    with store.writer() as w:
+        w.write(b"the same update")
+        assert w.commit()[0] == digest and not w.created  # found, not written: the old file is the blob
+        assert store.delete(digest) is False  # the clean-up runs now: it must not take the blob
+        assert store.read_bytes(digest) == b"the same update"
+    assert store.delete(digest) is True  # the writer closed without a row: deletable again
+    assert not store.exists(digest)
+
+
+def test_pins_nest_and_a_new_blob_is_pinned_too(tmp_path: Path):
+    store = LocalBlobStore(tmp_path)
+    with store.writer() as w:
+        w.write(b"new")
+        digest, _ = w.commit()
+        assert w.created
+        with store.pinned(digest):
+            assert store.delete(digest) is False
+        assert store.delete(digest) is False  # the writer still holds its pin
+    with store.pinned(digest), store.pinned(digest):
+        pass
+    assert store.delete(digest) is True and store.delete(digest) is False
+
+
+def test_delete_keeps_a_blob_the_database_refers_to_now(tmp_path: Path):
+    """A clean-up decides from a query; by the time it deletes, a row may refer to the blob."""
+    rows: set[str] = set()
+    asked: list[list[str]] = []
+
+    def in_use(digests):
+        asked.append(list(digests))
+        return rows & set(digests)
+
+    store = LocalBlobStore(tmp_path, in_use=in_use)
+    digest = store.put_bytes(b"weights")
+    rows.add(digest)
+    assert store.delete(digest) is False and store.exists(digest)
+    rows.clear()
+    assert store.delete(digest) is True and asked == [[digest], [digest]]
+
+
+def test_stored_lists_every_blob_with_the_time_it_was_stored(tmp_path: Path):
+    store = LocalBlobStore(tmp_path)
+    digests = sorted(store.put_bytes(bytes([i])) for i in range(3))
+    (tmp_path / "blobs" / "zz").mkdir()  # not ours: ignored
+    listed = dict(store.stored())
+    assert sorted(listed) == digests
+    assert all(abs(listed[d] - store.path(d).stat().st_mtime) < 1e-6 for d in digests)

@@ -28,7 +28,7 @@ def test_environment_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     s = HubSettings()
     assert s.home == (tmp_path / "h").resolve() and s.port == 9999
     assert s.database_url == f"sqlite:///{tmp_path / 'h' / 'hub.db'}"
-    assert s.max_upload_bytes == 4 * 1024**3 and s.long_poll_max_s == 30 and s.url == "http://127.0.0.1:9999"
+    assert s.max_upload_bytes == 2 * 1024**3 and s.long_poll_max_s == 30 and s.url == "http://127.0.0.1:9999"
     monkeypatch.setenv("LAULIMA_HUB_HOST", "0.0.0.0")
     with pytest.raises(ConfigurationError):
         HubSettings()

@@ -48,6 +48,9 @@ class Federation:
         self.op = hub.operator()
         for name in ("site-a", "site-b"):
             assert self.op.post("/sites", json={"name": name}).status_code == 201
+        self.a, self.b = hub.site("site-a"), hub.site("site-b")
+        for agent in (self.a, self.b):  # the agents connect: rounds select sites the hub has heard from
+            assert agent.get("/tasks/next", params={"wait": 0}).status_code == 204
         created = self.op.post("/tokens", json={"name": "alice", "role": "scientist"})
         assert created.status_code == 201, created.text
         self.scientist = hub.client(token=created.json()["token"])
@@ -56,7 +59,6 @@ class Federation:
         r = self.scientist.post("/experiments", json={"spec": SPEC, "initial_weights": digest})
         assert r.status_code == 201, r.text
         self.exp = r.json()
-        self.a, self.b = hub.site("site-a"), hub.site("site-b")
         self.ta = TaskPublic.model_validate(self.a.get("/tasks/next", params={"wait": 5}).json())
         self.tb = TaskPublic.model_validate(self.b.get("/tasks/next", params={"wait": 5}).json())
 
@@ -91,6 +93,12 @@ def test_roles_site_certificates_submit_nothing_scientists_enroll_nothing(fed: F
     assert r.status_code == 403 and "needs an operator token" in r.json()["detail"]
     assert fed.scientist.post("/tokens", json={"name": "mallory", "role": "operator"}).status_code == 403
     assert fed.scientist.get("/tasks/next").status_code == 403  # a person cannot act as a site
+    bob = fed.hub.client(token=fed.op.post("/tokens", json={"name": "bob", "role": "scientist"}).json()["token"])
+    assert bob.get("/experiments").json() == []  # another scientist: alice's experiment is not his
+    assert bob.get(f"/experiments/{fed.exp['id']}").status_code == 404
+    assert bob.post(f"/experiments/{fed.exp['id']}/cancel").status_code == 404
+    assert bob.get(f"/blobs/{fed.exp['global_digest']}").status_code == 404
+    assert fed.op.get(f"/experiments/{fed.exp['id']}").json()["owner"] == "alice"
     assert fed.op.post("/sites", json={"name": "site-z"}).status_code == 201
     assert fed.op.post("/experiments", json=spec_body).status_code == 201  # the operator may do everything
     r = fed.op.post("/tokens", json={"name": "bob", "role": "site"})

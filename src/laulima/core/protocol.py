@@ -10,7 +10,9 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from laulima.core.metrics import checked_metrics
 
 __all__ = [
     "API_PREFIX",
@@ -30,7 +32,11 @@ __all__ = [
     "RoundStatus",
     "SiteCreate",
     "SiteCreated",
+    "ShareCreate",
+    "N_SAMPLES_MAX",
     "SitePublic",
+    "SiteReport",
+    "SiteStatus",
     "TaskFailure",
     "TaskKind",
     "TaskPublic",
@@ -54,6 +60,8 @@ class Header(StrEnum):
     """One-time value from the task; binds an upload to the task it was issued for."""
     CONTENT_SHA256 = "Laulima-Content-Sha256"
     """sha256 of a blob body, sent by the hub on download and by the site on upload."""
+    VERSION = "Laulima-Version"
+    """The Laulima version of a site agent, sent with every request; operators see it in the site list."""
 
 
 class MetaKey(StrEnum):
@@ -110,6 +118,8 @@ class FailureKind(StrEnum):
     TIMEOUT = "timeout"
     REJECTED = "rejected"
     """The site's policy or admin refused to run the task."""
+    REFUSED = "refused"
+    """The hub refused the site's result (invalid weights, over max_update_norm, ...)."""
 
 
 class _Msg(BaseModel):
@@ -156,10 +166,41 @@ class TokenCreated(TokenPublic):
     """Shown once; the hub keeps only its sha256."""
 
 
+N_SAMPLES_MAX = 10**9
+"""Upper bound of any sample count the hub accepts (updates, evaluations, catalog reports)."""
+
+DatasetName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+
+
+class SiteStatus(StrEnum):
+    """Whether the orchestrator may select a site for a new round."""
+
+    ONLINE = "online"
+    """Seen within the hub's ``site_offline_after_s``, or working on one of its tasks."""
+    OFFLINE = "offline"
+    REVOKED = "revoked"
+    """Its certificate was revoked (``laulima ca revoke``)."""
+    REMOVED = "removed"
+    """Deregistered by an operator (``laulima site remove``)."""
+
+
+class SiteReport(_Msg):
+    """What an agent tells the hub about itself: its version and the datasets it holds,
+    with the number of cases each (None where the layout gives no count). The hub bounds a
+    site's reported ``n_samples`` by these counts."""
+
+    version: Annotated[str, Field(max_length=64, pattern=r"^[\w.+-]*$")]
+    datasets: Annotated[dict[DatasetName, Annotated[int, Field(ge=0, le=N_SAMPLES_MAX)] | None], Field(max_length=256)]
+
+
 class SitePublic(_Msg):
     name: str
     created_at: float
     last_seen: float | None
+    status: SiteStatus = SiteStatus.OFFLINE
+    version: str | None = None
+    datasets: dict[str, int | None] = {}
+    """Cohort sizes the site reported, by dataset name."""
 
 
 class TaskPublic(_Msg):
@@ -174,14 +215,24 @@ class TaskPublic(_Msg):
     weights_digest: Digest
     weights_size: int
     deadline: float
-    """Unix time after which the hub no longer accepts the result."""
+    """Unix time after which the hub no longer accepts the result (informational: clocks differ)."""
+    seconds_left: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    """Seconds from this answer to ``deadline``, by the hub's clock. Sites time tasks with
+    this duration and their own monotonic clock, so a site whose clock is off still meets it."""
     time_limit_s: float
     upload_nonce: str
 
 
+Metrics = Annotated[dict[str, float], BeforeValidator(checked_metrics)]
+"""Reported metrics, under the rules of :func:`laulima.core.metrics.checked_metrics`."""
+
+
 class EvaluationResult(_Msg):
-    n_samples: Annotated[int, Field(ge=0)]
-    metrics: dict[str, float]
+    """What a site reports for an EVALUATE task. Counts and metrics are bounded and finite
+    (see :mod:`laulima.core.metrics`): the hub stores, tabulates and plots them."""
+
+    n_samples: Annotated[int, Field(ge=0, le=N_SAMPLES_MAX)]
+    metrics: Metrics
 
 
 class TaskFailure(_Msg):
@@ -215,6 +266,9 @@ class RoundPublic(_Msg):
     closed_at: float | None
     global_digest: str | None
     """The model this round produced (None while open)."""
+    left_out: dict[str, str] = {}
+    """Sites the experiment names (or every enrolled site, for ``sites = []``) that this round
+    did not select, with why: offline, revoked or removed."""
 
 
 class ExperimentPublic(_Msg):
@@ -229,6 +283,18 @@ class ExperimentPublic(_Msg):
     """The newest checkpointed global model."""
     error: str | None
     spec: dict[str, Any]
+    waiting: str | None = None
+    """Why the next round has not opened (e.g. too few sites online), while that is so."""
+    owner: str
+    """The name of the person who submitted it; they (and operators) may cancel and share it."""
+    shared_with: list[str] = []
+    """People its owner shared it with: they may read it (status, rounds, metrics, models)."""
+
+
+class ShareCreate(_Msg):
+    """Share an experiment with the person of this name (the name of their API token)."""
+
+    name: TokenName
 
 
 class MetricRecord(_Msg):

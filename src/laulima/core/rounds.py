@@ -57,20 +57,23 @@ class Decision:
 
 
 def decide(view: RoundView) -> Decision:
-    """Wait, aggregate or fail: the round closes when nobody is outstanding or time is up."""
+    """Wait, aggregate or fail: the round closes when nobody is outstanding or time is up,
+    and fails at once when the sites still outstanding could no longer make the quorum."""
     outstanding = view.outstanding
-    if outstanding and view.now < view.deadline:
-        return Decision(RoundState.WAIT)
     done = tuple(sorted(s for s in view.selected if s in view.completed))
+    quorum_possible = len(done) + len(outstanding) >= view.min_sites
+    if outstanding and view.now < view.deadline and quorum_possible:
+        return Decision(RoundState.WAIT)
     if len(done) >= view.min_sites:
         return Decision(RoundState.AGGREGATE, sites=done)
     reasons = [f"{site}: {view.failed[site]}" for site in sorted(view.failed) if site in view.selected]
     reasons += [f"{site}: no result before the deadline" for site in sorted(outstanding)]
+    when = "by the deadline" if outstanding and quorum_possible else "(the others failed or were refused)"
     return Decision(
         RoundState.FAIL,
         reason=(
             f"round {view.index}: only {len(done)} of {len(view.selected)} selected sites returned "
-            f"results by the deadline (min_sites = {view.min_sites}): {'; '.join(reasons) or 'none'}"
+            f"results {when} (min_sites = {view.min_sites}): {'; '.join(reasons) or 'none'}"
         ),
     )
 

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,6 +29,7 @@ from laulima.hub.api.deps import HubContext, error_status
 from laulima.hub.api.routes import api_router
 from laulima.hub.blobstore import LocalBlobStore
 from laulima.hub.db import create_all, make_engine, make_session_factory
+from laulima.hub.housekeeping import Housekeeper, live_references
 from laulima.hub.limits import SiteLimits
 from laulima.hub.notify import TaskBoard
 from laulima.hub.orchestrator import Orchestrator
@@ -77,15 +79,23 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
 
 
 def _start(settings: HubSettings, clock: Callable[[], float]) -> HubContext:
-    settings.home.mkdir(parents=True, exist_ok=True)
+    _private_dir(settings.home)
     admin_token = settings.resolve_admin_token()
     assert settings.database_url is not None  # filled in by HubSettings
     engine = make_engine(settings.database_url)
     create_all(engine)
+    _private_file(settings.home / "hub.db")
     sessions = make_session_factory(engine)
     assert settings.key_dir is not None
-    blobs = LocalBlobStore(settings.home, key_dir=settings.key_dir)
+    blobs = LocalBlobStore(settings.home, key_dir=settings.key_dir, in_use=live_references(sessions))
     board = TaskBoard()
+    revocations = _revocations(settings)
+
+    def service() -> HubService:
+        return HubService(
+            sessions, blobs, clock, revocations=revocations, site_offline_after_s=settings.site_offline_after_s
+        )
+
     orchestrator = Orchestrator(
         sessions,
         blobs,
@@ -93,20 +103,44 @@ def _start(settings: HubSettings, clock: Callable[[], float]) -> HubContext:
         tick_s=settings.orchestrator_tick_s,
         notify=board.notify,
         keep_updates=settings.keep_updates,
+        service=service(),
     )
+    orchestrator.housekeeping = Housekeeper(sessions, blobs, ttl_s=settings.unused_upload_ttl_s, clock=clock).run_if_due
     return HubContext(
         settings=settings,
         engine=engine,
         sessions=sessions,
         blobs=blobs,
-        service=HubService(sessions, blobs, clock),
+        service=service(),
         orchestrator=orchestrator,
         board=board,
         admin_token=admin_token,
         clock=clock,
-        revocations=_revocations(settings),
-        limits=SiteLimits(settings.site_uploads_per_minute, settings.site_upload_burst, settings.site_max_transfers),
+        revocations=revocations,
+        limits=SiteLimits(
+            settings.site_uploads_per_minute,
+            settings.site_upload_burst,
+            settings.site_max_transfers,
+            requests_per_minute=settings.requests_per_minute,
+            request_burst=settings.request_burst,
+            max_polls=settings.site_max_polls,
+        ),
     )
+
+
+def _private_dir(path: Path) -> None:
+    """The hub's home holds its database, sealed blobs and tokens: owner-only, whatever
+    the umask, and tightened if an older version left it open."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if path.stat().st_mode & 0o077:
+        log.warning("hub home %s was accessible to other users; restricting it to its owner (0700)", path)
+        path.chmod(0o700)
+
+
+def _private_file(path: Path) -> None:
+    for candidate in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        if candidate.exists() and candidate.stat().st_mode & 0o077:
+            candidate.chmod(0o600)
 
 
 def _revocations(settings: HubSettings) -> RevocationList | None:
@@ -182,7 +216,7 @@ def _plain(value: Any) -> Any:
 async def _laulima_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LaulimaError)
     status, code = error_status(exc)
-    if exc.context.get("reason") in ("revoked", "expired") or status >= 500:
+    if exc.context.get("reason") in ("revoked", "expired", "removed") or status >= 500:
         log.warning("%s %s refused (%d): %s", request.method, request.url.path, status, exc)
     return _error(status, code, str(exc), exc.context)
 

@@ -8,6 +8,12 @@ visible, atomically, so a crash never leaves a half-written blob under a valid n
 At rest every blob is sealed (:mod:`laulima.hub.sealed`: AES-GCM segments, a key per
 experiment, keys outside the blob folder); :meth:`BlobStore.open` reads the plaintext back
 with random access, authenticating each segment it touches.
+
+Content addressing means a new upload may find its bytes already stored and write nothing,
+while a clean-up decided, from the database, to delete that very blob. So a commit *pins*
+its digest until the writer is closed (after the caller wrote the database row that refers
+to it), and :meth:`BlobStore.delete` skips pinned digests and, under the same lock, asks
+the database (``in_use``) whether a row refers to the blob now.
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import re
 import tempfile
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, Iterable
+from collections import Counter
+from collections.abc import AsyncIterable, Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
@@ -57,7 +65,7 @@ _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 
 def check_digest(digest: str) -> str:
     """Refuse anything but 64 lowercase hex characters before it reaches a file name."""
-    if not isinstance(digest, str) or not _DIGEST.match(digest):
+    if not isinstance(digest, str) or not _DIGEST.fullmatch(digest):
         raise ProtocolError(
             f"{digest!r} is not a blob digest; expected 64 lowercase hexadecimal characters (sha256)",
             digest=str(digest)[:80],
@@ -95,11 +103,19 @@ class BlobWriter(ABC):
 
     @abstractmethod
     def commit(self) -> tuple[str, int]:
-        """Make the blob durable and visible; returns ``(digest, size)``."""
+        """Make the blob durable and visible; returns ``(digest, size)``.
+
+        The digest stays pinned (:meth:`BlobStore.pin`) until the writer is closed: keep it
+        open until the database row that refers to the blob is written (or has failed)."""
+
+    @property
+    @abstractmethod
+    def created(self) -> bool:
+        """True if ``commit`` stored a new file; False if identical content was already there."""
 
     @abstractmethod
     def abort(self) -> None:
-        """Forget everything written; safe to call twice or after ``commit``."""
+        """Forget everything written (after ``commit``: release its pin); safe to call twice."""
 
     def __enter__(self) -> BlobWriter:
         return self
@@ -137,7 +153,31 @@ class BlobStore(ABC):
 
     @abstractmethod
     def delete(self, digest: str) -> bool:
-        """Remove a blob; False if it was not there."""
+        """Remove a blob unless it is pinned or in use; False if nothing was removed."""
+
+    @abstractmethod
+    def pin(self, digest: str) -> None:
+        """Keep ``digest`` from :meth:`delete` until as many :meth:`unpin` calls (pins nest)."""
+
+    @abstractmethod
+    def unpin(self, digest: str) -> None: ...
+
+    @abstractmethod
+    def is_pinned(self, digest: str) -> bool: ...
+
+    @contextmanager
+    def pinned(self, digest: str) -> Iterator[str]:
+        """``digest`` cannot be deleted inside this block (e.g. while a row referring to it
+        is being written)."""
+        self.pin(digest)
+        try:
+            yield digest
+        finally:
+            self.unpin(digest)
+
+    @abstractmethod
+    def stored(self) -> Iterator[tuple[str, float]]:
+        """Every stored blob as ``(digest, unix time it was stored)``: what clean-up scans."""
 
     def put_bytes(self, data: bytes) -> str:
         with self.writer() as w:
@@ -165,6 +205,8 @@ class _LocalWriter(BlobWriter):
         self._hash = hashlib.sha256()
         self._size = 0
         self._done = False
+        self._created = False
+        self._pinned: str | None = None
 
     def write(self, chunk: bytes | memoryview) -> None:
         if self._file is None or self._sealed.finished:
@@ -198,15 +240,13 @@ class _LocalWriter(BlobWriter):
         self._file.close()
         self._file = None
         digest = self._hash.hexdigest()
-        target = self._store.path_for(digest)
-        if target.exists():  # identical content is already stored
-            self._path.unlink(missing_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._path, target)
-            _fsync_dir(target.parent)
-        self._done = True
+        self._created = self._store._publish(self._path, digest)  # pins digest
+        self._pinned, self._done = digest, True
         return digest, self._size
+
+    @property
+    def created(self) -> bool:
+        return self._created
 
     def abort(self) -> None:
         if self._file is not None:
@@ -215,14 +255,30 @@ class _LocalWriter(BlobWriter):
         if not self._done:
             self._path.unlink(missing_ok=True)
             self._done = True
+        if self._pinned is not None:
+            digest, self._pinned = self._pinned, None
+            self._store.unpin(digest)
 
 
 class LocalBlobStore(BlobStore):
     """Blobs under ``root/blobs/ab/cdef…``; uploads in progress under ``root/tmp``; keys in
-    ``key_dir`` (default ``root/keys``)."""
+    ``key_dir`` (default ``root/keys``). ``in_use(digests)`` returns those of ``digests``
+    the database still refers to; :meth:`delete` keeps them (the hub passes
+    :func:`laulima.hub.housekeeping.live_references`). Never call :meth:`delete` or
+    :meth:`pin` inside a database transaction: ``delete`` queries the database under the lock."""
 
-    def __init__(self, root: str | os.PathLike[str], key_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        key_dir: str | os.PathLike[str] | None = None,
+        *,
+        in_use: Callable[[Collection[str]], Collection[str]] | None = None,
+    ) -> None:
         self.root = Path(root)
+        self._in_use = in_use
+        self._pins: Counter[str] = Counter()
+        self._pin_lock = threading.Lock()
+        """Taken by commit (existence check, rename, pin), unpin and delete (pin and database check, unlink)."""
         self.keyring = Keyring(key_dir if key_dir is not None else self.root / "keys")
         self._verified: set[tuple[str, int, int]] = set()
         self._verified_lock = threading.Lock()
@@ -277,11 +333,63 @@ class LocalBlobStore(BlobStore):
         return self.path_for(digest).is_file()
 
     def delete(self, digest: str) -> bool:
-        try:
-            self.path_for(digest).unlink()
-        except FileNotFoundError:
-            return False
+        path = self.path_for(digest)
+        with self._pin_lock:
+            if self._pins[digest] > 0:
+                return False
+            if self._in_use is not None and digest in self._in_use([digest]):
+                return False
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                return False
         return True
+
+    def pin(self, digest: str) -> None:
+        check_digest(digest)
+        with self._pin_lock:
+            self._pins[digest] += 1
+
+    def is_pinned(self, digest: str) -> bool:
+        with self._pin_lock:
+            return self._pins[digest] > 0
+
+    def unpin(self, digest: str) -> None:
+        with self._pin_lock:
+            left = self._pins[digest] - 1
+            if left > 0:
+                self._pins[digest] = left
+            else:
+                self._pins.pop(digest, None)
+
+    def stored(self) -> Iterator[tuple[str, float]]:
+        for folder in sorted(self.blob_dir.iterdir()):
+            if not folder.is_dir() or len(folder.name) != 2:
+                continue
+            for path in sorted(folder.iterdir()):
+                digest = folder.name + path.name
+                if not _DIGEST.fullmatch(digest):
+                    continue
+                try:
+                    yield digest, path.stat().st_mtime
+                except FileNotFoundError:  # deleted meanwhile
+                    continue
+
+    def _publish(self, temp: Path, digest: str) -> bool:
+        """Move a finished upload to its name, or drop it if identical content is there;
+        either way pin ``digest``, atomically with the existence check. True if new."""
+        target = self.path_for(digest)
+        with self._pin_lock:
+            created = not target.exists()
+            if created:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, target)
+            else:
+                temp.unlink(missing_ok=True)
+            self._pins[digest] += 1
+        if created:
+            _fsync_dir(target.parent)
+        return created
 
 
 async def receive_into(

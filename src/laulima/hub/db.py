@@ -20,6 +20,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    inspect,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -30,6 +31,7 @@ __all__ = [
     "ApiToken",
     "Base",
     "Experiment",
+    "ExperimentShare",
     "Metric",
     "Refusal",
     "Round",
@@ -38,6 +40,7 @@ __all__ = [
     "Site",
     "Task",
     "Update",
+    "Upload",
     "create_all",
     "make_engine",
     "make_session_factory",
@@ -62,6 +65,14 @@ class Site(Base):
     a site known by its certificate only."""
     created_at: Mapped[float]
     last_seen: Mapped[float | None]
+    version: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The agent's Laulima version, from its last request."""
+    cert_serial: Mapped[str | None] = mapped_column(String(64), default=None)
+    """Hex serial of the certificate it last presented: how a revocation finds the site."""
+    datasets_json: Mapped[str | None] = mapped_column(Text, default=None)
+    """Its last report: dataset name -> number of cases (or null), JSON."""
+    removed_at: Mapped[float | None] = mapped_column(default=None)
+    """Set by ``laulima site remove``: refused from then on, never selected."""
 
 
 class ApiToken(Base):
@@ -93,6 +104,39 @@ class Experiment(Base):
     created_at: Mapped[float]
     finished_at: Mapped[float | None]
     error: Mapped[str | None] = mapped_column(Text)
+    waiting: Mapped[str | None] = mapped_column(Text, default=None)
+    """Why the next round cannot open yet (too few sites online); None when it is not stuck."""
+    owner: Mapped[str | None] = mapped_column(String(64), default=None)
+    """The name of the person who submitted it (their token's name). None only for rows of a
+    hub older than ownership: those belong to the bootstrap operator ("admin")."""
+
+
+class ExperimentShare(Base):
+    """Read access to an experiment granted by its owner (or an operator) to another person."""
+
+    __tablename__ = "experiment_shares"
+    __table_args__ = (UniqueConstraint("experiment_id", "name"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"))
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[float]
+
+
+class Upload(Base):
+    """A blob a person uploaded: who may read it, and what counts against their quota.
+
+    One row per (digest, owner): uploading the same bytes again only refreshes
+    ``created_at``. Rows no experiment uses are removed after ``unused_upload_ttl_s``."""
+
+    __tablename__ = "uploads"
+    __table_args__ = (UniqueConstraint("digest", "owner"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    digest: Mapped[str] = mapped_column(_DIGEST, index=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int]
+    created_at: Mapped[float]
 
 
 class Round(Base):
@@ -110,6 +154,8 @@ class Round(Base):
     global_in_digest: Mapped[str] = mapped_column(_DIGEST)
     global_out_digest: Mapped[str | None] = mapped_column(_DIGEST)
     strategy_state_digest: Mapped[str | None] = mapped_column(_DIGEST)
+    left_out_json: Mapped[str | None] = mapped_column(Text, default=None)
+    """Sites the experiment would have used but this round did not select, with why (JSON)."""
 
 
 class Task(Base):
@@ -208,4 +254,21 @@ def make_session_factory(engine: Engine) -> SessionFactory:
 
 
 def create_all(engine: Engine) -> None:
+    """Create missing tables, then add columns that a newer version defines to tables an
+    older hub created. Only nullable columns are ever added, so old rows stay valid; this
+    is the whole migration story until the schema needs more than additions."""
     Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        existing = inspect(conn)
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(
+                        f"hub database: table {table.name!r} lacks column {column.name!r}, which cannot be added "
+                        "to existing rows; this hub home was made by an incompatible version"
+                    )
+                kind = column.type.compile(dialect=engine.dialect)
+                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')

@@ -25,14 +25,14 @@ from laulima.core.protocol import ExperimentStatus, TaskKind, TaskStatus
 from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due
 from laulima.core.spec import ExperimentSpec
 from laulima.core.strategies import FitResult, Strategy, build_strategy
-from laulima.core.weights import Weights, WeightsSchema, safetensors_chunks
+from laulima.core.weights import Weights, WeightsSchema, check_weights_finite, safetensors_chunks
 from laulima.errors import WeightsError
 from laulima.hub.blobstore import BlobStore, experiment_key
 from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
 from laulima.hub.service import HubService, NewTask, spec_of
 from laulima.hub.validation import Source, open_source, read_into, schema_from, tensor_index
 
-__all__ = ["LazyWeights", "Orchestrator", "store_weights"]
+__all__ = ["LazyWeights", "NonFiniteAggregate", "Orchestrator", "store_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,11 @@ class LazyWeights(Mapping[str, np.ndarray]):
 class Orchestrator:
     """Drives every running experiment from a daemon thread; ``wake()`` after each result."""
 
+    housekeeping: Callable[[], object] | None = None
+    """Called after every pass of the loop; the app sets the clean-up of unused uploads and
+    orphan blobs (:meth:`laulima.hub.housekeeping.Housekeeper.run_if_due`: at most once a
+    minute, never raises)."""
+
     def __init__(
         self,
         session_factory: SessionFactory,
@@ -94,8 +99,10 @@ class Orchestrator:
         tick_s: float = 0.5,
         notify: Callable[[Iterable[str]], None] | None = None,
         keep_updates: bool = False,
+        service: HubService | None = None,
+        recheck_waiting_s: float = 2.0,
     ) -> None:
-        self.service = HubService(session_factory, blobs, clock)
+        self.service = service or HubService(session_factory, blobs, clock)
         self.blobs = blobs
         self.clock = clock
         self.tick_s = tick_s
@@ -104,6 +111,10 @@ class Orchestrator:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.recheck_waiting_s = recheck_waiting_s
+        self._waiting: dict[int, float] = {}
+        """Experiments that could not open their next round (too few sites online), with when
+        to look again: a thousand of them must not cost every tick a thousand queries."""
 
     # -- lifecycle --------------------------------------------------------------------
     def start(self) -> None:
@@ -120,8 +131,11 @@ class Orchestrator:
             self._thread.join(timeout)
             self._thread = None
 
-    def wake(self) -> None:
-        """A result arrived: look at the rounds now instead of at the next tick."""
+    def wake(self, *, sites_changed: bool = False) -> None:
+        """A result arrived: look at the rounds now instead of at the next tick.
+        ``sites_changed``: a site came or went, so experiments waiting for sites look again."""
+        if sites_changed:
+            self._waiting.clear()
         self._wake.set()
 
     def _run(self) -> None:
@@ -136,13 +150,21 @@ class Orchestrator:
                 self.tick()
             except Exception:  # the database itself failed; try again next tick
                 log.exception("orchestrator tick failed; retrying in %.1f s", self.tick_s)
+            if self.housekeeping is not None:  # unused uploads and orphan blobs (hub/housekeeping.py)
+                self.housekeeping()
             self._wake.wait(self.tick_s)
 
     # -- one pass over all running experiments ----------------------------------------
     def tick(self) -> None:
-        for experiment_id in self.service.running_experiment_ids():
+        self.service.expire_overdue()
+        now = time.monotonic()
+        running = self.service.running_experiment_ids()
+        self._waiting = {k: v for k, v in self._waiting.items() if k in set(running)}
+        for experiment_id in running:
             if self._stop.is_set():
                 return
+            if self._waiting.get(experiment_id, 0.0) > now:
+                continue
             try:
                 for _ in range(8):  # a checkpoint is followed at once by the next round
                     if not self.step(experiment_id):
@@ -158,7 +180,6 @@ class Orchestrator:
     def step(self, experiment_id: int) -> bool:
         """Advance one experiment by one transition; True if something changed."""
         svc = self.service
-        svc.expire_overdue(experiment_id)
         with svc.sessions() as s:
             exp = s.get(Experiment, experiment_id)
             if exp is None or exp.status != ExperimentStatus.RUNNING:
@@ -177,9 +198,17 @@ class Orchestrator:
 
     def _open_next(self, exp: Experiment, spec: ExperimentSpec) -> bool:
         index = exp.rounds_done + 1
-        sites = list(spec.sites) or self.service.site_names()
+        sites, left_out = self.service.select_sites(spec.sites)
         if len(sites) < spec.min_sites:
-            return False  # wait for more sites to register
+            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(left_out.items())) or "no site registered"
+            note = (
+                f"waiting to open round {index}: {len(sites)} site(s) online, min_sites = {spec.min_sites} ({why})"
+            )
+            if self.service.set_waiting(exp.id, note):
+                log.info("experiment %s: %s", exp.id, note)
+            self._waiting[exp.id] = time.monotonic() + self.recheck_waiting_s
+            return False
+        self._waiting.pop(exp.id, None)
         strategy = self._strategy(spec, exp.strategy_state_digest)
         config = {
             "round": index,
@@ -194,9 +223,10 @@ class Orchestrator:
             NewTask(site, TaskKind.TRAIN, exp.global_digest, config, deadline, spec.effective_task_timeout_s)
             for site in sites
         ]
-        if not self.service.open_round(exp.id, index, sites, tasks, deadline):
+        if not self.service.open_round(exp.id, index, sites, tasks, deadline, left_out=left_out):
             return False
-        log.info("experiment %s: round %d opened for %s", exp.id, index, ", ".join(sites))
+        skipped = f" (left out: {'; '.join(f'{k}: {v}' for k, v in sorted(left_out.items()))})" if left_out else ""
+        log.info("experiment %s: round %d opened for %s%s", exp.id, index, ", ".join(sites), skipped)
         self._notify(sites)
         return True
 
@@ -226,12 +256,21 @@ class Orchestrator:
         if decision.state == RoundState.WAIT:
             return False
         if decision.state == RoundState.FAIL:
-            log.warning("experiment %s: %s", exp.id, decision.reason)
-            closed = self.service.fail_round(rnd.id, decision.reason)
-            self.discard_spent_updates(exp.id)
+            closed = self.service.fail_round(rnd.id, decision.reason, update_ids=[u.id for u in updates])
+            if closed:
+                log.warning("experiment %s: %s", exp.id, decision.reason)
+                self.discard_spent_updates(exp.id)
             return closed
         chosen = [u for u in updates if u.site in decision.sites]
-        new_digest, state_digest = self._aggregate(spec, rnd, chosen)
+        try:
+            new_digest, state_digest = self._aggregate(spec, rnd, chosen)
+        except NonFiniteAggregate as exc:
+            reason = f"round {rnd.index}: {exc}; the previous global model is kept"
+            closed = self.service.fail_round(rnd.id, reason, update_ids=[u.id for u in updates])
+            if closed:
+                log.warning("experiment %s: %s", exp.id, reason)
+                self.discard_spent_updates(exp.id)
+            return closed
         evaluation: list[NewTask] = []
         if evaluation_due(spec, rnd.index):
             deadline = self.clock() + spec.round_timeout_s
@@ -279,6 +318,7 @@ class Orchestrator:
             strategy = self._strategy(spec, rnd.strategy_state_digest)
             new = strategy.aggregate(global_w, results)
             new = _conform(new, global_w.schema)
+            _check_finite_aggregate(new, [r.site for r in results])
             state = strategy.state_dict()
         finally:
             for w in opened:
@@ -307,6 +347,20 @@ def store_weights(blobs: BlobStore, weights: Mapping[str, np.ndarray], *, key_id
             writer.write(chunk)
         digest, _ = writer.commit()
     return digest
+
+
+class NonFiniteAggregate(WeightsError):
+    """The strategy produced NaN or Inf from the round's updates; nothing is checkpointed."""
+
+
+def _check_finite_aggregate(weights: Mapping[str, np.ndarray], sites: list[str]) -> None:
+    try:
+        check_weights_finite(weights, where=f"the aggregate of the updates from {', '.join(sites)}")
+    except WeightsError as exc:
+        raise NonFiniteAggregate(
+            f"{exc.message} (updates of extreme magnitude; bound them with the spec's max_update_norm)",
+            where="aggregate",
+        ) from exc
 
 
 def _c_order(arr: np.ndarray) -> np.ndarray:

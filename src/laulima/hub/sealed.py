@@ -64,7 +64,7 @@ class Keyring:
         self._lock = threading.Lock()
 
     def key(self, key_id: str, *, create: bool = False) -> bytes:
-        if not _KEY_ID.match(key_id):
+        if not _KEY_ID.fullmatch(key_id):
             raise ConfigurationError(f"blob key id {key_id!r} is not valid", field="key_id")
         with self._lock:
             if key_id in self._cache:

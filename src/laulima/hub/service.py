@@ -25,6 +25,7 @@ from laulima.core.protocol import (
     ExperimentCreate,
     ExperimentPublic,
     ExperimentStatus,
+    FailureKind,
     MetricRecord,
     RefusalRecord,
     Role,
@@ -32,6 +33,8 @@ from laulima.core.protocol import (
     RoundStatus,
     SiteCreated,
     SitePublic,
+    SiteReport,
+    SiteStatus,
     TaskFailure,
     TaskKind,
     TaskPublic,
@@ -44,13 +47,23 @@ from laulima.core.protocol import (
 from laulima.core.spec import ExperimentSpec, parse_spec
 from laulima.core.strategies import build_strategy
 from laulima.errors import Conflict, LaulimaError, NotFound, SpecError
+from laulima.hub import ownership
 from laulima.hub.blobstore import BlobStore
 from laulima.hub.db import ApiToken, Experiment, Metric, Refusal, Round, Session, SessionFactory, Site, Task, Update
+from laulima.hub.housekeeping import referenced
+from laulima.hub.ownership import Person, UploadQuota
 from laulima.hub.validation import check_result_allowed, check_weights_file
+from laulima.pki.ca import RevocationList
 
 __all__ = ["HubService", "NewTask", "hash_token", "spec_of"]
 
 OPEN_TASK = (TaskStatus.PENDING, TaskStatus.DELIVERED)
+
+MAX_REFUSALS_PER_TASK = 50
+"""Refusals stored per task; a site repeating itself cannot grow the database without bound."""
+MAX_REASON_CHARS = 2000
+MAX_UNSERVABLE_SKIPPED = 20
+"""Unservable tasks one poll fails and skips before answering; the next poll goes on."""
 
 
 def hash_token(token: str) -> str:
@@ -72,35 +85,59 @@ class NewTask:
 class HubService:
     """Database writes and the queries behind the API."""
 
-    def __init__(self, sessions: SessionFactory, blobs: BlobStore, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        sessions: SessionFactory,
+        blobs: BlobStore,
+        clock: Callable[[], float] = time.time,
+        *,
+        revocations: RevocationList | None = None,
+        site_offline_after_s: float = 120.0,
+    ):
         self.sessions = sessions
         self.blobs = blobs
         self.clock = clock
+        self.revocations = revocations
+        """Revoked certificate serials (a hub with a CA): a revoked site is never selected."""
+        self.site_offline_after_s = site_offline_after_s
 
     # -- sites ------------------------------------------------------------------------
     def register_site(self, name: str, *, with_token: bool = True) -> SiteCreated:
-        """Create site ``name``; in token mode it gets a bearer token (shown once)."""
+        """Create site ``name`` (or bring back one an operator removed); in token mode it gets
+        a bearer token (shown once)."""
         token = secrets.token_urlsafe(32) if with_token else None
+        digest = hash_token(token) if token else None
         try:
             with self.sessions.begin() as s:
-                if s.scalar(select(Site.id).where(Site.name == name)) is not None:
+                site = s.scalar(select(Site).where(Site.name == name))
+                if site is not None and site.removed_at is None:
                     raise Conflict(f"site {name!r} is already registered; pick another name", site=name)
-                digest = hash_token(token) if token else None
-                s.add(Site(name=name, token_hash=digest, created_at=self.clock(), last_seen=None))
+                if site is not None:  # re-registered after `laulima site remove`
+                    site.removed_at, site.token_hash = None, digest
+                else:
+                    s.add(Site(name=name, token_hash=digest, created_at=self.clock(), last_seen=None))
         except IntegrityError as exc:
             raise Conflict(f"site {name!r} is already registered; pick another name", site=name) from exc
         return SiteCreated(name=name, token=token)
 
-    def site_by_certificate(self, name: str) -> Site:
+    def site_by_certificate(self, name: str, serial: int) -> Site:
         """The site a verified certificate names; created at its first request (the CA's
-        signature is the enrolment, so an operator need not also register the name)."""
+        signature is the enrolment, so an operator need not also register the name). The
+        certificate's serial is kept, so a revocation in ``revoked.json`` finds the site."""
+        serial_hex = f"{serial:x}"
         with self.sessions() as s:
             site = s.scalar(select(Site).where(Site.name == name))
-        if site is not None:
+        if site is not None and site.cert_serial == serial_hex:
             return site
         try:
             with self.sessions.begin() as s:
-                s.add(Site(name=name, token_hash=None, created_at=self.clock(), last_seen=None))
+                row = s.scalar(select(Site).where(Site.name == name))
+                if row is None:
+                    s.add(Site(name=name, token_hash=None, created_at=self.clock(), last_seen=None))
+                    s.flush()
+                    row = s.scalar(select(Site).where(Site.name == name))
+                assert row is not None
+                row.cert_serial = serial_hex
         except IntegrityError:
             pass  # a concurrent first request created it
         with self.sessions() as s:
@@ -108,8 +145,101 @@ class HubService:
         assert found is not None
         return found
 
+    def remove_site(self, name: str) -> SitePublic:
+        """Deregister a site: refused from its next request, never selected again, its open
+        tasks cancelled so no round waits for it. ``register_site`` brings it back."""
+        now = self.clock()
+        with self.sessions.begin() as s:
+            site = s.scalar(select(Site).where(Site.name == name))
+            if site is None:
+                raise NotFound(f"no site named {name!r}; list them with `laulima site list`", site=name)
+            if site.removed_at is None:
+                site.removed_at = now
+                s.execute(
+                    update(Task)
+                    .where(Task.site_id == site.id, Task.status.in_(OPEN_TASK))
+                    .values(
+                        status=TaskStatus.CANCELLED,
+                        finished_at=now,
+                        failure_kind=FailureKind.REJECTED.value,
+                        failure_reason="the site was removed from the federation by an operator",
+                    )
+                )
+            return self._site_public(s, site, now)
+
+    def report_site(self, site_id: int, report: SiteReport) -> None:
+        """Keep what the agent says about itself: its version and its datasets' sizes."""
+        with self.sessions.begin() as s:
+            s.execute(
+                update(Site)
+                .where(Site.id == site_id)
+                .values(
+                    version=report.version,
+                    datasets_json=json.dumps(report.datasets, sort_keys=True),
+                    last_seen=self.clock(),
+                )
+            )
+
+    def reported_cases(self, site_name: str, dataset: str) -> int | None:
+        """The number of cases ``site_name`` reported for ``dataset`` (None: never said)."""
+        with self.sessions() as s:
+            raw = s.scalar(select(Site.datasets_json).where(Site.name == site_name))
+        if not raw:
+            return None
+        value = json.loads(raw).get(dataset)
+        return value if isinstance(value, int) else None
+
+    def site_status(self, s: Session, site: Site, now: float) -> SiteStatus:
+        """Removed, revoked, online (seen lately, or working on a task of its own) or offline."""
+        if site.removed_at is not None:
+            return SiteStatus.REMOVED
+        if site.cert_serial and self.revocations is not None and self.revocations.is_revoked(int(site.cert_serial, 16)):
+            return SiteStatus.REVOKED
+        if site.last_seen is not None and now - site.last_seen <= self.site_offline_after_s:
+            return SiteStatus.ONLINE
+        busy = s.scalar(
+            select(Task.id)
+            .where(Task.site_id == site.id, Task.status == TaskStatus.DELIVERED, Task.deadline > now)
+            .limit(1)
+        )
+        return SiteStatus.ONLINE if busy is not None else SiteStatus.OFFLINE
+
+    def select_sites(self, wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+        """Of ``wanted`` (empty: every site the hub knows), those a round may use now, and
+        the others with why. A site never seen, gone quiet, revoked or removed is left out
+        instead of holding every round until its deadline."""
+        now = self.clock()
+        with self.sessions() as s:
+            q = select(Site).order_by(Site.name)
+            rows = {r.name: r for r in s.scalars(q.where(Site.name.in_(wanted)) if wanted else q)}
+            selected: list[str] = []
+            left_out: dict[str, str] = {}
+            for name in wanted or list(rows):
+                site = rows.get(name)
+                if site is None:
+                    left_out[name] = "not registered at this hub"
+                    continue
+                status = self.site_status(s, site, now)
+                if status == SiteStatus.ONLINE:
+                    selected.append(name)
+                elif status == SiteStatus.OFFLINE:
+                    seen = f"last seen {now - site.last_seen:.0f} s ago" if site.last_seen else "never connected"
+                    left_out[name] = f"offline: {seen}"
+                elif status == SiteStatus.REVOKED:
+                    left_out[name] = "its certificate has been revoked"
+                else:
+                    left_out[name] = "removed from the federation by an operator"
+        if not wanted:  # a removed site is no news for an experiment that named no sites
+            left_out = {k: v for k, v in left_out.items() if not v.startswith("removed")}
+        return selected, left_out
+
     # -- people's tokens --------------------------------------------------------------
     def create_token(self, body: TokenCreate) -> TokenCreated:
+        if body.name == "admin":  # identity is the token's name: "admin" owns the bootstrap operator's work
+            raise Conflict(
+                "the name 'admin' belongs to the bootstrap operator (home/admin.token); pick another name",
+                name=body.name,
+            )
         token = "lt_" + secrets.token_urlsafe(32)
         with self.sessions.begin() as s:
             row = ApiToken(
@@ -154,31 +284,54 @@ class HubService:
         return site
 
     def list_sites(self) -> list[SitePublic]:
+        now = self.clock()
         with self.sessions() as s:
-            rows = s.scalars(select(Site).order_by(Site.name)).all()
-        return [SitePublic(name=r.name, created_at=r.created_at, last_seen=r.last_seen) for r in rows]
+            return [self._site_public(s, r, now) for r in s.scalars(select(Site).order_by(Site.name)).all()]
+
+    def _site_public(self, s: Session, r: Site, now: float) -> SitePublic:
+        return SitePublic(
+            name=r.name,
+            created_at=r.created_at,
+            last_seen=r.last_seen,
+            status=self.site_status(s, r, now),
+            version=r.version,
+            datasets=json.loads(r.datasets_json) if r.datasets_json else {},
+        )
 
     def site_names(self) -> list[str]:
+        """Every site not removed by an operator."""
         with self.sessions() as s:
-            return list(s.scalars(select(Site.name).order_by(Site.name)))
+            return list(s.scalars(select(Site.name).where(Site.removed_at.is_(None)).order_by(Site.name)))
 
-    # -- experiments ------------------------------------------------------------------
-    def create_experiment(self, body: ExperimentCreate) -> ExperimentPublic:
+    # -- experiments: each belongs to its submitter; who may see what is hub/ownership.py --
+    def create_experiment(self, body: ExperimentCreate, person: Person, *, max_running: int) -> ExperimentPublic:
+        """Start ``body`` for ``person`` from initial weights they uploaded or may read; at
+        most ``max_running`` running experiments each. The weights stay pinned until the new
+        row refers to them, so no clean-up can delete them in between."""
         spec = parse_spec(body.spec, source="experiment spec")
-        if not self.blobs.exists(body.initial_weights):
-            raise SpecError(
-                f"field 'initial_weights': no blob {body.initial_weights} on this hub; upload the "
-                "weights first (PUT /api/v1/blobs) and submit the digest it returns",
-                field="initial_weights",
-            )
-        check_weights_file(lambda: self.blobs.open(body.initial_weights), where="initial_weights")
-        try:
-            build_strategy(spec.strategy)
-        except LaulimaError:
-            raise
-        except Exception as exc:
-            raise SpecError(f"field 'strategy': cannot be built ({exc})", field="strategy") from exc
+        with self.blobs.pinned(body.initial_weights):
+            with self.sessions() as s:
+                readable = ownership.may_read_blob(s, person, body.initial_weights)
+            if not readable or not self.blobs.exists(body.initial_weights):
+                raise SpecError(
+                    f"field 'initial_weights': no blob {body.initial_weights} on this hub that you uploaded or "
+                    "may read; upload the weights first (PUT /api/v1/blobs) and submit the digest it returns",
+                    field="initial_weights",
+                )
+            check_weights_file(lambda: self.blobs.open(body.initial_weights), where="initial_weights")
+            try:
+                build_strategy(spec.strategy)
+            except LaulimaError:
+                raise
+            except Exception as exc:
+                raise SpecError(f"field 'strategy': cannot be built ({exc})", field="strategy") from exc
+            return self._insert_experiment(body, spec, person, max_running)
+
+    def _insert_experiment(
+        self, body: ExperimentCreate, spec: ExperimentSpec, person: Person, max_running: int
+    ) -> ExperimentPublic:
         with self.sessions.begin() as s:
+            ownership.check_running_limit(s, person.name, max_running)
             if spec.sites:
                 known = set(s.scalars(select(Site.name).where(Site.name.in_(spec.sites))))
                 unknown = [x for x in spec.sites if x not in known]
@@ -201,34 +354,54 @@ class HubService:
                 created_at=self.clock(),
                 finished_at=None,
                 error=None,
+                owner=person.name,
             )
             s.add(exp)
             s.flush()
             return _experiment_public(exp)
 
-    def list_experiments(self) -> list[ExperimentPublic]:
+    def list_experiments(self, person: Person) -> list[ExperimentPublic]:
+        """Operators: all; anyone else: their own and those shared with them."""
         with self.sessions() as s:
-            return [_experiment_public(e) for e in s.scalars(select(Experiment).order_by(Experiment.id))]
+            rows = list(s.scalars(select(Experiment).where(ownership.visible_to(person)).order_by(Experiment.id)))
+            shares = ownership.shares_of(s, [e.id for e in rows])
+            return [_experiment_public(e, shares[e.id]) for e in rows]
 
-    def get_experiment(self, experiment_id: int) -> ExperimentPublic:
+    def get_experiment(self, experiment_id: int, person: Person) -> ExperimentPublic:
         with self.sessions() as s:
-            return _experiment_public(_experiment(s, experiment_id))
+            exp = ownership.readable_experiment(s, experiment_id, person)
+            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id])
 
-    def cancel_experiment(self, experiment_id: int) -> ExperimentPublic:
-        """Stop it: the experiment, its open round and its open tasks become cancelled/failed."""
+    def cancel_experiment(self, experiment_id: int, person: Person) -> ExperimentPublic:
+        """Stop it: the experiment, its open round and its open tasks become cancelled/failed.
+        Only its owner or an operator may."""
         with self.sessions.begin() as s:
-            exp = _experiment(s, experiment_id)
+            exp = ownership.managed_experiment(s, experiment_id, person, "cancel")
             if exp.status != ExperimentStatus.RUNNING:
                 raise Conflict(
                     f"experiment {exp.id} ('{exp.name}') is already {exp.status}; nothing to cancel",
                     experiment=exp.id,
                 )
             self._stop(s, exp, ExperimentStatus.CANCELLED, "cancelled by request", self.clock())
-            return _experiment_public(exp)
+            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id])
 
-    def rounds(self, experiment_id: int) -> list[RoundPublic]:
+    def share_experiment(self, experiment_id: int, person: Person, name: str) -> ExperimentPublic:
+        """Let ``name`` read the experiment (owner or operator only)."""
+        with self.sessions.begin() as s:
+            exp = ownership.managed_experiment(s, experiment_id, person, "share")
+            ownership.add_share(s, exp, name, self.clock())
+            s.flush()
+            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id])
+
+    def unshare_experiment(self, experiment_id: int, person: Person, name: str) -> ExperimentPublic:
+        with self.sessions.begin() as s:
+            exp = ownership.managed_experiment(s, experiment_id, person, "change the sharing of")
+            ownership.remove_share(s, exp, name)
+            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id])
+
+    def rounds(self, experiment_id: int, person: Person) -> list[RoundPublic]:
         with self.sessions() as s:
-            _experiment(s, experiment_id)
+            ownership.readable_experiment(s, experiment_id, person)
             counts: dict[int, int] = {
                 index: n
                 for index, n in s.execute(
@@ -247,13 +420,14 @@ class HubService:
                     started_at=r.started_at,
                     closed_at=r.closed_at,
                     global_digest=r.global_out_digest,
+                    left_out=json.loads(r.left_out_json) if r.left_out_json else {},
                 )
                 for r in rows
             ]
 
-    def metrics(self, experiment_id: int) -> list[MetricRecord]:
+    def metrics(self, experiment_id: int, person: Person) -> list[MetricRecord]:
         with self.sessions() as s:
-            _experiment(s, experiment_id)
+            ownership.readable_experiment(s, experiment_id, person)
             rows = s.scalars(
                 select(Metric)
                 .where(Metric.experiment_id == experiment_id)
@@ -270,53 +444,87 @@ class HubService:
                 for m in rows
             ]
 
-    def refusals(self, experiment_id: int) -> list[RefusalRecord]:
+    def refusals(self, experiment_id: int, person: Person) -> list[RefusalRecord]:
         with self.sessions() as s:
-            _experiment(s, experiment_id)
+            ownership.readable_experiment(s, experiment_id, person)
             task_ids = select(Task.id).where(Task.experiment_id == experiment_id)
             rows = s.scalars(select(Refusal).where(Refusal.task_id.in_(task_ids)).order_by(Refusal.id))
             return [
                 RefusalRecord(at=r.at, site=r.site, task_id=r.task_id, status=r.status, reason=r.reason) for r in rows
             ]
 
-    # -- tasks, as the sites see them -------------------------------------------------
-    def next_task(self, site_id: int) -> TaskPublic | None:
-        now = self.clock()
+    # -- people's uploads: read access and quota (hub/ownership.py) --------------------
+    def person_may_read_blob(self, person: Person, digest: str) -> bool:
+        with self.sessions() as s:
+            return ownership.may_read_blob(s, person, digest)
+
+    def pending_uploads(self, name: str, *, besides: str | None = None) -> tuple[int, int]:
+        """(count, bytes) of ``name``'s uploads that no experiment uses yet (except ``besides``)."""
+        with self.sessions() as s:
+            return ownership.pending_uploads(s, name, besides=besides)
+
+    def record_upload(self, name: str, digest: str, size: int, quota: UploadQuota) -> None:
+        """Record ``name``'s upload, or refuse it (413) past their quota."""
         with self.sessions.begin() as s:
-            s.execute(update(Site).where(Site.id == site_id).values(last_seen=now))
-            row = s.execute(
-                select(Task, Experiment)
-                .join(Experiment, Task.experiment_id == Experiment.id)
-                .where(
-                    Task.site_id == site_id,
-                    Task.status.in_(OPEN_TASK),
-                    Task.deadline > now,
-                    Experiment.status == ExperimentStatus.RUNNING,
-                )
-                .order_by(case((Task.kind == TaskKind.EVALUATE, 0), else_=1), Task.created_at, Task.id)
-                .limit(1)
-            ).first()
-            if row is None:
-                return None
-            task, exp = row
-            if task.status == TaskStatus.PENDING:
-                task.status, task.delivered_at = TaskStatus.DELIVERED, now
-            spec = json.loads(exp.spec_json)
-            return TaskPublic(
-                id=task.id,
-                experiment_id=exp.id,
-                experiment_name=exp.name,
-                round=task.round,
-                kind=TaskKind(task.kind),
-                algorithm=spec["algorithm"],
-                dataset=spec["dataset"],
-                config=json.loads(task.config_json),
-                weights_digest=task.weights_digest,
-                weights_size=self.blobs.size(task.weights_digest),
-                deadline=task.deadline,
-                time_limit_s=task.time_limit_s,
-                upload_nonce=task.upload_nonce,
-            )
+            ownership.record_upload(s, name, digest, size, self.clock(), quota)
+
+    # -- tasks, as the sites see them -------------------------------------------------
+    def next_task(self, site_id: int, *, version: str | None = None) -> TaskPublic | None:
+        """The site's most urgent open task (evaluations first, then the oldest), now delivered.
+
+        A task the hub cannot describe (a row written by an older, laxer version) is failed
+        with the reason and skipped: one bad task must never block a site's queue."""
+        now = self.clock()
+        seen: dict[str, Any] = {"last_seen": now} if version is None else {"last_seen": now, "version": version}
+        with self.sessions.begin() as s:
+            s.execute(update(Site).where(Site.id == site_id).values(**seen))
+            for _ in range(MAX_UNSERVABLE_SKIPPED):
+                row = s.execute(
+                    select(Task, Experiment)
+                    .join(Experiment, Task.experiment_id == Experiment.id)
+                    .where(
+                        Task.site_id == site_id,
+                        Task.status.in_(OPEN_TASK),
+                        Task.deadline > now,
+                        Experiment.status == ExperimentStatus.RUNNING,
+                    )
+                    .order_by(case((Task.kind == TaskKind.EVALUATE, 0), else_=1), Task.created_at, Task.id)
+                    .limit(1)
+                ).first()
+                if row is None:
+                    return None
+                task, exp = row
+                try:
+                    public = self._task_public(task, exp, now)
+                except (ValueError, KeyError, TypeError, LaulimaError) as exc:  # ValidationError is a ValueError
+                    task.status, task.finished_at = TaskStatus.FAILED, now
+                    task.failure_kind = FailureKind.ERROR.value
+                    task.failure_reason = f"the hub cannot serve this task: {str(exc)[:300]}"
+                    s.flush()
+                    continue
+                if task.status == TaskStatus.PENDING:
+                    task.status, task.delivered_at = TaskStatus.DELIVERED, now
+                return public
+        return None
+
+    def _task_public(self, task: Task, exp: Experiment, now: float) -> TaskPublic:
+        spec = json.loads(exp.spec_json)
+        return TaskPublic(
+            id=task.id,
+            experiment_id=exp.id,
+            experiment_name=exp.name,
+            round=task.round,
+            kind=TaskKind(task.kind),
+            algorithm=spec["algorithm"],
+            dataset=spec["dataset"],
+            config=json.loads(task.config_json),
+            weights_digest=task.weights_digest,
+            weights_size=self.blobs.size(task.weights_digest),
+            deadline=task.deadline,
+            seconds_left=max(0.0, task.deadline - now),
+            time_limit_s=task.time_limit_s,
+            upload_nonce=task.upload_nonce,
+        )
 
     def site_may_read(self, site_id: int, digest: str) -> bool:
         with self.sessions() as s:
@@ -392,9 +600,27 @@ class HubService:
             task.status, task.finished_at = TaskStatus.FAILED, now
             task.failure_kind, task.failure_reason = failure.kind.value, failure.reason
 
-    def record_refusal(self, *, site: str | None, task_id: str | None, status: int, reason: str) -> None:
+    def record_refusal(
+        self, *, site: Site, task_id: str, status: int, reason: str, ends_task: bool = False
+    ) -> bool:
+        """Record a refused result (at most ``MAX_REFUSALS_PER_TASK`` rows per task, reasons
+        cut to ``MAX_REASON_CHARS``). With ``ends_task`` (the result itself was unacceptable)
+        the site's open task fails at once, so its round need not wait for the deadline.
+        Returns True if a task was ended."""
+        now, reason = self.clock(), reason[:MAX_REASON_CHARS]
         with self.sessions.begin() as s:
-            s.add(Refusal(at=self.clock(), site=site, task_id=task_id, status=status, reason=reason))
+            stored = s.scalar(select(func.count(Refusal.id)).where(Refusal.task_id == task_id))
+            if not stored or stored < MAX_REFUSALS_PER_TASK:
+                s.add(Refusal(at=now, site=site.name, task_id=task_id, status=status, reason=reason))
+            if not ends_task:
+                return False
+            task = s.scalar(select(Task).where(Task.id == task_id).with_for_update())
+            if task is None or task.site_id != site.id or task.status not in OPEN_TASK:
+                return False
+            task.status, task.finished_at = TaskStatus.FAILED, now
+            task.failure_kind = FailureKind.REFUSED.value
+            task.failure_reason = f"the hub refused its result ({status}): {reason}"
+        return True
 
     # -- rounds, as the orchestrator drives them ---------------------------------------
     def experiment_ids(self) -> list[int]:
@@ -426,7 +652,14 @@ class HubService:
         )
 
     def open_round(
-        self, experiment_id: int, index: int, sites: Sequence[str], tasks: Sequence[NewTask], deadline: float
+        self,
+        experiment_id: int,
+        index: int,
+        sites: Sequence[str],
+        tasks: Sequence[NewTask],
+        deadline: float,
+        *,
+        left_out: dict[str, str] | None = None,
     ) -> bool:
         """Create round ``index`` and its tasks in one transaction; False if it already exists."""
         now = self.clock()
@@ -436,6 +669,7 @@ class HubService:
                 return False
             if s.scalar(select(Round.id).where(Round.experiment_id == exp.id, Round.index == index)) is not None:
                 return False
+            exp.waiting = None
             s.add(
                 Round(
                     experiment_id=exp.id,
@@ -448,9 +682,19 @@ class HubService:
                     global_in_digest=exp.global_digest,
                     global_out_digest=None,
                     strategy_state_digest=exp.strategy_state_digest,
+                    left_out_json=json.dumps(left_out) if left_out else None,
                 )
             )
             self._add_tasks(s, exp.id, index, tasks, now)
+        return True
+
+    def set_waiting(self, experiment_id: int, note: str) -> bool:
+        """Say why the experiment's next round cannot open; True if that is news."""
+        with self.sessions() as s:
+            if s.scalar(select(Experiment.waiting).where(Experiment.id == experiment_id)) == note:
+                return False
+        with self.sessions.begin() as s:
+            s.execute(update(Experiment).where(Experiment.id == experiment_id).values(waiting=note))
         return True
 
     def checkpoint_round(
@@ -489,7 +733,8 @@ class HubService:
 
         A closed round's updates are never read again (its checkpoint holds the result),
         so keeping them would only grow the hub's disk by model size x sites every round.
-        Blobs are content-addressed and may be shared, hence the reference check.
+        Blobs are content-addressed and may be shared, hence the reference check (one list
+        of what refers to blobs: :func:`laulima.hub.housekeeping.referenced`).
         """
         with self.sessions() as s:
             closed = select(Round.index).where(Round.experiment_id == experiment_id, Round.status != RoundStatus.OPEN)
@@ -498,26 +743,21 @@ class HubService:
             )
             if not candidates:
                 return []
-            in_use: set[str] = set()
-            in_use.update(s.scalars(select(Task.weights_digest).where(Task.weights_digest.in_(candidates))))
-            for col in (Experiment.initial_digest, Experiment.global_digest, Experiment.strategy_state_digest):
-                in_use.update(d for d in s.scalars(select(col).where(col.in_(candidates))) if d)
-            for col in (Round.global_in_digest, Round.global_out_digest, Round.strategy_state_digest):
-                in_use.update(d for d in s.scalars(select(col).where(col.in_(candidates))) if d)
-            open_rounds = (
-                select(Update.digest)
-                .join(Round, (Round.experiment_id == Update.experiment_id) & (Round.index == Update.round))
-                .where(Round.status == RoundStatus.OPEN, Update.digest.in_(candidates))
-            )
-            in_use.update(s.scalars(open_rounds))
+            in_use = referenced(s, candidates, spent_updates=False, uploads=True)  # people's uploads count
         return sorted(candidates - in_use)
 
-    def fail_round(self, round_id: int, error: str) -> bool:
+    def fail_round(self, round_id: int, error: str, *, update_ids: Sequence[int] | None = None) -> bool:
+        """Fail an open round (and its experiment). With ``update_ids`` (the updates the
+        decision saw) nothing happens if another arrived meanwhile: the caller decides again."""
         now = self.clock()
         with self.sessions.begin() as s:
             rnd = s.get(Round, round_id)
             if rnd is None or rnd.status != RoundStatus.OPEN:
                 return False
+            if update_ids is not None:
+                current = sorted(u.id for u in self.round_updates(s, rnd.experiment_id, rnd.index))
+                if current != sorted(update_ids):
+                    return False
             rnd.status, rnd.closed_at = RoundStatus.FAILED, now
             self._close_open_tasks(s, rnd.experiment_id, TaskStatus.EXPIRED, now, "round failed", round_index=rnd.index)
             exp = _experiment(s, rnd.experiment_id)
@@ -525,14 +765,22 @@ class HubService:
                 exp.status, exp.finished_at, exp.error = ExperimentStatus.FAILED, now, error
         return True
 
-    def expire_overdue(self, experiment_id: int) -> None:
-        """Evaluation tasks whose deadline passed will not be answered any more."""
+    def expire_overdue(self) -> None:
+        """Evaluation tasks whose deadline passed will not be answered any more (one
+        statement for every experiment; it writes only when there is something to expire)."""
         now = self.clock()
+        overdue = (
+            select(Task.id)
+            .where(Task.kind == TaskKind.EVALUATE, Task.status.in_(OPEN_TASK), Task.deadline <= now)
+            .limit(1)
+        )
+        with self.sessions() as s:
+            if s.scalar(overdue) is None:
+                return
         with self.sessions.begin() as s:
             s.execute(
                 update(Task)
                 .where(
-                    Task.experiment_id == experiment_id,
                     Task.kind == TaskKind.EVALUATE,
                     Task.status.in_(OPEN_TASK),
                     Task.deadline <= now,
@@ -632,7 +880,7 @@ def _token_public(t: ApiToken) -> TokenPublic:
     return TokenPublic(id=t.id, name=t.name, role=Role(t.role), created_at=t.created_at, revoked_at=t.revoked_at)
 
 
-def _experiment_public(e: Experiment) -> ExperimentPublic:
+def _experiment_public(e: Experiment, shared_with: Sequence[str] = ()) -> ExperimentPublic:
     return ExperimentPublic(
         id=e.id,
         name=e.name,
@@ -644,4 +892,7 @@ def _experiment_public(e: Experiment) -> ExperimentPublic:
         global_digest=e.global_digest,
         error=e.error,
         spec=json.loads(e.spec_json),
+        waiting=e.waiting if e.status == ExperimentStatus.RUNNING else None,
+        owner=ownership.owner_of(e),
+        shared_with=list(shared_with),
     )

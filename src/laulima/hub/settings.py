@@ -1,6 +1,6 @@
 """Hub configuration, from arguments or ``LAULIMA_HUB_*`` variables; insecure setups refused.
 
-Two modes. With ``ca_dir`` (the federation CA folder of ``laulima ca init``) the hub serves
+Two modes. With ``ca_dir`` (the hub's TLS folder, ``CA/hub`` of ``laulima ca init``) the hub serves
 HTTPS, identifies sites by their client certificates and people by role tokens: the mode
 for any real deployment. Without it the hub serves plain HTTP with bearer tokens for sites
 too, and only on loopback (tests, quick local runs).
@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from laulima.errors import ConfigurationError
-from laulima.pki.layout import CaLayout
+from laulima.pki.layout import CA_KEY_FILE, HubTlsLayout
 
 __all__ = ["HubSettings", "is_loopback"]
 
@@ -49,15 +49,27 @@ class HubSettings(BaseSettings):
     """Any SQLAlchemy URL; default ``sqlite:///{home}/hub.db``."""
     admin_token: SecretStr | None = None
     """Bearer token of the operator; default: generated once into ``home/admin.token``."""
-    max_upload_bytes: Annotated[int, Field(gt=0)] = 4 * GIB
-    long_poll_max_s: Annotated[float, Field(ge=0)] = 30.0
+    max_upload_bytes: Annotated[int, Field(gt=0)] = 2 * GIB
+    """Largest weights upload (a person's blob; a site's update is also capped by its model's size)."""
+    person_pending_upload_bytes: Annotated[int, Field(gt=0)] = 8 * GIB
+    """Bytes of one person's uploads that no experiment uses yet; an upload past it is refused
+    (413) until they submit an experiment with one, or the clean-up removes unused ones."""
+    person_pending_uploads: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
+    """How many such unused uploads one person may have, whatever their size."""
+    person_max_running_experiments: Annotated[int, Field(ge=1, le=100_000)] = 20
+    """Running experiments per person (by token name); one more is refused with 429."""
+    unused_upload_ttl_s: Annotated[float, Field(gt=0, le=366 * 86400, allow_inf_nan=False)] = 24 * 3600.0
+    """A person's upload that no experiment uses, and a blob file no row refers to (left by a
+    refused upload or a crash), is deleted this long after it was stored."""
+    long_poll_max_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
     orchestrator_tick_s: Annotated[float, Field(gt=0)] = 0.5
     keep_updates: bool = False
     """Keep every site's update blob after its round is checkpointed (for audits; costs
     model size x sites of disk per round). By default only digests and metrics are kept."""
     ca_dir: Path | None = None
-    """The federation CA folder (``laulima ca init``): ca.pem, hub.pem, hub.key, revoked.json.
-    Set: HTTPS with site certificates. Unset: plain HTTP with tokens, loopback only."""
+    """The hub's TLS folder, ``CA/hub`` as ``laulima ca init --dir CA`` lays it out: ca.pem,
+    hub.pem, hub.key, revoked.json. Never the CA folder itself: the CA's private key stays off
+    the hub machine. Set: HTTPS with site certificates. Unset: plain HTTP with tokens, loopback only."""
     key_dir: Path | None = None
     """Where the blob encryption keys live (default ``home/keys``); keep it off the blob volume
     and out of blob backups."""
@@ -71,6 +83,28 @@ class HubSettings(BaseSettings):
     site_max_transfers: Annotated[int, Field(ge=1)] = 2
     """Concurrent uploads plus downloads one site may run; more are answered 429, so one site's
     flood cannot take the hub's threads and bandwidth from the others."""
+    max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    """Open connections in total; lowered at start to fit the process's RLIMIT_NOFILE
+    (:mod:`laulima.hub.connections`). One more is closed at once, and logged."""
+    max_connections_per_address: Annotated[int, Field(ge=1, le=1_000_000)] = 64
+    """Open connections from one client address (an IPv6 /64 counts as one); one more is closed at once."""
+    request_header_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """A connection must send a complete request head (request line and headers) within this
+    long of connecting, or of its next request's first byte; idle and slow-drip clients are closed."""
+    max_request_header_bytes: Annotated[int, Field(ge=1024, le=16 * MIB)] = 64 * 1024
+    """Size limit of a request head; over it the connection is answered 431 and closed."""
+    tls_handshake_timeout_s: Annotated[float, Field(gt=0, le=3600)] = 10.0
+    """A TLS handshake not completed within this long is aborted; so is the closing handshake
+    (close_notify) after the hub closes a connection, which would otherwise hold it 30 s."""
+    requests_per_minute: Annotated[float, Field(gt=0, le=1e6, allow_inf_nan=False)] = 1200.0
+    """Refill rate of each caller's request bucket (a site, or a person by token name): polls,
+    evaluations, failure reports, API calls. A healthy agent makes a few per task."""
+    request_burst: Annotated[int, Field(ge=1, le=100_000)] = 120
+    site_max_polls: Annotated[int, Field(ge=1, le=64)] = 2
+    """Concurrent long polls one site may hold (its agent needs one)."""
+    site_offline_after_s: Annotated[float, Field(gt=0, le=30 * 86400, allow_inf_nan=False)] = 120.0
+    """A site not heard from for this long (and not working on a task) is offline: new rounds
+    leave it out and say so. Must exceed ``long_poll_max_s``: agents are heard at every poll."""
 
     @model_validator(mode="after")
     def _secure_and_complete(self) -> HubSettings:
@@ -84,14 +118,21 @@ class HubSettings(BaseSettings):
         self.home = self.home.expanduser().resolve()
         if self.ca_dir is not None:
             self.ca_dir = self.ca_dir.expanduser().resolve()
+            _refuse_ca_private_key(self.ca_dir)
             for path in (self.ca_file, self.tls_cert_file, self.tls_key_file):
                 if not path.is_file():
                     raise ConfigurationError(
-                        f"ca_dir {self.ca_dir}: {path.name} is missing; create the CA with "
-                        f"`laulima ca init --dir {self.ca_dir}`",
+                        f"ca_dir {self.ca_dir}: {path.name} is missing; give the hub the 'hub' folder that "
+                        "`laulima ca init --dir CA` creates (CA/hub)",
                         field="ca_dir",
                         file=str(path),
                     )
+        if self.site_offline_after_s <= self.long_poll_max_s:
+            raise ConfigurationError(
+                f"site_offline_after_s = {self.site_offline_after_s:g} must exceed long_poll_max_s = "
+                f"{self.long_poll_max_s:g}: a site waiting in a long poll would be counted offline",
+                field="site_offline_after_s",
+            )
         self.key_dir = (self.key_dir or self.home / "keys").expanduser().resolve()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'hub.db'}"
@@ -102,10 +143,10 @@ class HubSettings(BaseSettings):
         return self.ca_dir is not None
 
     @property
-    def ca_layout(self) -> CaLayout:
+    def ca_layout(self) -> HubTlsLayout:
         if self.ca_dir is None:
-            raise ConfigurationError("this hub has no CA folder (--ca-dir); it runs in token mode", field="ca_dir")
-        return CaLayout(self.ca_dir)
+            raise ConfigurationError("this hub has no TLS folder (--tls-dir); it runs in token mode", field="ca_dir")
+        return HubTlsLayout(self.ca_dir)
 
     @property
     def ca_file(self) -> Path:
@@ -148,7 +189,7 @@ class HubSettings(BaseSettings):
             token = path.read_text(encoding="utf-8").strip()
             if token:
                 return token
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
         token = secrets.token_urlsafe(32)
         tmp = path.with_name(f".admin.token.{os.getpid()}")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -159,3 +200,20 @@ class HubSettings(BaseSettings):
         os.chmod(tmp, 0o600)
         os.replace(tmp, path)
         return token
+
+
+def _refuse_ca_private_key(folder: Path) -> None:
+    """The hub never needs the CA's private key; a folder holding it is the wrong one."""
+    if not (folder / CA_KEY_FILE).exists():
+        return
+    fix = (
+        f"give the hub {folder / 'hub'} instead and keep the CA folder off the hub machine"
+        if (folder / "hub" / "hub.pem").exists()
+        else f"run `laulima ca renew --hub --dir {folder}` once to create {folder / 'hub'}, give the hub that "
+        "folder and keep the CA folder off the hub machine"
+    )
+    raise ConfigurationError(
+        f"ca_dir {folder}: this is the federation CA's folder (it holds {CA_KEY_FILE}, the CA's private key); {fix}",
+        field="ca_dir",
+        file=str(folder / CA_KEY_FILE),
+    )

@@ -8,12 +8,12 @@ reused buffers, so a 76 MB update costs a few MiB of memory, not its size.
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import math
 import os
 import re
-import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,20 +22,32 @@ from typing import BinaryIO
 import numpy as np
 from sqlalchemy import select
 
-from laulima.core.protocol import MetaKey, RoundStatus, TaskKind, TaskStatus
-from laulima.core.weights import TensorSpec, WeightsSchema, check_finite, check_matches, parse_safetensors_header
+from laulima.core.metrics import checked_metrics
+from laulima.core.protocol import N_SAMPLES_MAX, MetaKey, RoundStatus, TaskKind, TaskStatus
+from laulima.core.weights import (
+    SAFETENSORS_HEADER_MAX,
+    TensorSpec,
+    WeightsSchema,
+    check_finite,
+    check_matches,
+    read_safetensors_header,
+    safetensors_header_length,
+)
 from laulima.errors import Conflict, Forbidden, NotFound, WeightsError
 from laulima.hub.db import Experiment, Round, Session, Site, Task, Update
 
 __all__ = [
     "CHUNK_BYTES",
+    "IndexedFile",
     "Source",
+    "UPDATE_HEADER_SLACK_BYTES",
     "UPLOAD_SLACK_BYTES",
     "TensorIndex",
     "TensorLocation",
     "ValidUpdate",
     "check_result_allowed",
     "check_weights_file",
+    "index_file",
     "open_source",
     "read_into",
     "schema_from",
@@ -47,13 +59,15 @@ __all__ = [
 UPLOAD_SLACK_BYTES = 1024 * 1024
 """An update may exceed the global model's file by this much (its header metadata differs)."""
 
+UPDATE_HEADER_SLACK_BYTES = 64 * 1024
+"""An update's safetensors header may exceed the global model's by this much: same tensors,
+plus its metadata (sample count, task id, at most 64 metrics)."""
+
 CHUNK_BYTES = 4 * 1024 * 1024
 """Validation reads tensors in pieces of this size."""
 
 Source = Path | str | Callable[[], io.RawIOBase | BinaryIO]
 """A weights file: a plaintext path, or a function opening a seekable reader (a sealed blob)."""
-
-_MAX_HEADER = 100_000_000
 
 
 def open_source(source: Source) -> io.RawIOBase | BinaryIO:
@@ -62,7 +76,7 @@ def open_source(source: Source) -> io.RawIOBase | BinaryIO:
     return source()
 
 
-_POSITIVE_INT = re.compile(r"^[0-9]{1,18}$")
+_POSITIVE_INT = re.compile(r"^[0-9]{1,40}$")  # long enough that 10**30 is refused as too many, not as text
 
 
 def check_result_allowed(
@@ -86,7 +100,7 @@ def check_result_allowed(
     if kind is not None and task.kind != kind:
         hint = "PUT /tasks/{id}/update" if task.kind == TaskKind.TRAIN else "POST /tasks/{id}/evaluation"
         raise Conflict(f"task {task_id} is a {task.kind} task; send its result with {hint}", task=task_id)
-    if nonce is not None and nonce != task.upload_nonce:
+    if nonce is not None and not hmac.compare_digest(nonce.encode(), task.upload_nonce.encode()):
         raise Forbidden(
             f"upload nonce does not match task {task_id}; send the {task.kind} result with the "
             "upload_nonce of the task as fetched from GET /api/v1/tasks/next",
@@ -101,7 +115,8 @@ def check_result_allowed(
             accepted_digest=accepted,
         )
     if task.status == TaskStatus.FAILED:
-        raise Conflict(f"task {task_id} was already reported as failed; its result is not counted", task=task_id)
+        how = f"ended ({task.failure_kind}): {task.failure_reason}" if task.failure_reason else "reported as failed"
+        raise Conflict(f"task {task_id} has {how[:600]}; its result is not counted", task=task_id)
     if task.status == TaskStatus.CANCELLED:
         raise Conflict(
             f"task {task_id} was cancelled ({task.failure_reason or 'experiment stopped'}); its result is not counted",
@@ -138,7 +153,7 @@ class TensorLocation:
 
     @property
     def count(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -148,37 +163,58 @@ class TensorLocation:
 TensorIndex = dict[str, TensorLocation]
 
 
-def tensor_index(source: Source, *, where: str) -> tuple[TensorIndex, dict[str, str]]:
-    """Locations of every tensor and the metadata, from the header only; offsets are checked
-    against the file's size, so later reads never run past it."""
+@dataclass(frozen=True)
+class IndexedFile:
+    """What one read of a safetensors file's header gives: tensor locations, metadata, and the
+    header's length (an update's header is bounded by the global model's)."""
+
+    index: TensorIndex
+    metadata: dict[str, str]
+    header_bytes: int
+
+
+def index_file(
+    source: Source, *, where: str, max_header: int = SAFETENSORS_HEADER_MAX, max_header_reason: str | None = None
+) -> IndexedFile:
+    """Locations of every tensor and the metadata, from one parse of the header only.
+
+    The header's length is checked against ``max_header`` and the file's size before it is
+    read; offsets are checked against the file's size, so later reads never run past it.
+    """
     with open_source(source) as f:
         size = f.seek(0, os.SEEK_END)
         f.seek(0)
         head = _read_exactly(f, 8)
-        if len(head) == 8:
-            (n,) = struct.unpack("<Q", head)
-            if n <= _MAX_HEADER:
-                head += _read_exactly(f, n)
-    schema, meta, start = parse_safetensors_header(head, where=where)
-    header = json.loads(head[8:start])
-    index: TensorIndex = {}
-    spans: list[tuple[int, int, str]] = []
-    for name, spec in schema.items():
-        try:
-            begin, end = (int(x) for x in header[name]["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise WeightsError(f"{where}: tensor {name!r} has no valid data_offsets", where=where) from exc
-        loc = TensorLocation(start + begin, np.dtype(spec.dtype), spec.shape)
-        if end - begin != loc.nbytes or not 0 <= begin <= end <= size - start:
+        n = safetensors_header_length(head, where=where, limit=max_header, limit_reason=max_header_reason)
+        if n > size - 8:
             raise WeightsError(
-                f"{where}: tensor {name!r} has offsets [{begin}, {end}) that do not fit its shape, dtype "
-                f"and the file's {size} bytes; not a valid safetensors file",
+                f"{where}: safetensors header of {n} bytes is longer than the {size}-byte file; "
+                "not a valid safetensors file",
                 where=where,
             )
-        index[name] = loc
+        head += _read_exactly(f, n)
+    header = read_safetensors_header(head, where=where, limit=max_header, limit_reason=max_header_reason)
+    start = header.data_start
+    index: TensorIndex = {}
+    spans: list[tuple[int, int, str]] = []
+    for name, spec in header.schema.items():
+        begin, end = header.offsets[name]
+        if end > size - start:
+            raise WeightsError(
+                f"{where}: tensor {name!r} has offsets [{begin}, {end}) beyond the file's {size} bytes; "
+                "not a valid safetensors file",
+                where=where,
+            )
+        index[name] = TensorLocation(start + begin, np.dtype(spec.dtype), spec.shape)
         spans.append((begin, end, name))
     _check_contiguous(spans, size - start, where)
-    return index, meta
+    return IndexedFile(index, header.metadata, n)
+
+
+def tensor_index(source: Source, *, where: str) -> tuple[TensorIndex, dict[str, str]]:
+    """Locations of every tensor and the metadata (see :func:`index_file`)."""
+    indexed = index_file(source, where=where)
+    return indexed.index, indexed.metadata
 
 
 def _read_exactly(f: io.RawIOBase | BinaryIO, n: int) -> bytes:
@@ -249,23 +285,40 @@ class ValidUpdate:
 
 
 def validate_update_file(
-    path: Source, *, global_path: Source, task_id: str, max_update_norm: float | None = None
+    path: Source,
+    *,
+    global_path: Source,
+    task_id: str,
+    max_update_norm: float | None = None,
+    max_n_samples: int | None = None,
+    bound_reason: str | None = None,
 ) -> ValidUpdate:
     """Metadata, keys/shapes/dtypes against the global model, finite values, norm bound.
 
+    The update's header may be at most the global model's plus UPDATE_HEADER_SLACK_BYTES,
+    refused before it is read. ``n_samples`` must be at most ``max_n_samples`` (if given;
+    ``bound_reason`` says where that bound comes from, for the message) and N_SAMPLES_MAX.
     Data is read in CHUNK_BYTES pieces into two reused buffers, so validating an update
     costs a few MiB of memory whatever the model's size.
     """
     where = f"update for task {task_id}"
-    index, meta = tensor_index(path, where=where)
-    n_samples = _n_samples(meta, where)
+    global_file = index_file(global_path, where="global model")
+    global_index = global_file.index
+    indexed = index_file(
+        path,
+        where=where,
+        max_header=global_file.header_bytes + UPDATE_HEADER_SLACK_BYTES,
+        max_header_reason=f"the global model's header is {global_file.header_bytes} bytes, "
+        f"an update's may add {UPDATE_HEADER_SLACK_BYTES} bytes of metadata",
+    )
+    index, meta = indexed.index, indexed.metadata
+    n_samples = _n_samples(meta, where, max_n_samples, bound_reason)
     metrics = _metrics(meta, where)
     bound = meta.get(MetaKey.TASK)
     if bound is not None and bound != task_id:
         raise WeightsError(
-            f"{where}: the file says it was made for task {bound!r}; upload it to that task", where=where
+            f"{where}: the file says it was made for task {bound[:80]!r}; upload it to that task", where=where
         )
-    global_index, _ = tensor_index(global_path, where="global model")
     check_matches(schema_from(global_index), schema_from(index), where=where)
     total = 0.0
     buf, gbuf = bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)
@@ -293,7 +346,7 @@ def validate_update_file(
     return ValidUpdate(n_samples, metrics)
 
 
-def _n_samples(meta: dict[str, str], where: str) -> int:
+def _n_samples(meta: dict[str, str], where: str, max_n_samples: int | None, bound_reason: str | None) -> int:
     raw = meta.get(MetaKey.N_SAMPLES)
     if raw is None or not _POSITIVE_INT.match(raw.strip()) or int(raw) <= 0:
         shown = "missing" if raw is None else f"{raw[:40]!r}"
@@ -302,23 +355,35 @@ def _n_samples(meta: dict[str, str], where: str) -> int:
             "(the number of training samples behind the update)",
             where=where,
         )
-    return int(raw)
+    n = int(raw)
+    bounds = [(N_SAMPLES_MAX, "the hub's limit N_SAMPLES_MAX")]
+    if max_n_samples is not None:
+        bounds.append((max_n_samples, bound_reason or "the bound for this task"))
+    for bound, reason in bounds:
+        if n > bound:
+            raise WeightsError(
+                f"{where}: metadata {MetaKey.N_SAMPLES.value!r} is {n}, above {bound} ({reason}); "
+                "report the number of training samples behind the update",
+                where=where,
+                n_samples=n,
+                bound=bound,
+            )
+    return n
 
 
 def _metrics(meta: dict[str, str], where: str) -> dict[str, float]:
+    """The update's metrics, under the same rules as an evaluation's (core.metrics)."""
     raw = meta.get(MetaKey.METRICS)
     if raw is None:
         return {}
     try:
-        data = json.loads(raw)
-    except ValueError:
-        data = None
-    ok = isinstance(data, dict) and all(
-        isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in data.values()
+        return checked_metrics(json.loads(raw))
+    except RecursionError:
+        reason = "it is nested too deeply"
+    except ValueError as exc:  # not JSON, or a rule of core.metrics
+        reason = str(exc) if not isinstance(exc, json.JSONDecodeError) else "it is not JSON"
+    raise WeightsError(
+        f"{where}: metadata {MetaKey.METRICS.value!r} must be a JSON object of finite numbers, got "
+        f"{raw[:80]!r}: {reason}",
+        where=where,
     )
-    if not ok:
-        raise WeightsError(
-            f"{where}: metadata {MetaKey.METRICS.value!r} must be a JSON object of finite numbers, got {raw[:80]!r}",
-            where=where,
-        )
-    return {str(k): float(v) for k, v in data.items()}

@@ -34,6 +34,7 @@ from laulima.hub.blobstore import BlobIntegrityError, BlobStore
 from laulima.hub.db import SessionFactory, Site
 from laulima.hub.notify import TaskBoard
 from laulima.hub.orchestrator import Orchestrator
+from laulima.hub.ownership import Person
 from laulima.hub.service import HubService
 from laulima.hub.settings import HubSettings
 from laulima.hub.tls import peer_cert_der
@@ -123,6 +124,11 @@ class Caller:
     def admin(self) -> bool:
         return self.role == Role.OPERATOR
 
+    @property
+    def person(self) -> Person:
+        """A person caller as ownership checks see them (hub/ownership.py)."""
+        return Person(self.name, operator=self.admin)
+
 
 def get_hub(request: Request) -> HubContext:
     return request.app.state.hub  # type: ignore[no-any-return]
@@ -193,7 +199,19 @@ def _certificate_site(request: Request, hub: HubContext) -> Site | None:
             site=ident.name,
             reason="expired",
         )
-    return hub.service.site_by_certificate(ident.name)
+    return _present(hub.service.site_by_certificate(ident.name, ident.serial))
+
+
+def _present(site: Site) -> Site:
+    """A site an operator removed is refused until it is registered again."""
+    if site.removed_at is not None:
+        raise Forbidden(
+            f"site {site.name!r} was removed from this federation by an operator; ask the operator to "
+            "register it again (`laulima site register`) if it should take part",
+            site=site.name,
+            reason="removed",
+        )
+    return site
 
 
 def _caller(request: Request, hub: HubContext) -> Caller | None:
@@ -206,7 +224,7 @@ def _caller(request: Request, hub: HubContext) -> Caller | None:
         if not hub.settings.tls:
             site = hub.service.authenticate_site(token)
             if site is not None:
-                return Caller(Role.SITE, site.name, site)
+                return Caller(Role.SITE, site.name, _present(site))
         raise Unauthorized(
             "unknown or revoked token; use a token from `laulima token create`, the operator's "
             f"token (LAULIMA_HUB_ADMIN_TOKEN or {hub.settings.admin_token_file})"
@@ -231,6 +249,8 @@ def _require(*roles: Role) -> Callable[[Request, HubContext], Caller]:
 
     def dependency(request: Request, hub: HubDep) -> Caller:
         caller = _caller(request, hub)
+        if caller is not None:  # every authenticated request spends from its caller's bucket
+            hub.limits.take_request(f"{'site' if caller.role == Role.SITE else 'person'}:{caller.name}")
         if caller is None:
             if Role.SITE in wanted and hub.settings.tls:
                 raise Unauthorized(

@@ -3,12 +3,18 @@
 Blobs are sealed at rest; a download is verified against its sha256 (once per stored file)
 before its first byte is sent, then decrypted segment by segment as it streams, so a
 tampered file is refused with a clear error instead of a broken transfer.
+
+A site reads the weights its tasks point to; a person reads what they uploaded and the
+models of experiments they may read (:mod:`laulima.hub.ownership`), and anything else is
+a 404, existing or not. Each person's upload is recorded, within their quota of uploads
+that no experiment uses yet.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -17,9 +23,10 @@ from fastapi import APIRouter, Request, status
 from fastapi.responses import StreamingResponse
 
 from laulima.core.protocol import BlobCreated, Header
-from laulima.errors import Forbidden, PayloadTooLarge, ProtocolError, WeightsError
-from laulima.hub.api.deps import BlobsDep, CallerDep, HubDep, Scientist, SettingsDep
+from laulima.errors import Forbidden, NotFound, PayloadTooLarge, ProtocolError, WeightsError
+from laulima.hub.api.deps import CallerDep, HubDep, Scientist
 from laulima.hub.blobstore import BlobStore, BlobWriter, check_digest, receive_into
+from laulima.hub.ownership import UploadQuota, check_upload_room
 
 __all__ = ["BlobFile", "blob_response", "check_content_length", "check_claimed_digest", "router"]
 
@@ -108,6 +115,15 @@ async def get_blob(digest: str, caller: CallerDep, hub: HubDep) -> BlobFile:
                 site=site.name,
             )
         slot = hub.limits.transfer(site.name)
+    else:
+        person = caller.person
+        allowed = await anyio.to_thread.run_sync(hub.service.person_may_read_blob, person, digest)
+        if not allowed:
+            raise NotFound(
+                f"no blob {digest} that you may read; a person may download the blobs they uploaded and the "
+                "models of experiments they own or that are shared with them",
+                digest=digest,
+            )
     try:
         return await blob_response(hub.blobs, digest, slot=slot)
     except BaseException:
@@ -123,13 +139,37 @@ async def get_blob(digest: str, caller: CallerDep, hub: HubDep) -> BlobFile:
         "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     },
 )
-async def put_blob(request: Request, _: Scientist, blobs: BlobsDep, settings: SettingsDep) -> BlobCreated:
+async def put_blob(request: Request, caller: Scientist, hub: HubDep) -> BlobCreated:
     what = "blob upload"
+    settings, run = hub.settings, anyio.to_thread.run_sync
+    quota = UploadQuota(
+        settings.person_pending_upload_bytes, settings.person_pending_uploads, settings.unused_upload_ttl_s
+    )
     check_content_length(request, settings.max_upload_bytes, what)
-    with blobs.writer() as writer:
-        await receive_into(
-            writer, request.stream(), limit=settings.max_upload_bytes, what=what, stall_s=settings.body_timeout_s
-        )
+    claimed = request.headers.get(Header.CONTENT_SHA256, "").strip().lower() or None  # checked once read
+    count, pending = await run(partial(hub.service.pending_uploads, caller.name, besides=claimed))
+    check_upload_room(caller.name, count, pending, _declared(request), quota)  # before reading a byte
+    limit = min(settings.max_upload_bytes, max(quota.max_bytes - pending, 0))
+    with hub.blobs.writer() as writer:
+        try:
+            await receive_into(writer, request.stream(), limit=limit, what=what, stall_s=settings.body_timeout_s)
+        except PayloadTooLarge:
+            if limit < settings.max_upload_bytes:  # the quota, not the size limit, stopped it
+                check_upload_room(caller.name, count, pending, limit + 1, quota)
+            raise
         check_claimed_digest(request, writer, what)
-        digest, size = await anyio.to_thread.run_sync(writer.commit)
+        digest, size = await run(writer.commit)  # pinned until the writer closes: after the row
+        try:
+            await run(partial(hub.service.record_upload, caller.name, digest, size, quota))
+        except BaseException:
+            writer.abort()  # unpin, then remove the file if this upload created it and nothing else refers to it
+            if writer.created:
+                await run(hub.blobs.delete, digest)
+            raise
     return BlobCreated(digest=digest, size=size)
+
+
+def _declared(request: Request) -> int:
+    """The body's declared size (0 if undeclared or not a number: checked again as it arrives)."""
+    raw = request.headers.get("content-length", "")
+    return int(raw) if raw.isdigit() else 0

@@ -1,9 +1,19 @@
-"""Experiments for the data scientist (or the operator): submit, watch, cancel, fetch the model and the record."""
+"""Experiments for the data scientist (or the operator): submit, watch, cancel, share, fetch
+the model and the record.
+
+Each experiment belongs to the person who submitted it; operators see all. Who may read
+or act on one is decided in :mod:`laulima.hub.ownership`: a person who may not read an
+experiment gets the 404 of an unknown id; a person it is shared with may read it but only
+its owner or an operator may cancel it or change its sharing (403).
+"""
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Annotated
+
 import anyio
-from fastapi import APIRouter, status
+from fastapi import APIRouter, Path, status
 
 from laulima.core.protocol import (
     ExperimentCreate,
@@ -11,56 +21,75 @@ from laulima.core.protocol import (
     MetricRecord,
     RefusalRecord,
     RoundPublic,
+    ShareCreate,
 )
-from laulima.hub.api.deps import BlobsDep, OrchestratorDep, RowId, Scientist, ServiceDep
+from laulima.hub.api.deps import BlobsDep, OrchestratorDep, RowId, Scientist, ServiceDep, SettingsDep
 from laulima.hub.api.routes.blobs import BlobFile, blob_response
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 
+PersonName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$", description="A person's name")]
+
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_experiment(
-    body: ExperimentCreate, _: Scientist, service: ServiceDep, orchestrator: OrchestratorDep
+    body: ExperimentCreate, caller: Scientist, service: ServiceDep, orchestrator: OrchestratorDep, settings: SettingsDep
 ) -> ExperimentPublic:
-    created = service.create_experiment(body)
+    created = service.create_experiment(body, caller.person, max_running=settings.person_max_running_experiments)
     orchestrator.wake()
     return created
 
 
 @router.get("")
-def list_experiments(_: Scientist, service: ServiceDep) -> list[ExperimentPublic]:
-    return service.list_experiments()
+def list_experiments(caller: Scientist, service: ServiceDep) -> list[ExperimentPublic]:
+    """Your experiments and those shared with you (an operator: all)."""
+    return service.list_experiments(caller.person)
 
 
 @router.get("/{experiment_id}")
-def get_experiment(experiment_id: RowId, _: Scientist, service: ServiceDep) -> ExperimentPublic:
-    return service.get_experiment(experiment_id)
+def get_experiment(experiment_id: RowId, caller: Scientist, service: ServiceDep) -> ExperimentPublic:
+    return service.get_experiment(experiment_id, caller.person)
 
 
 @router.post("/{experiment_id}/cancel")
 def cancel_experiment(
-    experiment_id: RowId, _: Scientist, service: ServiceDep, orchestrator: OrchestratorDep
+    experiment_id: RowId, caller: Scientist, service: ServiceDep, orchestrator: OrchestratorDep
 ) -> ExperimentPublic:
-    experiment = service.cancel_experiment(experiment_id)
+    experiment = service.cancel_experiment(experiment_id, caller.person)
     orchestrator.wake()
     return experiment
 
 
+@router.post("/{experiment_id}/shares")
+def share_experiment(
+    experiment_id: RowId, body: ShareCreate, caller: Scientist, service: ServiceDep
+) -> ExperimentPublic:
+    """Let another person read this experiment (its owner or an operator may)."""
+    return service.share_experiment(experiment_id, caller.person, body.name)
+
+
+@router.delete("/{experiment_id}/shares/{name}")
+def unshare_experiment(
+    experiment_id: RowId, name: PersonName, caller: Scientist, service: ServiceDep
+) -> ExperimentPublic:
+    return service.unshare_experiment(experiment_id, caller.person, name)
+
+
 @router.get("/{experiment_id}/rounds")
-def list_rounds(experiment_id: RowId, _: Scientist, service: ServiceDep) -> list[RoundPublic]:
-    return service.rounds(experiment_id)
+def list_rounds(experiment_id: RowId, caller: Scientist, service: ServiceDep) -> list[RoundPublic]:
+    return service.rounds(experiment_id, caller.person)
 
 
 @router.get("/{experiment_id}/metrics")
-def list_metrics(experiment_id: RowId, _: Scientist, service: ServiceDep) -> list[MetricRecord]:
-    return service.metrics(experiment_id)
+def list_metrics(experiment_id: RowId, caller: Scientist, service: ServiceDep) -> list[MetricRecord]:
+    return service.metrics(experiment_id, caller.person)
 
 
 @router.get("/{experiment_id}/refusals")
-def list_refusals(experiment_id: RowId, _: Scientist, service: ServiceDep) -> list[RefusalRecord]:
-    return service.refusals(experiment_id)
+def list_refusals(experiment_id: RowId, caller: Scientist, service: ServiceDep) -> list[RefusalRecord]:
+    return service.refusals(experiment_id, caller.person)
 
 
 @router.get(
@@ -68,8 +97,8 @@ def list_refusals(experiment_id: RowId, _: Scientist, service: ServiceDep) -> li
     response_class=BlobFile,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}},
 )
-async def download_model(experiment_id: RowId, _: Scientist, service: ServiceDep, blobs: BlobsDep) -> BlobFile:
-    experiment = await anyio.to_thread.run_sync(service.get_experiment, experiment_id)
+async def download_model(experiment_id: RowId, caller: Scientist, service: ServiceDep, blobs: BlobsDep) -> BlobFile:
+    experiment = await anyio.to_thread.run_sync(partial(service.get_experiment, experiment_id, caller.person))
     digest = experiment.global_digest
     filename = f"{experiment.name}-round{experiment.rounds_done}.safetensors"
     return await blob_response(blobs, digest, filename)

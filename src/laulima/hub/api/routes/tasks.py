@@ -1,21 +1,34 @@
 """The site side of a round: fetch the next task (long poll), send its result or its failure.
 
-Every refused result is recorded in ``refusals`` and answered with a 4xx saying why.
-Uploads stream into the blob store and are validated before they count.
+Every refused result is recorded in ``refusals`` and answered with a 4xx saying why. When
+the result itself is unacceptable (invalid weights, over ``max_update_norm``, an evaluation
+with non-finite metrics) the site's task also ends there, so its round is decided at once
+instead of waiting for the deadline. Uploads stream into the blob store and are validated
+before they count.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from functools import partial
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import anyio
-from fastapi import APIRouter, Query, Request, Response, status
+from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
-from laulima.core.protocol import EvaluationResult, Header, TaskFailure, TaskKind, TaskPublic, UploadAccepted
-from laulima.errors import LaulimaError
+from laulima.core.protocol import (
+    N_SAMPLES_MAX,
+    EvaluationResult,
+    Header,
+    TaskFailure,
+    TaskKind,
+    TaskPublic,
+    UploadAccepted,
+)
+from laulima.errors import DataError, LaulimaError, PayloadTooLarge
 from laulima.hub.api.deps import CurrentSite, HubContext, HubDep, error_status
 from laulima.hub.api.routes.blobs import check_claimed_digest, check_content_length
 from laulima.hub.blobstore import experiment_key, receive_into
@@ -27,6 +40,17 @@ __all__ = ["router"]
 
 router = APIRouter(tags=["tasks"])
 
+TaskId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="A task id as the hub issued it")]
+"""Malformed ids are answered 422 before anything is looked up or recorded."""
+
+_VERSION = re.compile(r"^[\w.+-]{1,64}$")
+Body = TypeVar("Body", EvaluationResult, TaskFailure)
+
+
+def _json_body(model: type[EvaluationResult] | type[TaskFailure]) -> dict[str, object]:
+    """OpenAPI for a JSON body a route parses itself (to record what it refuses)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
 
 @router.get(
     "/tasks/next",
@@ -34,20 +58,28 @@ router = APIRouter(tags=["tasks"])
     responses={204: {"description": "No task arrived within `wait` seconds"}},
 )
 async def next_task(
+    request: Request,
     site: CurrentSite,
     hub: HubDep,
-    wait: Annotated[float, Query(ge=0, description="Seconds to wait for a task (capped at the hub's limit)")] = 0.0,
+    wait: Annotated[
+        float, Query(ge=0, le=3600, allow_inf_nan=False, description="Seconds to wait (capped at the hub's limit)")
+    ] = 0.0,
 ) -> Response:
+    version = request.headers.get(Header.VERSION)
+    version = version if version is not None and _VERSION.fullmatch(version) else None
+    if site.last_seen is None or hub.clock() - site.last_seen > hub.settings.site_offline_after_s:
+        hub.orchestrator.wake(sites_changed=True)  # back online: experiments waiting for sites look again
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait, hub.settings.long_poll_max_s)
-    while True:
-        seen = hub.board.generation(site.name)
-        task = await anyio.to_thread.run_sync(hub.service.next_task, site.id)
-        if task is not None:
-            return JSONResponse(task.model_dump(mode="json"))
-        remaining = deadline - loop.time()
-        if remaining <= 0 or not await hub.board.wait(site.name, seen, remaining):
-            return Response(status_code=status.HTTP_204_NO_CONTENT)
+    with hub.limits.poll(site.name):
+        while True:
+            seen = hub.board.generation(site.name)
+            task = await anyio.to_thread.run_sync(partial(hub.service.next_task, site.id, version=version))
+            if task is not None:
+                return JSONResponse(task.model_dump(mode="json"))
+            remaining = deadline - loop.time()
+            if remaining <= 0 or not await hub.board.wait(site.name, seen, remaining):
+                return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.put(
@@ -56,7 +88,7 @@ async def next_task(
         "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     },
 )
-async def upload_update(task_id: str, request: Request, site: CurrentSite, hub: HubDep) -> UploadAccepted:
+async def upload_update(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> UploadAccepted:
     hub.limits.take_upload(site.name)  # 429 before anything is read or recorded
     with hub.limits.transfer(site.name):
         try:
@@ -68,24 +100,43 @@ async def upload_update(task_id: str, request: Request, site: CurrentSite, hub: 
     return accepted
 
 
-@router.post("/tasks/{task_id}/evaluation", status_code=status.HTTP_204_NO_CONTENT)
-def post_evaluation(task_id: str, body: EvaluationResult, site: CurrentSite, hub: HubDep) -> None:
+@router.post(
+    "/tasks/{task_id}/evaluation", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=_json_body(EvaluationResult)
+)
+async def post_evaluation(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> None:
     try:
-        hub.service.record_evaluation(task_id, site, body)
+        body = _parse(EvaluationResult, await request.body(), f"evaluation of task {task_id}")
+        await anyio.to_thread.run_sync(hub.service.record_evaluation, task_id, site, body)
     except LaulimaError as exc:
-        _refuse(hub, site, task_id, exc)
+        await anyio.to_thread.run_sync(partial(_refuse, hub, site, task_id, exc))
         raise
     hub.orchestrator.wake()
 
 
-@router.post("/tasks/{task_id}/failure", status_code=status.HTTP_204_NO_CONTENT)
-def post_failure(task_id: str, body: TaskFailure, site: CurrentSite, hub: HubDep) -> None:
+@router.post("/tasks/{task_id}/failure", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=_json_body(TaskFailure))
+async def post_failure(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> None:
     try:
-        hub.service.record_failure(task_id, site, body)
+        body = _parse(TaskFailure, await request.body(), f"failure report of task {task_id}")
+        await anyio.to_thread.run_sync(hub.service.record_failure, task_id, site, body)
     except LaulimaError as exc:
-        _refuse(hub, site, task_id, exc)
+        await anyio.to_thread.run_sync(partial(_refuse, hub, site, task_id, exc))
         raise
     hub.orchestrator.wake()
+
+
+def _parse(model: type[Body], raw: bytes, what: str) -> Body:
+    """The body as ``model``; anything else is a DataError naming the first bad field."""
+    try:
+        return model.model_validate_json(raw)
+    except (ValidationError, RecursionError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            err = exc.errors()[0]
+            where = ".".join(str(p) for p in err["loc"]) or "body"
+            more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            reason = f"field '{where}': {err['msg']}{more}"
+        else:
+            reason = "not a JSON object of the expected shape"
+        raise DataError(f"{what}: {reason}; send a {model.__name__} as documented in the API", where=what) from exc
 
 
 async def _receive_update(task_id: str, request: Request, site: Site, hub: HubContext) -> UploadAccepted:
@@ -97,6 +148,7 @@ async def _receive_update(task_id: str, request: Request, site: Site, hub: HubCo
     limit = upload_limit(blobs.size(global_digest), hub.settings.max_upload_bytes)
     check_content_length(request, limit, what)
     spec = spec_of(exp)
+    max_n, bound_reason = await run(partial(_sample_bound, hub, site.name, spec.dataset, spec.max_samples_per_site))
     with blobs.writer(experiment_key(exp.id)) as writer:
         await receive_into(writer, request.stream(), limit=limit, what=what, stall_s=hub.settings.body_timeout_s)
         check_claimed_digest(request, writer, what)
@@ -107,22 +159,46 @@ async def _receive_update(task_id: str, request: Request, site: Site, hub: HubCo
                 global_path=lambda: blobs.open(global_digest),
                 task_id=task_id,
                 max_update_norm=spec.max_update_norm,
+                max_n_samples=max_n,
+                bound_reason=bound_reason,
             )
         )
         digest, _ = await run(writer.commit)
-    return await run(
-        partial(
-            svc.record_update,
-            task_id,
-            site,
-            nonce=nonce,
-            digest=digest,
-            n_samples=valid.n_samples,
-            metrics=valid.metrics,
+        # Inside the writer: the digest stays pinned until its row is written (blobstore.py).
+        return await run(
+            partial(
+                svc.record_update,
+                task_id,
+                site,
+                nonce=nonce,
+                digest=digest,
+                n_samples=valid.n_samples,
+                metrics=valid.metrics,
+            )
         )
-    )
+
+
+def _sample_bound(hub: HubContext, site: str, dataset: str, spec_cap: int | None) -> tuple[int, str]:
+    """The most samples ``site`` may claim for one update, and where that bound comes from:
+    the cases it reported for the dataset, the spec's ``max_samples_per_site``, N_SAMPLES_MAX."""
+    bounds = [(N_SAMPLES_MAX, "the hub's limit")]
+    if spec_cap is not None:
+        bounds.append((spec_cap, "the experiment's max_samples_per_site"))
+    cases = hub.service.reported_cases(site, dataset)
+    if cases is not None:
+        bounds.append((cases, f"the {cases} cases site {site!r} reported for dataset {dataset!r}"))
+    return min(bounds)
+
+
+#: Refusals of the result itself: the site sent something that will never be accepted, so
+#: its part in the round ends now. A 403/404/408/409/429 leaves the task as it is.
+_CONTENT_REFUSALS = (DataError, PayloadTooLarge)
 
 
 def _refuse(hub: HubContext, site: Site, task_id: str, exc: LaulimaError) -> None:
     status_code, _ = error_status(exc)
-    hub.service.record_refusal(site=site.name, task_id=task_id[:64], status=status_code, reason=str(exc))
+    ended = hub.service.record_refusal(
+        site=site, task_id=task_id, status=status_code, reason=str(exc), ends_task=isinstance(exc, _CONTENT_REFUSALS)
+    )
+    if ended:
+        hub.orchestrator.wake()
