@@ -21,7 +21,7 @@ from typing import Any
 
 from laulima.algorithms.base import load_algorithm
 from laulima.client import Client
-from laulima.core.protocol import ExperimentPublic, ExperimentStatus, MetricRecord, TaskKind
+from laulima.core.protocol import ExperimentPublic, ExperimentStatus, MetricRecord, SiteStatus, TaskKind
 from laulima.core.spec import ExperimentSpec
 from laulima.core.weights import to_safetensors
 from laulima.errors import ConfigurationError, LaulimaError
@@ -132,6 +132,7 @@ class LocalFederation:
             self.client = Client(self.hub.url, scientist or self.hub.admin_token, ca_file=self.hub.ca_file)
             for index, name in enumerate(site_names(self.n_sites)):
                 self._add_site(name, index, writer)
+            self.wait_online()
         except BaseException:
             self.close()
             raise
@@ -158,6 +159,22 @@ class LocalFederation:
         site.env.update(self.site_env)
         site.start()
         self.sites[name] = site
+
+    def wait_online(self, timeout: float = 180.0) -> None:
+        """Return once the hub counts every agent online: rounds select only sites it has heard
+        from, so an experiment submitted earlier would start without the slower agents."""
+        deadline = time.monotonic() + timeout
+        while True:
+            offline = sorted(s.name for s in self.operator.list_sites() if s.status != SiteStatus.ONLINE)
+            if not offline:
+                return
+            dead = [name for name in offline if name in self.sites and not self.sites[name].alive]
+            if dead or time.monotonic() > deadline:
+                name = (dead or offline)[0]
+                why = "exited" if dead else f"did not connect within {timeout:.0f} s"
+                tail = self.sites[name].log_tail() if name in self.sites else ""
+                raise LaulimaError(f"site agent {name} {why}:\n{tail}")
+            time.sleep(0.1)
 
     def _ca(self) -> Path:
         """The federation CA of this simulation (created on first use, kept with the workdir)."""

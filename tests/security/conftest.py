@@ -80,7 +80,7 @@ def start_tls_hub(tmp: Path, *, http: str | None = None, **overrides: Any) -> TL
     values: dict[str, Any] = {
         "home": tmp / "hub",
         "port": free_port(),
-        "ca_dir": ca.dir,
+        "ca_dir": ca.hub_dir,
         "admin_token": ADMIN_TOKEN,
         "orchestrator_tick_s": 0.05,
         "long_poll_max_s": 2.0,
@@ -122,8 +122,15 @@ def hub_log(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    from tests.security.fuzz_counter import CASES
+    from tests.security.fuzz_counter import CASES, OUTCOMES, STEPS
 
+    if STEPS:
+        rules = ", ".join(f"{name} {n}" for name, n in STEPS.most_common())
+        outcomes = ", ".join(f"{name} {n}" for name, n in sorted(OUTCOMES.items()))
+        terminalreporter.write_line(
+            f"stateful fuzzing: {sum(STEPS.values())} steps run against a mutual-TLS hub ({rules}); "
+            f"results: {outcomes}"
+        )
     if CASES:
         total = sum(CASES.values())
         terminalreporter.write_line(

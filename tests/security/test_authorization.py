@@ -200,7 +200,7 @@ def test_upload_rate_limit_answers_429_to_the_flooder_only(tmp_path: Path):
     hub = start_tls_hub(tmp_path, site_uploads_per_minute=1, site_upload_burst=1)
     try:
         fed = Federation(hub)
-        assert fed.upload(fed.a, fed.ta, b"not weights").status_code == 422  # spends a's only token
+        assert fed.upload(fed.a, fed.ta, _update(1), nonce="bad").status_code == 403  # spends a's only token
         flood = fed.upload(fed.a, fed.ta, _update(1))
         assert flood.status_code == 429 and int(flood.headers["Retry-After"]) >= 1
         assert fed.upload(fed.b, fed.tb, _update(2)).status_code == 200  # b is not starved

@@ -242,6 +242,8 @@ class Orchestrator:
                 failed[site] = f"failed ({task.failure_kind}): {task.failure_reason}"
             elif task.status in (TaskStatus.CANCELLED, TaskStatus.EXPIRED):
                 failed[site] = f"{task.status} ({task.failure_reason})"
+        waiting_for = [site for task, site in tasks if site not in completed and site not in failed]
+        failed.update(self.service.gone(waiting_for))  # revoked since the round opened: never coming
         selected = tuple(json.loads(rnd.sites_json))
         view = RoundView(
             index=rnd.index,

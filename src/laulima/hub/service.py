@@ -204,6 +204,18 @@ class HubService:
         )
         return SiteStatus.ONLINE if busy is not None else SiteStatus.OFFLINE
 
+    def gone(self, names: Sequence[str]) -> dict[str, str]:
+        """Of ``names``, the sites that can no longer answer (certificate revoked, or removed),
+        with why: a round stops waiting for them."""
+        if not names or (self.revocations is None):
+            return {}
+        now = self.clock()
+        with self.sessions() as s:
+            rows = s.scalars(select(Site).where(Site.name.in_(names)))
+            status = {r.name: self.site_status(s, r, now) for r in rows}
+        why = {SiteStatus.REVOKED: "its certificate has been revoked", SiteStatus.REMOVED: "removed by an operator"}
+        return {name: why[st] for name, st in status.items() if st in why}
+
     def select_sites(self, wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         """Of ``wanted`` (empty: every site the hub knows), those a round may use now, and
         the others with why. A site never seen, gone quiet, revoked or removed is left out
@@ -789,13 +801,29 @@ class HubService:
             )
 
     def evaluations_pending(self, experiment_id: int) -> bool:
+        """Whether evaluation tasks are still open; those of sites that can no longer answer
+        (revoked, removed) expire now instead of at their deadline."""
+        open_evaluations = (
+            select(Task.id, Site.name)
+            .join(Site, Task.site_id == Site.id)
+            .where(Task.experiment_id == experiment_id, Task.kind == TaskKind.EVALUATE, Task.status.in_(OPEN_TASK))
+        )
         with self.sessions() as s:
-            hit = s.scalar(
-                select(Task.id)
-                .where(Task.experiment_id == experiment_id, Task.kind == TaskKind.EVALUATE, Task.status.in_(OPEN_TASK))
-                .limit(1)
-            )
-        return hit is not None
+            pending = list(s.execute(open_evaluations))
+        if not pending:
+            return False
+        gone = self.gone(sorted({name for _, name in pending}))
+        if gone:
+            now = self.clock()
+            with self.sessions.begin() as s:
+                for task_id, name in pending:
+                    if name in gone:
+                        s.execute(
+                            update(Task)
+                            .where(Task.id == task_id, Task.status.in_(OPEN_TASK))
+                            .values(status=TaskStatus.EXPIRED, finished_at=now, failure_reason=gone[name])
+                        )
+        return any(name not in gone for _, name in pending)
 
     def finish_experiment(self, experiment_id: int, status: ExperimentStatus, error: str | None = None) -> bool:
         """Completed (nothing left to do) or failed (with ``error``); False if no longer running."""

@@ -210,9 +210,11 @@ class Agent:
             if _credentials_refused(exc):
                 raise
             log.warning("task %s: the hub refused it (%s); giving up on this task", task.id, exc)
-            given_up = self.state.set(task.id, Phase.GIVEN_UP, note=str(exc)[:1000])
+            closed = bool(exc.context.get("task_closed"))  # the refusal itself ended the task at the hub
+            given_up = self.state.set(task.id, Phase.GIVEN_UP, note=str(exc)[:1000], closed_at_hub=closed)
             self._clean(task.id)
-            self._close_at_hub(task, given_up)
+            if not closed:
+                self._close_at_hub(task, given_up)
         except Exception as exc:  # a fault of this agent (disk full, a bug): tell the hub, go on
             log.exception("task %s: the site agent failed on it", task.id)
             with contextlib.suppress(Exception):

@@ -201,4 +201,5 @@ def _refuse(hub: HubContext, site: Site, task_id: str, exc: LaulimaError) -> Non
         site=site, task_id=task_id, status=status_code, reason=str(exc), ends_task=isinstance(exc, _CONTENT_REFUSALS)
     )
     if ended:
+        exc.context["task_closed"] = True  # the site need not report the task's failure itself
         hub.orchestrator.wake()
