@@ -9,7 +9,7 @@ accumulator holds ``sum_{j<=k} (n_j / n_k) x_j``, so each new tensor costs
 second, whatever the tensor's size. On the development machine (2-core EPYC VM, same
 data, one thread, float32 accumulator) this ran at ~17.5 GB/s of updates where
 ``tmp = c * x; acc += tmp`` ran at ~14 (benchmarks/aggregate.py measures the whole of
-FedAvg); the float64 accumulator now used costs about 3x (see :func:`accumulator_dtype`).
+FedAvg); the float64 accumulator now used costs about 2x (see :func:`accumulator_dtype`).
 
 Numerically it is the same sum: the coefficients are positive and each ratio is rounded
 once, so a weight's relative error is at most (sites + 1) units in the last place.
@@ -47,12 +47,13 @@ def accumulator_dtype(dtype: np.dtype) -> np.dtype:
 
     The cost is real. For a float32 model the accumulator's memory traffic doubles (each
     site's pass reads and writes 8 bytes per weight instead of 4, besides reading the site's
-    4), numpy adds float32 into float64 through a buffered cast loop (about 3x the time of a
-    same-dtype add), and the mean takes one more pass to be cast back. Measured on the 2-core
-    development VM (shared, noisy): the fold kernel alone went from 14 to 4.3 GB/s of
-    updates, ``benchmarks/aggregate.py`` (FedAvg, 20 updates of 76 MB) from 0.06-0.08 s to
-    0.22-0.32 s. A fold tensor also holds a float64 accumulator (twice the tensor) while it
-    is being folded.
+    4), each site's tensor is widened chunk by chunk (:func:`_fold`), and the mean takes one
+    more pass to be cast back. Measured on the 2-core development VM, same session, best of
+    the script's runs: ``benchmarks/aggregate.py`` (FedAvg, 20 updates of 76 MB) 0.10 s with
+    the float32 accumulator, 0.24 s in float64 with numpy's mixed-dtype add, 0.17-0.21 s with
+    the chunked widening. A round of 3 x 76 MB (benchmarks/round_overhead.py) did not change
+    beyond noise. A fold tensor also holds a float64 accumulator (twice the tensor) while it
+    is being folded: hub peak RSS at 3 x 76 MB rose from ~360 to ~395 MB.
     """
     return np.dtype(np.float64)
 
@@ -109,11 +110,21 @@ def weighted_mean_into(
 
 
 def _fold(acc: np.ndarray, x: np.ndarray, ratio: np.generic, chunk: int) -> None:
-    """``acc = acc * ratio + x`` in place, chunk by chunk."""
-    if ratio == 1:  # equal sample counts: one pass, no rescaling
-        np.add(acc, x, out=acc, casting="safe")
-        return
+    """``acc = acc * ratio + x`` in place, chunk by chunk.
+
+    A tensor of another dtype than the accumulator (float32 into float64) is first widened
+    chunk by chunk into a small scratch buffer: numpy's contiguous cast is a tight loop, while
+    a mixed-dtype ``add`` goes through its buffered casting machinery, measured about 1.5-2x
+    slower on the development machine."""
+    widen = x.dtype != acc.dtype
+    scratch = np.empty(min(chunk, acc.size), dtype=acc.dtype) if widen else None
     for start in range(0, acc.size, chunk):
         a = acc[start : start + chunk]
-        np.multiply(a, ratio, out=a)
-        np.add(a, x[start : start + chunk], out=a, casting="safe")
+        piece = x[start : start + chunk]
+        if scratch is not None:
+            wide = scratch[: a.size]
+            np.copyto(wide, piece, casting="safe")
+            piece = wide
+        if ratio != 1:  # equal sample counts: no rescaling
+            np.multiply(a, ratio, out=a)
+        np.add(a, piece, out=a, casting="safe")
