@@ -348,7 +348,7 @@ def validate_update_file(
 
 def _n_samples(meta: dict[str, str], where: str, max_n_samples: int | None, bound_reason: str | None) -> int:
     raw = meta.get(MetaKey.N_SAMPLES)
-    if raw is None or not _POSITIVE_INT.match(raw.strip()) or int(raw) <= 0:
+    if raw is None or not _POSITIVE_INT.fullmatch(raw.strip()) or int(raw) <= 0:
         shown = "missing" if raw is None else f"{raw[:40]!r}"
         raise WeightsError(
             f"{where}: metadata {MetaKey.N_SAMPLES.value!r} is {shown}; it must be a positive integer "

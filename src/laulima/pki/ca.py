@@ -119,7 +119,7 @@ def identity_of(cert: x509.Certificate | bytes) -> Identity | None:
     except x509.ExtensionNotFound:
         return None
     for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
-        if uri.startswith(SITE_URI) and _NAME.match(uri[len(SITE_URI) :]):
+        if uri.startswith(SITE_URI) and _NAME.fullmatch(uri[len(SITE_URI) :]):
             kind, name = "site", uri[len(SITE_URI) :]
             break
         if uri == HUB_URI:
@@ -303,7 +303,7 @@ class CertificateAuthority:
     # -- issuing -------------------------------------------------------------------------
     def issue_site(self, name: str, *, days: int = SITE_DAYS, not_before: dt.datetime | None = None) -> IssuedCert:
         """A new key and a clientAuth certificate for site ``name``."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ConfigurationError(
                 f"site name {name!r}: use letters, digits, '.', '_' or '-' (at most 64, starting alphanumeric)",
                 field="name",

@@ -352,7 +352,7 @@ class Agent:
 
     def task_dir(self, task_id: str) -> Path:
         """``home/work/<task id>``; ids unfit for a file name (``..``, ``/``) are hashed."""
-        name = task_id if _SAFE_ID.match(task_id) else "t-" + sha256(task_id.encode()).hexdigest()[:32]
+        name = task_id if _SAFE_ID.fullmatch(task_id) else "t-" + sha256(task_id.encode()).hexdigest()[:32]
         return self.settings.work_dir / name
 
     def _clean(self, task_id: str) -> None:

@@ -35,7 +35,7 @@ class Catalog:
 
     def add(self, name: str, path: str | Path) -> Path:
         """Register (or re-point) ``name``; returns the absolute path stored."""
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):
             raise ConfigurationError(
                 f"dataset name {name!r} is not valid: use letters, digits, '.', '_' or '-' "
                 "(at most 64 characters, starting with a letter or digit)",
