@@ -226,6 +226,20 @@ def test_an_oversized_request_head_is_refused_with_431(hubs: Any):
     assert hub.health() == 200
 
 
+@pytest.mark.parametrize(("tls", "http"), [(False, "httptools"), (False, "h11"), (True, "httptools")])
+def test_the_unread_body_of_an_early_answer_is_not_the_next_requests_head(hubs: Any, tls: bool, http: str):
+    """A refused upload is answered before its body is read; the rest of that body must not
+    count towards the next request's head on the same kept-alive connection (it did: 431)."""
+    hub = hubs(tls=tls, http=http, max_request_header_bytes=4096)
+    scheme = "https" if tls else "http"
+    with httpx.Client(verify=hub.client_context or True, timeout=CLOSE_BOUND_S) as client:
+        base = f"{scheme}://127.0.0.1:{hub.settings.port}{API_PREFIX}"
+        for _ in range(3):
+            r = client.put(f"{base}/blobs", content=b"\0" * 300_000)  # no token: refused at once
+            assert r.status_code == 401
+            assert client.get(f"{base}/health").status_code == 200
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_tls_handshake_that_never_completes_is_aborted(hubs: Any, loop: str):
     hub = hubs(tls=True, loop=loop, tls_handshake_timeout_s=1.0, request_header_timeout_s=60.0)

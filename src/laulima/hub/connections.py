@@ -288,10 +288,13 @@ class GuardedConnectionMixin:
 
     # -- the request head ---------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self._awaiting_head and self._head_timer is None:
+        was_awaiting = self._awaiting_head
+        if was_awaiting and self._head_timer is None:
             self._arm_head_timer()  # the first byte of a request on a kept-alive connection
         super().data_received(data)  # type: ignore[misc]
-        if self._awaiting_head:  # this chunk did not complete the head: all of it is head
+        # Count the chunk only if it was head from start to end. One that ended a refused
+        # request's body (an early answer) began as body: its tail, if any, is not counted.
+        if was_awaiting and self._awaiting_head:
             self._head_bytes += len(data)
             limit = self.guard.limits.max_request_header_bytes
             if self._head_bytes > limit and not self.transport.is_closing():
@@ -316,7 +319,7 @@ class GuardedConnectionMixin:
         super().on_response_complete()  # type: ignore[misc]
         cycle = self.cycle
         if cycle is None or not getattr(cycle, "more_body", False):
-            self._awaiting_head = True  # the timer starts with the next request's first byte
+            self._awaiting_head, self._head_bytes = True, 0  # timed from the next request's first byte
         # else: an early answer (a refused upload) while the body still arrives; those bytes
         # are body, not the next head, and on_message_complete says when they end
 
@@ -327,7 +330,7 @@ class GuardedConnectionMixin:
             parent()
         cycle = self.cycle
         if cycle is not None and getattr(cycle, "response_complete", False):
-            self._awaiting_head = True
+            self._awaiting_head, self._head_bytes = True, 0
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
