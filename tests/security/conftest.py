@@ -128,12 +128,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         rules = ", ".join(f"{name} {n}" for name, n in STEPS.most_common())
         outcomes = ", ".join(f"{name} {n}" for name, n in sorted(OUTCOMES.items()))
         terminalreporter.write_line(
-            f"stateful fuzzing: {sum(STEPS.values())} steps run against a mutual-TLS hub ({rules}); "
-            f"results: {outcomes}"
+            f"stateful fuzzing: {sum(STEPS.values())} steps run against a mutual-TLS hub ({rules}); results: {outcomes}"
         )
     if CASES:
         total = sum(CASES.values())
+        over_tls = sum(n for label, n in CASES.items() if label.endswith("(mTLS)"))
+        operations = {label.removesuffix(" (mTLS)") for label in CASES}
         terminalreporter.write_line(
-            f"schemathesis: {total} generated cases against {len(CASES)} operations of the hub's OpenAPI document, "
-            f"none answered 5xx"
+            f"schemathesis: {total} generated cases ({over_tls} over mutual TLS) against {len(operations)} operations "
+            "of the hub's OpenAPI document"
         )
