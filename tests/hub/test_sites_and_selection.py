@@ -265,3 +265,15 @@ def test_a_task_the_hub_cannot_serve_is_failed_and_never_blocks_the_sites_queue(
     assert task is not None and task.experiment_id == second["id"]
     failed = hub.wait_status(first["id"], "failed")
     assert "the hub cannot serve this task" in failed["error"]
+
+
+def test_a_malformed_evaluation_sent_to_a_train_task_does_not_end_that_task(hub: Hub):
+    exp = hub.submit(spec(sites=["site-a"]), make_weights(0))
+    task = hub.next_task("site-a")
+    h = {**hub.site("site-a"), "Content-Type": "application/json"}
+    r = hub.client.post(hub.url(f"/tasks/{task.id}/evaluation"), content=b'{"n_samples": NaN}', headers=h)
+    assert r.status_code == 409 and "is a train task" in r.json()["detail"]
+    assert hub.upload("site-a", task, update_bytes(make_weights(1))).status_code == 200
+    hub.wait_status(exp["id"], "completed")
+    r = hub.client.post(hub.url(f"/tasks/{task.id}/failure"), json={"reason": "late"}, headers=hub.site("site-a"))
+    assert r.status_code == 409 and r.content and "content-type" in r.headers

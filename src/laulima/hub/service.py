@@ -543,8 +543,10 @@ class HubService:
             hit = s.scalar(select(Task.id).where(Task.site_id == site_id, Task.weights_digest == digest).limit(1))
         return hit is not None
 
-    def check_result(self, task_id: str, site: Site, *, kind: TaskKind, nonce: str | None) -> tuple[Task, Experiment]:
-        """Refuse early (before a body is read) what :meth:`record_update` would refuse."""
+    def check_result(
+        self, task_id: str, site: Site, *, kind: TaskKind | None, nonce: str | None
+    ) -> tuple[Task, Experiment]:
+        """Refuse early, before a body is read, what recording the result would refuse."""
         with self.sessions() as s:
             return check_result_allowed(s, task_id, site, kind=kind, nonce=nonce, now=self.clock())
 

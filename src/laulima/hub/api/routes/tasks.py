@@ -103,25 +103,31 @@ async def upload_update(task_id: TaskId, request: Request, site: CurrentSite, hu
 @router.post(
     "/tasks/{task_id}/evaluation", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=_json_body(EvaluationResult)
 )
-async def post_evaluation(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> None:
-    try:
+async def post_evaluation(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> Response:
+    run = anyio.to_thread.run_sync
+    try:  # the task first: a body sent to the wrong task must not end that task
+        await run(partial(hub.service.check_result, task_id, site, kind=TaskKind.EVALUATE, nonce=None))
         body = _parse(EvaluationResult, await request.body(), f"evaluation of task {task_id}")
-        await anyio.to_thread.run_sync(hub.service.record_evaluation, task_id, site, body)
+        await run(hub.service.record_evaluation, task_id, site, body)
     except LaulimaError as exc:
-        await anyio.to_thread.run_sync(partial(_refuse, hub, site, task_id, exc))
+        await run(partial(_refuse, hub, site, task_id, exc))
         raise
     hub.orchestrator.wake()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.post("/tasks/{task_id}/failure", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=_json_body(TaskFailure))
-async def post_failure(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> None:
+async def post_failure(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> Response:
+    run = anyio.to_thread.run_sync
     try:
+        await run(partial(hub.service.check_result, task_id, site, kind=None, nonce=None))
         body = _parse(TaskFailure, await request.body(), f"failure report of task {task_id}")
-        await anyio.to_thread.run_sync(hub.service.record_failure, task_id, site, body)
+        await run(hub.service.record_failure, task_id, site, body)
     except LaulimaError as exc:
-        await anyio.to_thread.run_sync(partial(_refuse, hub, site, task_id, exc))
+        await run(partial(_refuse, hub, site, task_id, exc))
         raise
     hub.orchestrator.wake()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 def _parse(model: type[Body], raw: bytes, what: str) -> Body:
