@@ -159,7 +159,8 @@ class Orchestrator:
         self.service.expire_overdue()
         now = time.monotonic()
         running = self.service.running_experiment_ids()
-        self._waiting = {k: v for k, v in self._waiting.items() if k in set(running)}
+        alive = set(running)
+        self._waiting = {k: v for k, v in self._waiting.items() if k in alive}
         for experiment_id in running:
             if self._stop.is_set():
                 return
