@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from laulima.errors import TooManyRequests
 
-__all__ = ["SiteLimits", "TransferSlot"]
+__all__ = ["SiteLimits", "Slot"]
 
 
 @dataclass
@@ -28,13 +28,14 @@ class _Bucket:
     stamp: float
 
 
-class _Counted:
-    """One unit of a per-key counter, given back on ``__exit__`` (once)."""
+class Slot:
+    """One unit of a per-site counter (a running transfer, a waiting long poll), given back
+    on ``__exit__`` (once)."""
 
     def __init__(self, lock: threading.Lock, counts: dict[str, int], key: str) -> None:
         self._lock, self._counts, self._key, self._held = lock, counts, key, True
 
-    def __enter__(self) -> _Counted:
+    def __enter__(self) -> Slot:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -42,21 +43,6 @@ class _Counted:
             if self._held:
                 self._held = False
                 self._counts[self._key] = max(0, self._counts.get(self._key, 0) - 1)
-
-
-class TransferSlot:
-    """One running transfer of a site; released on ``__exit__`` (once)."""
-
-    def __init__(self, limits: SiteLimits, site: str) -> None:
-        self._limits, self._site, self._held = limits, site, True
-
-    def __enter__(self) -> TransferSlot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._held:
-            self._held = False
-            self._limits._release(self._site)
 
 
 class SiteLimits:
@@ -104,18 +90,16 @@ class SiteLimits:
                 retry_after=math.ceil(wait),
             )
 
-    def poll(self, site: str) -> _Counted:
+    def poll(self, site: str) -> Slot:
         """Hold one of ``site``'s long polls (an agent needs one), or refuse with 429."""
-        with self._lock:
-            running = self._polling.get(site, 0)
-            if running < self.max_polls:
-                self._polling[site] = running + 1
-                return _Counted(self._lock, self._polling, site)
-        raise TooManyRequests(
-            f"site {site!r} already waits in {running} long polls (the limit per site); one agent needs one",
-            site=site,
-            retry_after=1,
-        )
+        slot, running = self._hold(self._polling, site, self.max_polls)
+        if slot is None:
+            raise TooManyRequests(
+                f"site {site!r} already waits in {running} long polls (the limit per site); one agent needs one",
+                site=site,
+                retry_after=1,
+            )
+        return slot
 
     def _take(self, buckets: dict[str, _Bucket], key: str, rate: float, burst: int) -> float | None:
         """Spend a token of ``key``'s bucket; None if done, else the seconds until one is back."""
@@ -131,19 +115,22 @@ class SiteLimits:
                 return None
             return (1.0 - b.tokens) / rate
 
-    def transfer(self, site: str) -> TransferSlot:
+    def transfer(self, site: str) -> Slot:
         """Hold one of ``site``'s transfer slots, or refuse with 429."""
-        with self._lock:
-            running = self._running.get(site, 0)
-            if running < self.max_transfers:
-                self._running[site] = running + 1
-                return TransferSlot(self, site)
-        raise TooManyRequests(
-            f"site {site!r} already runs {running} transfers (the limit per site); retry when one has finished",
-            site=site,
-            retry_after=1,
-        )
+        slot, running = self._hold(self._running, site, self.max_transfers)
+        if slot is None:
+            raise TooManyRequests(
+                f"site {site!r} already runs {running} transfers (the limit per site); retry when one has finished",
+                site=site,
+                retry_after=1,
+            )
+        return slot
 
-    def _release(self, site: str) -> None:
+    def _hold(self, counts: dict[str, int], site: str, limit: int) -> tuple[Slot | None, int]:
+        """A slot of ``counts[site]`` if fewer than ``limit`` are held, and how many were."""
         with self._lock:
-            self._running[site] = max(0, self._running.get(site, 0) - 1)
+            running = counts.get(site, 0)
+            if running >= limit:
+                return None, running
+            counts[site] = running + 1
+            return Slot(self._lock, counts, site), running
