@@ -62,6 +62,11 @@ OPEN_TASK = (TaskStatus.PENDING, TaskStatus.DELIVERED)
 MAX_REFUSALS_PER_TASK = 50
 """Refusals stored per task; a site repeating itself cannot grow the database without bound."""
 MAX_REASON_CHARS = 2000
+_WHY_NOT_SELECTED = {
+    SiteStatus.REVOKED: "its certificate has been revoked",
+    SiteStatus.REMOVED: "removed from the federation by an operator",
+}
+"""Why a round leaves out (or stops waiting for) a site, by its status; offline says more."""
 MAX_UNSERVABLE_SKIPPED = 20
 """Unservable tasks one poll fails and skips before answering; the next poll goes on."""
 
@@ -133,10 +138,8 @@ class HubService:
             with self.sessions.begin() as s:
                 row = s.scalar(select(Site).where(Site.name == name))
                 if row is None:
-                    s.add(Site(name=name, token_hash=None, created_at=self.clock(), last_seen=None))
-                    s.flush()
-                    row = s.scalar(select(Site).where(Site.name == name))
-                assert row is not None
+                    row = Site(name=name, token_hash=None, created_at=self.clock(), last_seen=None)
+                    s.add(row)
                 row.cert_serial = serial_hex
         except IntegrityError:
             pass  # a concurrent first request created it
@@ -205,16 +208,14 @@ class HubService:
         return SiteStatus.ONLINE if busy is not None else SiteStatus.OFFLINE
 
     def gone(self, names: Sequence[str]) -> dict[str, str]:
-        """Of ``names``, the sites that can no longer answer (certificate revoked, or removed),
-        with why: a round stops waiting for them."""
-        if not names or (self.revocations is None):
+        """Of ``names``, the sites that can no longer answer (certificate revoked, or removed
+        after their tasks were made), with why: a round stops waiting for them."""
+        if not names or self.revocations is None:
             return {}
         now = self.clock()
         with self.sessions() as s:
-            rows = s.scalars(select(Site).where(Site.name.in_(names)))
-            status = {r.name: self.site_status(s, r, now) for r in rows}
-        why = {SiteStatus.REVOKED: "its certificate has been revoked", SiteStatus.REMOVED: "removed by an operator"}
-        return {name: why[st] for name, st in status.items() if st in why}
+            status = {r.name: self.site_status(s, r, now) for r in s.scalars(select(Site).where(Site.name.in_(names)))}
+        return {name: _WHY_NOT_SELECTED[st] for name, st in status.items() if st in _WHY_NOT_SELECTED}
 
     def select_sites(self, wanted: Sequence[str]) -> tuple[list[str], dict[str, str]]:
         """Of ``wanted`` (empty: every site the hub knows), those a round may use now, and
@@ -237,12 +238,8 @@ class HubService:
                 elif status == SiteStatus.OFFLINE:
                     seen = f"last seen {now - site.last_seen:.0f} s ago" if site.last_seen else "never connected"
                     left_out[name] = f"offline: {seen}"
-                elif status == SiteStatus.REVOKED:
-                    left_out[name] = "its certificate has been revoked"
-                else:
-                    left_out[name] = "removed from the federation by an operator"
-        if not wanted:  # a removed site is no news for an experiment that named no sites
-            left_out = {k: v for k, v in left_out.items() if not v.startswith("removed")}
+                elif wanted or status != SiteStatus.REMOVED:  # a removed site is no news to an open experiment
+                    left_out[name] = _WHY_NOT_SELECTED[status]
         return selected, left_out
 
     # -- people's tokens --------------------------------------------------------------
@@ -309,11 +306,6 @@ class HubService:
             version=r.version,
             datasets=json.loads(r.datasets_json) if r.datasets_json else {},
         )
-
-    def site_names(self) -> list[str]:
-        """Every site not removed by an operator."""
-        with self.sessions() as s:
-            return list(s.scalars(select(Site.name).where(Site.removed_at.is_(None)).order_by(Site.name)))
 
     # -- experiments: each belongs to its submitter; who may see what is hub/ownership.py --
     def create_experiment(self, body: ExperimentCreate, person: Person, *, max_running: int) -> ExperimentPublic:
@@ -728,8 +720,7 @@ class HubService:
             rnd = s.get(Round, round_id)
             if rnd is None or rnd.status != RoundStatus.OPEN:
                 return False
-            current = sorted(u.id for u in self.round_updates(s, rnd.experiment_id, rnd.index))
-            if current != sorted(update_ids):
+            if self._updates_changed(s, rnd, update_ids):
                 return False
             exp = _experiment(s, rnd.experiment_id)
             if exp.status != ExperimentStatus.RUNNING:
@@ -768,10 +759,8 @@ class HubService:
             rnd = s.get(Round, round_id)
             if rnd is None or rnd.status != RoundStatus.OPEN:
                 return False
-            if update_ids is not None:
-                current = sorted(u.id for u in self.round_updates(s, rnd.experiment_id, rnd.index))
-                if current != sorted(update_ids):
-                    return False
+            if update_ids is not None and self._updates_changed(s, rnd, update_ids):
+                return False
             rnd.status, rnd.closed_at = RoundStatus.FAILED, now
             self._close_open_tasks(s, rnd.experiment_id, TaskStatus.EXPIRED, now, "round failed", round_index=rnd.index)
             exp = _experiment(s, rnd.experiment_id)
@@ -783,22 +772,14 @@ class HubService:
         """Evaluation tasks whose deadline passed will not be answered any more (one
         statement for every experiment; it writes only when there is something to expire)."""
         now = self.clock()
-        overdue = (
-            select(Task.id)
-            .where(Task.kind == TaskKind.EVALUATE, Task.status.in_(OPEN_TASK), Task.deadline <= now)
-            .limit(1)
-        )
+        overdue = (Task.kind == TaskKind.EVALUATE, Task.status.in_(OPEN_TASK), Task.deadline <= now)
         with self.sessions() as s:
-            if s.scalar(overdue) is None:
+            if s.scalar(select(Task.id).where(*overdue).limit(1)) is None:
                 return
         with self.sessions.begin() as s:
             s.execute(
                 update(Task)
-                .where(
-                    Task.kind == TaskKind.EVALUATE,
-                    Task.status.in_(OPEN_TASK),
-                    Task.deadline <= now,
-                )
+                .where(*overdue)
                 .values(status=TaskStatus.EXPIRED, finished_at=now, failure_reason="no result before the deadline")
             )
 
@@ -837,6 +818,11 @@ class HubService:
         return True
 
     # -- helpers ----------------------------------------------------------------------
+    def _updates_changed(self, s: Session, rnd: Round, update_ids: Sequence[int]) -> bool:
+        """Whether the round's accepted updates differ from those a decision was taken on."""
+        current = sorted(u.id for u in self.round_updates(s, rnd.experiment_id, rnd.index))
+        return current != sorted(update_ids)
+
     def _add_tasks(self, s: Session, experiment_id: int, index: int, tasks: Sequence[NewTask], now: float) -> None:
         if not tasks:
             return
