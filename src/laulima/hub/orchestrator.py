@@ -201,7 +201,7 @@ class Orchestrator:
         index = exp.rounds_done + 1
         sites, left_out = self.service.select_sites(spec.sites)
         if len(sites) < spec.min_sites:
-            why = "; ".join(f"{name}: {reason}" for name, reason in sorted(left_out.items())) or "no site registered"
+            why = _listed(left_out) or "no site registered"
             note = (
                 f"waiting to open round {index}: {len(sites)} site(s) online, min_sites = {spec.min_sites} ({why})"
             )
@@ -226,7 +226,7 @@ class Orchestrator:
         ]
         if not self.service.open_round(exp.id, index, sites, tasks, deadline, left_out=left_out):
             return False
-        skipped = f" (left out: {'; '.join(f'{k}: {v}' for k, v in sorted(left_out.items()))})" if left_out else ""
+        skipped = f" (left out: {_listed(left_out)})" if left_out else ""
         log.info("experiment %s: round %d opened for %s%s", exp.id, index, ", ".join(sites), skipped)
         self._notify(sites)
         return True
@@ -259,21 +259,12 @@ class Orchestrator:
         if decision.state == RoundState.WAIT:
             return False
         if decision.state == RoundState.FAIL:
-            closed = self.service.fail_round(rnd.id, decision.reason, update_ids=[u.id for u in updates])
-            if closed:
-                log.warning("experiment %s: %s", exp.id, decision.reason)
-                self.discard_spent_updates(exp.id)
-            return closed
+            return self._fail(exp, rnd, decision.reason, updates)
         chosen = [u for u in updates if u.site in decision.sites]
         try:
             new_digest, state_digest = self._aggregate(spec, rnd, chosen)
         except NonFiniteAggregate as exc:
-            reason = f"round {rnd.index}: {exc}; the previous global model is kept"
-            closed = self.service.fail_round(rnd.id, reason, update_ids=[u.id for u in updates])
-            if closed:
-                log.warning("experiment %s: %s", exp.id, reason)
-                self.discard_spent_updates(exp.id)
-            return closed
+            return self._fail(exp, rnd, f"round {rnd.index}: {exc}; the previous global model is kept", updates)
         evaluation: list[NewTask] = []
         if evaluation_due(spec, rnd.index):
             deadline = self.clock() + spec.round_timeout_s
@@ -295,6 +286,15 @@ class Orchestrator:
                 self._notify(selected)
             self.discard_spent_updates(exp.id)
         return ok
+
+    def _fail(self, exp: Experiment, rnd: Round, reason: str, updates: list[Update]) -> bool:
+        """Fail the round (and its experiment) unless an update arrived since ``updates``
+        were read; then the next step decides again."""
+        closed = self.service.fail_round(rnd.id, reason, update_ids=[u.id for u in updates])
+        if closed:
+            log.warning("experiment %s: %s", exp.id, reason)
+            self.discard_spent_updates(exp.id)
+        return closed
 
     def discard_spent_updates(self, experiment_id: int) -> int:
         """Delete update blobs of closed rounds (unless ``keep_updates``); their digests,
@@ -350,6 +350,11 @@ def store_weights(blobs: BlobStore, weights: Mapping[str, np.ndarray], *, key_id
             writer.write(chunk)
         digest, _ = writer.commit()
     return digest
+
+
+def _listed(reasons: Mapping[str, str]) -> str:
+    """``site: why; site: why`` in site order."""
+    return "; ".join(f"{site}: {why}" for site, why in sorted(reasons.items()))
 
 
 class NonFiniteAggregate(WeightsError):

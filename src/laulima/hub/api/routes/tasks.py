@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from functools import partial
 from typing import Annotated, TypeVar
 
@@ -104,25 +105,33 @@ async def upload_update(task_id: TaskId, request: Request, site: CurrentSite, hu
     "/tasks/{task_id}/evaluation", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=_json_body(EvaluationResult)
 )
 async def post_evaluation(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> Response:
-    run = anyio.to_thread.run_sync
-    try:  # the task first: a body sent to the wrong task must not end that task
-        await run(partial(hub.service.check_result, task_id, site, kind=TaskKind.EVALUATE, nonce=None))
-        body = _parse(EvaluationResult, await request.body(), f"evaluation of task {task_id}")
-        await run(hub.service.record_evaluation, task_id, site, body)
-    except LaulimaError as exc:
-        await run(partial(_refuse, hub, site, task_id, exc))
-        raise
-    hub.orchestrator.wake()
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    record, what = hub.service.record_evaluation, f"evaluation of task {task_id}"
+    return await _json_result(task_id, request, site, hub, TaskKind.EVALUATE, EvaluationResult, record, what)
 
 
 @router.post("/tasks/{task_id}/failure", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=_json_body(TaskFailure))
 async def post_failure(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> Response:
+    record, what = hub.service.record_failure, f"failure report of task {task_id}"
+    return await _json_result(task_id, request, site, hub, None, TaskFailure, record, what)
+
+
+async def _json_result(
+    task_id: str,
+    request: Request,
+    site: Site,
+    hub: HubContext,
+    kind: TaskKind | None,
+    model: type[Body],
+    record: Callable[[str, Site, Body], None],
+    what: str,
+) -> Response:
+    """Check the task first (a body sent to the wrong task must not end that task), then
+    parse and record the body; any refusal is recorded, and ends the task if the body was bad."""
     run = anyio.to_thread.run_sync
     try:
-        await run(partial(hub.service.check_result, task_id, site, kind=None, nonce=None))
-        body = _parse(TaskFailure, await request.body(), f"failure report of task {task_id}")
-        await run(hub.service.record_failure, task_id, site, body)
+        await run(partial(hub.service.check_result, task_id, site, kind=kind, nonce=None))
+        body = _parse(model, await request.body(), what)
+        await run(record, task_id, site, body)
     except LaulimaError as exc:
         await run(partial(_refuse, hub, site, task_id, exc))
         raise
