@@ -192,13 +192,17 @@ class HubService:
         value = json.loads(raw).get(dataset)
         return value if isinstance(value, int) else None
 
+    def heard_lately(self, site: Site, now: float) -> bool:
+        """Whether ``site`` made a request within ``site_offline_after_s``."""
+        return site.last_seen is not None and now - site.last_seen <= self.site_offline_after_s
+
     def site_status(self, s: Session, site: Site, now: float) -> SiteStatus:
         """Removed, revoked, online (seen lately, or working on a task of its own) or offline."""
         if site.removed_at is not None:
             return SiteStatus.REMOVED
         if site.cert_serial and self.revocations is not None and self.revocations.is_revoked(int(site.cert_serial, 16)):
             return SiteStatus.REVOKED
-        if site.last_seen is not None and now - site.last_seen <= self.site_offline_after_s:
+        if self.heard_lately(site, now):
             return SiteStatus.ONLINE
         busy = s.scalar(
             select(Task.id)

@@ -68,7 +68,7 @@ async def next_task(
 ) -> Response:
     version = request.headers.get(Header.VERSION)
     version = version if version is not None and _VERSION.fullmatch(version) else None
-    if site.last_seen is None or hub.clock() - site.last_seen > hub.settings.site_offline_after_s:
+    if not hub.service.heard_lately(site, hub.clock()):
         hub.orchestrator.wake(sites_changed=True)  # back online: experiments waiting for sites look again
     loop = asyncio.get_running_loop()
     deadline = loop.time() + min(wait, hub.settings.long_poll_max_s)
