@@ -21,7 +21,6 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from laulima.core.protocol import (
-    N_SAMPLES_MAX,
     EvaluationResult,
     Header,
     TaskFailure,
@@ -193,16 +192,15 @@ async def _receive_update(task_id: str, request: Request, site: Site, hub: HubCo
         )
 
 
-def _sample_bound(hub: HubContext, site: str, dataset: str, spec_cap: int | None) -> tuple[int, str]:
+def _sample_bound(hub: HubContext, site: str, dataset: str, spec_cap: int | None) -> tuple[int | None, str | None]:
     """The most samples ``site`` may claim for one update, and where that bound comes from:
-    the cases it reported for the dataset, the spec's ``max_samples_per_site``, N_SAMPLES_MAX."""
-    bounds = [(N_SAMPLES_MAX, "the hub's limit")]
-    if spec_cap is not None:
-        bounds.append((spec_cap, "the experiment's max_samples_per_site"))
+    the cases it reported for the dataset, or the spec's ``max_samples_per_site``
+    (validate_update_file adds the hub's own N_SAMPLES_MAX)."""
+    bounds = [] if spec_cap is None else [(spec_cap, "the experiment's max_samples_per_site")]
     cases = hub.service.reported_cases(site, dataset)
     if cases is not None:
         bounds.append((cases, f"the {cases} cases site {site!r} reported for dataset {dataset!r}"))
-    return min(bounds)
+    return min(bounds) if bounds else (None, None)
 
 
 #: Refusals of the result itself: the site sent something that will never be accepted, so
