@@ -18,6 +18,8 @@ from laulima.core.spec import (
 )
 from laulima.errors import ConfigurationError, SpecError
 
+IDENTITY = "laulima.algorithms.identity:Identity"
+
 VALID = """\
 name = "brats-fedadam"
 algorithm = "laulima.algorithms.monai_seg:SegmentationAlgorithm"
@@ -75,7 +77,7 @@ def test_valid_spec_loads(tmp_path: Path) -> None:
 
 
 def test_minimal_spec_takes_defaults(tmp_path: Path) -> None:
-    text = 'name = "x"\nalgorithm = "pkg.mod:Alg"\ndataset = "d"\nrounds = 1\n'
+    text = 'name = "x"\nalgorithm = "laulima.algorithms.tabular:LogisticRegression"\ndataset = "d"\nrounds = 1\n'
     spec = load_spec(write(tmp_path, text))
     assert spec.sites == [] and spec.min_sites == 1
     assert spec.strategy.name == "fedavg"
@@ -170,7 +172,7 @@ def test_unreadable_file_is_a_spec_error(tmp_path: Path, kind: str) -> None:
 
 def test_parse_spec_names_its_source() -> None:
     with pytest.raises(SpecError, match=r"^<api request>: field 'name': Field required"):
-        parse_spec({"algorithm": "a:B", "dataset": "d", "rounds": 1}, source="<api request>")
+        parse_spec({"algorithm": IDENTITY, "dataset": "d", "rounds": 1}, source="<api request>")
 
 
 def test_spec_is_frozen(tmp_path: Path) -> None:
@@ -181,7 +183,7 @@ def test_spec_is_frozen(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- numbers: finite and bounded
 
-MINIMAL = {"name": "x", "algorithm": "a.b:C", "dataset": "d", "rounds": 1}
+MINIMAL = {"name": "x", "algorithm": IDENTITY, "dataset": "d", "rounds": 1}
 
 
 def with_field(path: str, value: object) -> dict[str, object]:
@@ -202,6 +204,7 @@ NUMBER_FIELDS = [
     "max_update_norm",
     "max_samples_per_site",
     "seed",
+    "approval_timeout_s",
     "strategy.proximal_mu",
     "strategy.server_lr",
     "strategy.beta_1",
@@ -228,6 +231,8 @@ def test_every_number_must_be_finite(field: str, value: float) -> None:
     [
         ("round_timeout_s", 7 * 24 * 3600 + 1, "less than or equal to 604800"),
         ("task_timeout_s", 1e9, "less than or equal to 604800"),
+        ("approval_timeout_s", 7 * 24 * 3600 + 1, "less than or equal to 604800"),
+        ("approval_timeout_s", 0, "greater than 0"),
         ("local_epochs", 10**6, "less than or equal to 100000"),
         ("local_steps", 10**9, "less than or equal to 100000000"),
         ("min_sites", 1001, "less than or equal to 1000"),
@@ -345,7 +350,12 @@ def test_config_keeps_plain_values_and_toml_dates(tmp_path: Path) -> None:
 
 
 def test_toml_nested_too_deeply_for_the_parser_names_the_file(tmp_path: Path) -> None:
-    text = 'name = "x"\nalgorithm = "a.b:C"\ndataset = "d"\nrounds = 1\nconfig = ' + "{a = " * 3000 + "1" + "}" * 3000
+    text = (
+        f'name = "x"\nalgorithm = "{IDENTITY}"\ndataset = "d"\nrounds = 1\nconfig = '
+        + "{a = " * 3000
+        + "1"
+        + "}" * 3000
+    )
     path = write(tmp_path, text + "\n")
     with pytest.raises(SpecError, match=r"nested too deeply") as info:
         load_spec(path)
@@ -353,7 +363,79 @@ def test_toml_nested_too_deeply_for_the_parser_names_the_file(tmp_path: Path) ->
 
 
 def test_toml_dotted_keys_nested_too_deeply_name_the_field(tmp_path: Path) -> None:
-    text = 'name = "x"\nalgorithm = "a.b:C"\ndataset = "d"\nrounds = 1\n[config]\n' + ".".join(["a"] * 3000) + " = 1\n"
+    text = (
+        f'name = "x"\nalgorithm = "{IDENTITY}"\ndataset = "d"\nrounds = 1\n[config]\n'
+        + ".".join(["a"] * 3000)
+        + " = 1\n"
+    )
     path = write(tmp_path, text)
     with pytest.raises(SpecError, match=r"field 'config(\.a)+': nested deeper than 32 levels"):
         load_spec(path)
+
+
+# --------------------------------------------------------------------------- the algorithm: built-in or packed
+
+DIGEST = "ab" * 32
+SIGNATURE = "cd" * 64
+
+
+@pytest.mark.parametrize("algorithm", ["os:system", "antigravity:X", "laulima:Algorithm", "laulima.algorithmsx.y:Z"])
+def test_an_algorithm_neither_built_in_nor_packed_is_refused_before_anything_imports_it(algorithm: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({**MINIMAL, "algorithm": algorithm}, source="experiment spec")
+    assert str(info.value) == (
+        f"experiment spec: field 'algorithm': {algorithm!r} is neither a built-in (laulima.algorithms.*) nor "
+        "packed: name a `source` folder or file to pack, or a `bundle` digest"
+    )
+    assert info.value.context["field"] == "algorithm"
+
+
+def test_load_spec_refuses_an_unpacked_foreign_algorithm(tmp_path: Path) -> None:
+    path = write(tmp_path, replace_line(VALID, "algorithm", 'algorithm = "os:system"'))
+    with pytest.raises(SpecError, match=r"field 'algorithm': 'os:system' is neither a built-in") as info:
+        load_spec(path)
+    assert info.value.context == {"file": str(path), "field": "algorithm"}
+
+
+def test_a_foreign_algorithm_is_accepted_with_a_bundle_or_a_source_to_pack() -> None:
+    bundled = parse_spec({**MINIMAL, "algorithm": "mypkg.model:Net", "bundle": DIGEST, "signatures": [SIGNATURE]})
+    assert (bundled.bundle, bundled.signatures, bundled.source) == (DIGEST, [SIGNATURE], None)
+    local = parse_spec({**MINIMAL, "algorithm": "mypkg.model:Net", "source": "src/mypkg", "requirements": ["numpy>=1"]})
+    assert (local.source, local.requirements, local.bundle) == ("src/mypkg", ["numpy>=1"], None)
+
+
+def test_a_spec_the_hub_accepted_earlier_is_re_read_without_the_newer_rule() -> None:
+    assert parse_spec({**MINIMAL, "algorithm": "old.module:Algo"}, accepted=True).algorithm == "old.module:Algo"
+
+
+def test_new_fields_default_to_a_built_in_without_signatures_and_a_day_to_approve() -> None:
+    spec = parse_spec(MINIMAL)
+    assert (spec.bundle, spec.signatures, spec.source, spec.requirements) == (None, [], None, [])
+    assert spec.approval_timeout_s == 24 * 3600.0
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "reason"),
+    [
+        ({"signatures": [SIGNATURE]}, "signatures", "signatures sign a bundle's digest"),
+        ({"bundle": DIGEST, "signatures": ["CD" * 64]}, "signatures.0", "should match pattern"),
+        ({"bundle": DIGEST, "signatures": ["cd" * 63]}, "signatures.0", "should match pattern"),
+        ({"bundle": DIGEST, "signatures": [SIGNATURE, SIGNATURE]}, "signatures", "listed twice"),
+        (
+            {"bundle": DIGEST, "signatures": [f"{i:0128x}" for i in range(17)]},
+            "signatures",
+            "at most 16 items",
+        ),
+        ({"bundle": "AB" * 32}, "bundle", "should match pattern"),
+        ({"bundle": "ab" * 31}, "bundle", "should match pattern"),
+        ({"source": "x.py", "requirements": ["numpy"] * 65}, "requirements", "at most 64 items"),
+        ({"source": "x.py", "requirements": ["n" * 201]}, "requirements.0", "at most 200 characters"),
+        ({"source": ""}, "source", "at least 1 character"),
+        ({"source": "p" * 4097}, "source", "at most 4096 characters"),
+    ],
+)
+def test_bundle_fields_are_bounded(fields: dict[str, object], field: str, reason: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_spec({**MINIMAL, "algorithm": "mypkg:Net", **fields}, source="experiment spec")
+    assert str(info.value).startswith(f"experiment spec: field '{field}': ")
+    assert reason in str(info.value)

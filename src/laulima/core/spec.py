@@ -10,15 +10,18 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from laulima.core.protocol import N_SAMPLES_MAX
+from laulima.core.bundle import MAX_REQUIREMENT_CHARS, MAX_REQUIREMENTS, is_builtin_name
+from laulima.core.protocol import N_SAMPLES_MAX, Digest
 from laulima.errors import SpecError
 
 __all__ = [
+    "APPROVAL_TIMEOUT_S",
     "CONFIG_MAX_BYTES",
     "CONFIG_MAX_DEPTH",
+    "MAX_SIGNATURES",
     "MAX_SITES",
     "MAX_TIMEOUT_S",
     "EvaluationSpec",
@@ -36,6 +39,13 @@ MAX_SITES = 1000
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 """Longest round or task time limit: a week. Longer is a typo, and a deadline that far out
 keeps the round's tasks and blobs alive for nothing."""
+
+APPROVAL_TIMEOUT_S = 24 * 3600.0
+"""Default time the sites' administrators have to approve an experiment: a working day and a
+night, so a job submitted in the evening is decided the next morning."""
+
+MAX_SIGNATURES = 16
+"""Most signatures one spec may carry for its bundle (one per co-signing scientist)."""
 
 CONFIG_MAX_DEPTH = 32
 """Deepest nesting of tables and lists in ``config``: deeper data only exercises recursion
@@ -78,8 +88,26 @@ class ExperimentSpec(_Strict):
     """A federated experiment. Loaded from TOML; every error names the field."""
 
     name: Annotated[str, Field(pattern=_NAME)]
-    algorithm: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")]
-    """Entry point ``package.module:Class`` of a ``laulima.Algorithm``."""
+    algorithm: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=200)]
+    """Entry point ``package.module:Class`` of a ``laulima.Algorithm``: a built-in
+    (``laulima.algorithms.*``), or the entry point of the bundle named by ``bundle`` (or packed
+    from ``source``). Anything else is refused, so ``os:system`` never reaches a site."""
+    bundle: Digest | None = None
+    """sha256 of the algorithm bundle, uploaded before as a blob (``laulima experiment submit``
+    packs and uploads it). Sites run exactly these bytes, after their policy admits them."""
+    signatures: Annotated[
+        list[Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]], Field(max_length=MAX_SIGNATURES)
+    ] = []
+    """Ed25519 signatures of ``bundle``'s digest (``laulima algorithm sign``), for site policies
+    that admit what a known scientist signed. Only with ``bundle``."""
+    source: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    """Client side only: the local package folder or ``.py`` file of the algorithm, packed into
+    a bundle by ``laulima experiment submit``. The hub refuses a spec that still carries it: it
+    is a path on the scientist's machine."""
+    requirements: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=MAX_REQUIREMENT_CHARS)]], Field(max_length=MAX_REQUIREMENTS)
+    ] = []
+    """Client side only, with ``source``: PEP 508 requirements written into the bundle's manifest."""
     dataset: Annotated[str, Field(pattern=_NAME)]
     """Name under which each site registered its local dataset."""
     sites: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(max_length=MAX_SITES)] = []
@@ -98,6 +126,10 @@ class ExperimentSpec(_Strict):
     """Cap on the ``n_samples`` one site may claim for one update (its weight in FedAvg);
     None: only the hub's own bounds apply (N_SAMPLES_MAX, the cases a site reported)."""
     seed: Annotated[int, Field(ge=0, le=_INT64)] = 0
+    approval_timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] = APPROVAL_TIMEOUT_S
+    """How long after submission the sites' administrators may take to approve the experiment:
+    a site holding a task for its administrator keeps the round open until then, and counts
+    as failed after. Measured from submission, not per round."""
     strategy: StrategySpec = StrategySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     config: dict[str, Any] = {}
@@ -122,6 +154,29 @@ class ExperimentSpec(_Strict):
                 path = f"{path[:100]}...{path[-80:]}"
             raise PydanticCustomError("config_invalid", "{reason}", {"path": path, "reason": reason})
         return config
+
+    @field_validator("signatures")
+    @classmethod
+    def _unique_signatures(cls, signatures: list[str]) -> list[str]:
+        if len(set(signatures)) != len(signatures):
+            raise ValueError("a signature is listed twice; list each signature once")
+        return signatures
+
+    @model_validator(mode="after")
+    def _algorithm_known(self, info: ValidationInfo) -> ExperimentSpec:
+        # A spec the hub accepted before (re-read from its database) keeps running even if it
+        # predates this rule; every new spec names a built-in or a bundle.
+        if self.signatures and self.bundle is None and self.source is None:
+            reason = "signatures sign a bundle's digest; give the `bundle` (or the `source` packed into it)"
+            raise PydanticCustomError("signatures_without_bundle", "{reason}", {"path": "signatures", "reason": reason})
+        accepted = bool(info.context and info.context.get("accepted"))
+        if self.bundle is None and self.source is None and not accepted and not is_builtin_name(self.algorithm):
+            reason = (
+                f"{self.algorithm!r} is neither a built-in (laulima.algorithms.*) nor packed: name a `source` "
+                "folder or file to pack, or a `bundle` digest"
+            )
+            raise PydanticCustomError("algorithm_not_packed", "{reason}", {"path": "algorithm", "reason": reason})
+        return self
 
     @model_validator(mode="after")
     def _quorum_possible(self) -> ExperimentSpec:
@@ -184,10 +239,13 @@ def config_problem(config: Any) -> tuple[str, str] | None:
     return None
 
 
-def parse_spec(data: dict[str, Any], *, source: str = "<spec>") -> ExperimentSpec:
-    """Validate a spec mapping; the first error names ``source`` and the field."""
+def parse_spec(data: dict[str, Any], *, source: str = "<spec>", accepted: bool = False) -> ExperimentSpec:
+    """Validate a spec mapping; the first error names ``source`` and the field.
+
+    ``accepted``: the hub re-reads a spec it accepted earlier; rules added since (an algorithm
+    must be a built-in or a bundle) do not stop an experiment that is already running."""
     try:
-        return ExperimentSpec.model_validate(data)
+        return ExperimentSpec.model_validate(data, context={"accepted": accepted})
     except ValidationError as exc:
         err = exc.errors()[0]
         field = str((err.get("ctx") or {}).get("path") or ".".join(str(p) for p in err["loc"]) or "(top level)")
