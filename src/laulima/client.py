@@ -35,7 +35,15 @@ from laulima.core.protocol import (
     TokenCreated,
     TokenPublic,
 )
-from laulima.errors import Conflict, Forbidden, NotFound, PayloadTooLarge, ProtocolError, TransportError
+from laulima.errors import (
+    ConfigurationError,
+    Conflict,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    ProtocolError,
+    TransportError,
+)
 
 __all__ = ["Client"]
 
@@ -113,7 +121,27 @@ class Client:
         data_out = self._request("PUT", "/blobs", content=data, headers=headers)
         return BlobCreated.model_validate(data_out)
 
-    def submit(self, spec: dict[str, Any], initial_weights: bytes) -> ExperimentPublic:
+    def upload_bundle(self, data: bytes) -> BlobCreated:
+        """Upload an algorithm bundle (``laulima.algorithms.bundle.pack``): a blob like weights,
+        which a spec then names by the returned digest. The hub checks it when the experiment
+        is submitted, not here."""
+        return self.upload_blob(data)
+
+    def submit(self, spec: dict[str, Any], initial_weights: bytes, bundle: bytes | None = None) -> ExperimentPublic:
+        """Upload the initial weights (and the algorithm's ``bundle``, first), then submit ``spec``.
+
+        With ``bundle`` the submitted spec's ``bundle`` is the uploaded digest (``spec`` itself is
+        not changed); a spec that names another digest is refused before anything is sent."""
+        spec = dict(spec)
+        if bundle is not None:
+            digest = hashlib.sha256(bundle).hexdigest()
+            if spec.get("bundle") not in (None, digest):
+                raise ConfigurationError(
+                    f"field 'bundle': the spec names bundle {str(spec['bundle'])[:12]}… but the bundle given has "
+                    f"sha256 {digest[:12]}…; drop the field or give its bundle",
+                    field="bundle",
+                )
+            spec["bundle"] = self.upload_bundle(bundle).digest
         blob = self.upload_blob(initial_weights)
         body = ExperimentCreate(spec=spec, initial_weights=blob.digest).model_dump()
         return ExperimentPublic.model_validate(self._request("POST", "/experiments", json=body))

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due
+from laulima.core.protocol import FailureKind
+from laulima.core.rounds import NO_APPROVAL, RoundState, RoundView, decide, evaluation_due, failure_note
 from laulima.core.spec import parse_spec
 
 ABC = ("a", "b", "c")
@@ -55,6 +56,69 @@ def test_failure_reason_names_the_round_the_counts_and_each_site():
     assert "c: no result before the deadline" in decision.reason
 
 
+def deciding_view(
+    completed: str = "a", deciding: str = "b", now: float = 0.0, approval_deadline: float = 100.0, min_sites: int = 2
+) -> RoundView:
+    """a, b, c selected, deadline 10; ``deciding`` sites wait for their administrator."""
+    return RoundView(
+        index=3,
+        selected=ABC,
+        completed=frozenset(completed),
+        failed={"c": "failed (error): boom"},
+        deadline=10.0,
+        min_sites=min_sites,
+        now=now,
+        deciding=frozenset(deciding),
+        approval_deadline=approval_deadline,
+    )
+
+
+@pytest.mark.parametrize("now", [0.0, 10.0, 50.0, 99.9])
+def test_a_site_waiting_for_approval_keeps_the_round_open_until_the_approval_deadline(now: float):
+    assert decide(deciding_view(now=now)).state == RoundState.WAIT
+
+
+def test_a_site_still_deciding_at_the_approval_deadline_counts_as_failed():
+    decision = decide(deciding_view(now=100.0))
+    assert decision.state == RoundState.FAIL
+    assert f"b: {NO_APPROVAL}" in decision.reason
+    assert "c: failed (error): boom" in decision.reason
+    # with the quorum met by the others, the round aggregates without it
+    decision = decide(deciding_view(now=100.0, min_sites=1))
+    assert (decision.state, decision.sites) == (RoundState.AGGREGATE, ("a",))
+
+
+def test_an_approval_deadline_before_the_round_deadline_never_shortens_the_round():
+    assert decide(deciding_view(now=5.0, approval_deadline=1.0)).state == RoundState.WAIT
+    decision = decide(deciding_view(now=10.0, approval_deadline=1.0))
+    assert decision.state == RoundState.FAIL and f"b: {NO_APPROVAL}" in decision.reason
+
+
+def test_a_site_that_is_not_deciding_is_not_waited_for_past_the_deadline():
+    decision = decide(deciding_view(deciding="", now=10.0))
+    assert decision.state == RoundState.FAIL
+    assert "b: no result before the deadline" in decision.reason
+
+
+def test_a_deciding_site_that_cannot_make_the_quorum_is_not_waited_for():
+    decision = decide(deciding_view(completed="", now=0.0, min_sites=3))
+    assert decision.state == RoundState.FAIL
+    assert "b: still waiting for approval at the site" in decision.reason
+
+
+def test_a_refusal_by_a_site_reads_as_such_in_the_round_failure():
+    assert failure_note(FailureKind.REJECTED.value, "not approved: unknown requester") == (
+        "refused: not approved: unknown requester"
+    )
+    assert failure_note("timeout", "ran past 60 s") == "failed (timeout): ran past 60 s"
+    assert failure_note(None, None) == "failed (error): no reason given"
+    failed = {"b": failure_note("rejected", "policy: bundles only"), "c": failure_note("error", "boom")}
+    decision = decide(view("a", failed))
+    assert decision.state == RoundState.FAIL
+    assert "b refused: policy: bundles only" in decision.reason
+    assert "c: failed (error): boom" in decision.reason
+
+
 def test_decide_is_independent_of_arrival_order():
     one = decide(RoundView(1, ("x", "y"), frozenset({"y", "x"}), {}, 5.0, 1, 0.0))
     two = decide(RoundView(1, ("y", "x"), frozenset({"x", "y"}), {}, 5.0, 1, 0.0))
@@ -75,7 +139,7 @@ def test_evaluation_due(every: int, final: bool, rounds: int, due: list[int]):
     spec = parse_spec(
         {
             "name": "e",
-            "algorithm": "m:C",
+            "algorithm": "laulima.algorithms.identity:Identity",
             "dataset": "d",
             "rounds": rounds,
             "evaluation": {"every": every, "final": final},

@@ -61,7 +61,7 @@ def update_bytes(
 def spec(**overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "name": "exp",
-        "algorithm": "tests.helpers.algorithms:SlowCounter",
+        "algorithm": "laulima.algorithms.identity:Identity",
         "dataset": "brains",
         "sites": ["site-a", "site-b"],
         "rounds": 1,

@@ -20,7 +20,7 @@ def test_round_aggregates_to_the_sample_weighted_mean(hub: Hub):
     ta = hub.next_task("site-a")
     tb = hub.next_task("site-b")
     assert ta and tb and ta.kind == "train" and ta.round == 1
-    assert ta.config["round"] == 1 and ta.config["local_epochs"] == 1 and ta.algorithm.endswith("SlowCounter")
+    assert ta.config["round"] == 1 and ta.config["local_epochs"] == 1 and ta.algorithm.endswith(":Identity")
     assert hub.download("site-a", ta.weights_digest).keys() == initial.keys()
     assert hub.next_task("site-c", wait=0) is None  # not selected
 
@@ -78,8 +78,9 @@ def test_round_without_quorum_fails_the_experiment_with_a_clear_error(hub: Hub):
     failed = hub.wait_status(exp["id"], "failed")
     assert failed["error"] == (
         "round 1: only 1 of 3 selected sites returned results by the deadline (min_sites = 2): "
-        "site-b: failed (rejected): policy: algorithm not approved; site-c: no result before the deadline"
+        "site-b refused: policy: algorithm not approved; site-c: no result before the deadline"
     )
+    assert failed["site_notes"] == {"site-b": "refused: policy: algorithm not approved"}
     assert failed["rounds_done"] == 0
     assert hub.get(f"/experiments/{exp['id']}/rounds")[0]["status"] == "failed"
 

@@ -394,7 +394,7 @@ def spec_texts(draw: st.DrawFn, digest: str, sites: list[str], *, faulty: bool) 
     chosen = draw(st.lists(st.sampled_from(sites), unique=True, max_size=len(sites)))
     spec: dict[str, Any] = {
         "name": draw(st.sampled_from(["fuzz", "fuzz-2.b", "x" * 64])),
-        "algorithm": "tests.helpers.algorithms:SlowCounter",
+        "algorithm": "laulima.algorithms.identity:Identity",
         "dataset": "d",
         "sites": chosen,
         "rounds": draw(st.integers(1, 3)),

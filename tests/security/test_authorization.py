@@ -30,7 +30,7 @@ def _update(seed: int) -> bytes:
 
 SPEC: dict[str, Any] = {
     "name": "secure",
-    "algorithm": "tests.helpers.algorithms:SlowCounter",
+    "algorithm": "laulima.algorithms.identity:Identity",
     "dataset": "brains",
     "sites": ["site-a", "site-b"],
     "rounds": 1,

@@ -36,6 +36,8 @@ from tests.security.fuzz_counter import CASES
 OPERATOR = "fuzz-operator-token-0123456789"
 MAX_EXAMPLES = 100
 MAX_EXAMPLES_TLS = 30
+IDENTITY = "laulima.algorithms.identity:Identity"
+"""A built-in: the hub accepts it without a bundle, and no site runs it here."""
 
 HOME = Path(tempfile.mkdtemp(prefix="laulima-fuzz-"))
 APP = create_app(HubSettings(home=HOME / "hub", admin_token=OPERATOR, long_poll_max_s=0.05, orchestrator_tick_s=0.05))
@@ -50,7 +52,7 @@ def site_token() -> Iterator[str]:
         token = client.post(f"{API_PREFIX}/sites", json={"name": "site-a"}, headers=auth).json()["token"]
         weights = to_safetensors({"w": np.zeros(4, np.float32)})
         digest = client.put(f"{API_PREFIX}/blobs", content=weights, headers=auth).json()["digest"]
-        spec = {"name": "fuzz", "algorithm": "x.y:Z", "dataset": "d", "rounds": 1, "sites": ["site-a"]}
+        spec = {"name": "fuzz", "algorithm": IDENTITY, "dataset": "d", "rounds": 1, "sites": ["site-a"]}
         r = client.post(f"{API_PREFIX}/experiments", json={"spec": spec, "initial_weights": digest}, headers=auth)
         assert r.status_code == 201, r.text
         yield token
@@ -86,7 +88,7 @@ def tls_fuzz_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSHub]:
     assert site.get("/tasks/next").status_code == 204  # known from its first verified request
     operator = hub.operator()
     digest = operator.put("/blobs", content=to_safetensors({"w": np.zeros(4, np.float32)})).json()["digest"]
-    spec = {"name": "fuzz", "algorithm": "x.y:Z", "dataset": "d", "rounds": 1, "sites": ["site-a"]}
+    spec = {"name": "fuzz", "algorithm": IDENTITY, "dataset": "d", "rounds": 1, "sites": ["site-a"]}
     r = operator.post("/experiments", json={"spec": spec, "initial_weights": digest})
     assert r.status_code == 201, r.text
     yield hub

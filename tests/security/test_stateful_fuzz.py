@@ -306,7 +306,7 @@ class HubMachine(RuleBasedStateMachine):
         check(blob.status_code == 201, describe(blob))
         spec = {
             "name": "fuzz-valid",
-            "algorithm": "tests.helpers.algorithms:SlowCounter",
+            "algorithm": "laulima.algorithms.identity:Identity",
             "dataset": "d",
             "sites": SITES,
             "rounds": 2,

@@ -41,6 +41,7 @@ __all__ = [
     "TaskKind",
     "TaskPublic",
     "TaskStatus",
+    "TaskWaiting",
     "TokenCreate",
     "TokenCreated",
     "TokenPublic",
@@ -221,6 +222,28 @@ class TaskPublic(_Msg):
     this duration and their own monotonic clock, so a site whose clock is off still meets it."""
     time_limit_s: float
     upload_nonce: str
+    bundle_digest: Digest | None = None
+    """sha256 of the algorithm's bundle (a blob the site may download); None for a built-in."""
+    bundle_size: Annotated[int, Field(ge=0)] | None = None
+    """The bundle's size in bytes, so the site refuses a longer download at once."""
+    signatures: list[Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]] = []
+    """Ed25519 signatures of ``bundle_digest`` the scientist attached; a site policy may admit
+    a bundle signed by a key it trusts."""
+    requester: Annotated[str, Field(max_length=64)] = ""
+    """Who submitted the experiment (the owner's name), for the site's policy and its administrator."""
+    rounds: Annotated[int, Field(ge=1)] = 1
+    """The experiment's number of rounds: what an administrator approves covers them all."""
+    approval_seconds_left: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
+    """Seconds from this answer to the experiment's approval deadline (submission +
+    ``approval_timeout_s``): how long the site's administrator has to decide."""
+
+
+class TaskWaiting(_Msg):
+    """A site holds a task for its administrator's approval and says why (shown to the
+    scientist); the round waits for it until the experiment's approval deadline."""
+
+    reason: Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00-\x1f\x7f]+$")]
+    """One line for the scientist, e.g. "held for the administrator: unknown requester"."""
 
 
 Metrics = Annotated[dict[str, float], BeforeValidator(checked_metrics)]
@@ -289,6 +312,12 @@ class ExperimentPublic(_Msg):
     """The name of the person who submitted it; they (and operators) may cancel and share it."""
     shared_with: list[str] = []
     """People its owner shared it with: they may read it (status, rounds, metrics, models)."""
+    algorithm_digest: str = ""
+    """What the sites run: the bundle's sha256, or the well-known digest of a built-in (empty
+    for an experiment older than bundles whose algorithm is neither)."""
+    site_notes: dict[str, str] = {}
+    """What sites of the open round (or of the last evaluation) are doing, when it is news:
+    waiting for approval, refused, failed — so the scientist learns it before the round ends."""
 
 
 class ShareCreate(_Msg):

@@ -109,6 +109,9 @@ class Experiment(Base):
     owner: Mapped[str | None] = mapped_column(String(64), default=None)
     """The name of the person who submitted it (their token's name). None only for rows of a
     hub older than ownership: those belong to the bootstrap operator ("admin")."""
+    bundle_digest: Mapped[str | None] = mapped_column(_DIGEST, default=None)
+    """The algorithm bundle its sites run (a blob, verified at submission); None for a built-in.
+    A column rather than only in the spec: blob clean-up and read access look it up in SQL."""
 
 
 class ExperimentShare(Base):
@@ -181,6 +184,11 @@ class Task(Base):
     finished_at: Mapped[float | None]
     failure_kind: Mapped[str | None] = mapped_column(String(16))
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    waiting_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    """Set while the site holds the task for its administrator's approval (``PUT
+    /tasks/{id}/waiting``): the task is not handed out, and its round waits for it until the
+    experiment's approval deadline."""
+    waiting_since: Mapped[float | None] = mapped_column(default=None)
 
 
 class Update(Base):

@@ -1,7 +1,8 @@
 """What keeps a blob alive, and the clean-up of the blobs and uploads that nothing keeps alive.
 
 A blob is *referenced* while a row points at it: a task's weights, an experiment's initial
-or global model or strategy state, a round's models, an update, a person's upload. The
+or global model, strategy state or algorithm bundle, a round's models, an update, a person's
+upload. The
 one list of those columns is here, so the orchestrator's deletion of spent updates, the
 blob store's last check before a delete, the upload quota and this clean-up all agree.
 
@@ -59,6 +60,7 @@ def _holders(*, spent_updates: bool, uploads: bool) -> list[_Holder]:
         Experiment.initial_digest,
         Experiment.global_digest,
         Experiment.strategy_state_digest,
+        Experiment.bundle_digest,
         Round.global_in_digest,
         Round.global_out_digest,
         Round.strategy_state_digest,

@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy.exc import OperationalError
 
 from laulima.core.protocol import ExperimentStatus, TaskKind, TaskStatus
-from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due
+from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due, failure_note
 from laulima.core.spec import ExperimentSpec
 from laulima.core.strategies import FitResult, Strategy, build_strategy
 from laulima.core.weights import Weights, WeightsSchema, check_weights_finite, safetensors_chunks
@@ -30,7 +30,7 @@ from laulima.errors import WeightsError
 from laulima.hub.blobstore import BlobStore, experiment_key
 from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
 from laulima.hub.service import HubService, NewTask, spec_of
-from laulima.hub.validation import Source, open_source, read_into, schema_from, tensor_index
+from laulima.hub.validation import Source, approval_deadline, open_source, read_into, schema_from, tensor_index
 
 __all__ = ["LazyWeights", "NonFiniteAggregate", "Orchestrator", "store_weights"]
 
@@ -236,13 +236,16 @@ class Orchestrator:
     ) -> bool:
         completed = {u.site for u in updates}
         failed: dict[str, str] = {}
+        deciding: set[str] = set()
         for task, site in tasks:
             if site in completed:
                 continue
             if task.status == TaskStatus.FAILED:
-                failed[site] = f"failed ({task.failure_kind}): {task.failure_reason}"
+                failed[site] = failure_note(task.failure_kind, task.failure_reason)
             elif task.status in (TaskStatus.CANCELLED, TaskStatus.EXPIRED):
                 failed[site] = f"{task.status} ({task.failure_reason})"
+            elif task.waiting_since is not None:
+                deciding.add(site)  # held for its administrator: waited for until the approval deadline
         waiting_for = [site for task, site in tasks if site not in completed and site not in failed]
         failed.update(self.service.gone(waiting_for))  # revoked since the round opened: never coming
         selected = tuple(json.loads(rnd.sites_json))
@@ -254,6 +257,8 @@ class Orchestrator:
             deadline=rnd.deadline,
             min_sites=spec.min_sites,
             now=self.clock(),
+            deciding=frozenset(deciding - set(failed)),
+            approval_deadline=approval_deadline(exp),
         )
         decision = decide(view)
         if decision.state == RoundState.WAIT:

@@ -6,10 +6,11 @@ with another person by name; that person may then *read* it — status, rounds, 
 refusals, its models — but not cancel it or change its sharing. To anyone else it does
 not exist: the same 404 as an unknown id, so ids cannot be probed.
 
-A person may download a blob they uploaded, or the initial or a global model of an
-experiment they may read (sites keep their own rule: the weights of their tasks), and may
-start an experiment only from such a blob. Uploads are recorded per person; the bytes and
-number of uploads that no experiment uses yet are bounded, and so are running experiments.
+A person may download a blob they uploaded, or the initial or a global model or the
+algorithm bundle of an experiment they may read (sites keep their own rule: the weights and
+bundles of their tasks), and may start an experiment only from such a blob. Uploads are
+recorded per person; the bytes and number of uploads that no experiment uses yet are bounded,
+and so are running experiments.
 
 These helpers work inside the caller's session; :class:`~laulima.hub.service.HubService`
 owns the transactions.
@@ -181,15 +182,20 @@ def check_running_limit(s: Session, name: str, limit: int) -> None:
 
 # -- blobs ------------------------------------------------------------------------------
 def may_read_blob(s: Session, person: Person, digest: str) -> bool:
-    """``person`` uploaded ``digest``, or it is the initial or a global model of an
-    experiment they may read."""
+    """``person`` uploaded ``digest``, or it is the initial or a global model, or the algorithm
+    bundle, of an experiment they may read (a reader of the results may review the code)."""
     if person.operator:
         return True
     uploaded = s.scalar(select(Upload.id).where(Upload.digest == digest, Upload.owner == person.name).limit(1))
     if uploaded is not None:
         return True
     produced = select(Round.experiment_id).where(Round.global_out_digest == digest)
-    model = or_(Experiment.initial_digest == digest, Experiment.global_digest == digest, Experiment.id.in_(produced))
+    model = or_(
+        Experiment.initial_digest == digest,
+        Experiment.global_digest == digest,
+        Experiment.bundle_digest == digest,
+        Experiment.id.in_(produced),
+    )
     return s.scalar(select(Experiment.id).where(model, visible_to(person)).limit(1)) is not None
 
 

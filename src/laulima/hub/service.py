@@ -14,12 +14,14 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from laulima.core.bundle import MAX_ARCHIVE_BYTES, builtin_digest, is_builtin_name, verify_bytes
 from laulima.core.protocol import (
     EvaluationResult,
     ExperimentCreate,
@@ -44,18 +46,19 @@ from laulima.core.protocol import (
     TokenPublic,
     UploadAccepted,
 )
+from laulima.core.rounds import NO_APPROVAL, failure_note
 from laulima.core.spec import ExperimentSpec, parse_spec
 from laulima.core.strategies import build_strategy
-from laulima.errors import Conflict, LaulimaError, NotFound, SpecError
+from laulima.errors import Conflict, DataError, LaulimaError, NotFound, SpecError
 from laulima.hub import ownership
 from laulima.hub.blobstore import BlobStore
 from laulima.hub.db import ApiToken, Experiment, Metric, Refusal, Round, Session, SessionFactory, Site, Task, Update
 from laulima.hub.housekeeping import referenced
 from laulima.hub.ownership import Person, UploadQuota
-from laulima.hub.validation import check_result_allowed, check_weights_file
+from laulima.hub.validation import approval_deadline, check_result_allowed, check_weights_file
 from laulima.pki.ca import RevocationList
 
-__all__ = ["HubService", "NewTask", "hash_token", "spec_of"]
+__all__ = ["HubService", "NewTask", "algorithm_digest", "hash_token", "site_notes", "spec_of"]
 
 OPEN_TASK = (TaskStatus.PENDING, TaskStatus.DELIVERED)
 
@@ -313,11 +316,15 @@ class HubService:
 
     # -- experiments: each belongs to its submitter; who may see what is hub/ownership.py --
     def create_experiment(self, body: ExperimentCreate, person: Person, *, max_running: int) -> ExperimentPublic:
-        """Start ``body`` for ``person`` from initial weights they uploaded or may read; at
-        most ``max_running`` running experiments each. The weights stay pinned until the new
-        row refers to them, so no clean-up can delete them in between."""
+        """Start ``body`` for ``person`` from initial weights (and an algorithm bundle) they
+        uploaded or may read; at most ``max_running`` running experiments each. The blobs stay
+        pinned until the new row refers to them, so no clean-up can delete them in between."""
         spec = parse_spec(body.spec, source="experiment spec")
-        with self.blobs.pinned(body.initial_weights):
+        _refuse_local_fields(spec)
+        with ExitStack() as pins:
+            pins.enter_context(self.blobs.pinned(body.initial_weights))
+            if spec.bundle is not None:
+                pins.enter_context(self.blobs.pinned(spec.bundle))
             with self.sessions() as s:
                 readable = ownership.may_read_blob(s, person, body.initial_weights)
             if not readable or not self.blobs.exists(body.initial_weights):
@@ -327,6 +334,8 @@ class HubService:
                     field="initial_weights",
                 )
             check_weights_file(lambda: self.blobs.open(body.initial_weights), where="initial_weights")
+            if spec.bundle is not None:
+                self._check_bundle(spec, spec.bundle, person)
             try:
                 build_strategy(spec.strategy)
             except LaulimaError:
@@ -334,6 +343,49 @@ class HubService:
             except Exception as exc:
                 raise SpecError(f"field 'strategy': cannot be built ({exc})", field="strategy") from exc
             return self._insert_experiment(body, spec, person, max_running)
+
+    def _check_bundle(self, spec: ExperimentSpec, digest: str, person: Person) -> None:
+        """The bundle is a blob ``person`` may read, a valid bundle of at most
+        ``MAX_ARCHIVE_BYTES`` (digest, manifest and every file's sha256), and its entry point is
+        the spec's ``algorithm``: a site must never be asked to run what the spec does not name."""
+        with self.sessions() as s:
+            readable = ownership.may_read_blob(s, person, digest)
+        if not readable or not self.blobs.exists(digest):
+            raise SpecError(
+                f"field 'bundle': no blob {digest} on this hub that you uploaded or may read; upload the bundle "
+                "first (PUT /api/v1/blobs; `laulima experiment submit` packs and uploads it) and name the digest "
+                "it returns",
+                field="bundle",
+            )
+        size = self.blobs.size(digest)
+        if size > MAX_ARCHIVE_BYTES:
+            raise SpecError(
+                f"field 'bundle': blob {digest[:12]} holds {size} bytes, more than an algorithm bundle may "
+                f"({MAX_ARCHIVE_BYTES}); a bundle holds the algorithm's Python source only",
+                field="bundle",
+            )
+        data = self.blobs.read_bytes(digest)
+        try:
+            manifest = verify_bytes(data, digest)
+        except DataError as exc:
+            raise SpecError(
+                f"field 'bundle': {exc.message}; pack the algorithm again (`laulima experiment submit` does) "
+                "and upload the new bundle",
+                field="bundle",
+            ) from exc
+        except Exception as exc:  # the parser met input it did not foresee: still the bytes' fault
+            raise SpecError(
+                f"field 'bundle': blob {digest[:12]} is not a readable algorithm bundle ({type(exc).__name__}); "
+                "pack the algorithm again (`laulima experiment submit` does) and upload the new bundle",
+                field="bundle",
+            ) from exc
+        if manifest.entry_point != spec.algorithm:
+            raise SpecError(
+                f"field 'algorithm': {spec.algorithm!r} is not the entry point of bundle {digest[:12]}, which is "
+                f"{manifest.entry_point!r}; name that entry point, or pack a bundle for this one",
+                field="algorithm",
+                bundle_entry_point=manifest.entry_point,
+            )
 
     def _insert_experiment(
         self, body: ExperimentCreate, spec: ExperimentSpec, person: Person, max_running: int
@@ -352,7 +404,7 @@ class HubService:
                     )
             exp = Experiment(
                 name=spec.name,
-                spec_json=json.dumps(spec.model_dump(mode="json")),
+                spec_json=json.dumps(spec.model_dump(mode="json", exclude=_CLIENT_ONLY)),
                 status=ExperimentStatus.RUNNING,
                 initial_digest=body.initial_weights,
                 global_digest=body.initial_weights,
@@ -363,6 +415,7 @@ class HubService:
                 finished_at=None,
                 error=None,
                 owner=person.name,
+                bundle_digest=spec.bundle,
             )
             s.add(exp)
             s.flush()
@@ -373,12 +426,12 @@ class HubService:
         with self.sessions() as s:
             rows = list(s.scalars(select(Experiment).where(ownership.visible_to(person)).order_by(Experiment.id)))
             shares = ownership.shares_of(s, [e.id for e in rows])
-            return [_experiment_public(e, shares[e.id]) for e in rows]
+            return [_experiment_public(e, shares[e.id], site_notes(s, e)) for e in rows]
 
     def get_experiment(self, experiment_id: int, person: Person) -> ExperimentPublic:
         with self.sessions() as s:
             exp = ownership.readable_experiment(s, experiment_id, person)
-            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id])
+            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id], site_notes(s, exp))
 
     def cancel_experiment(self, experiment_id: int, person: Person) -> ExperimentPublic:
         """Stop it: the experiment, its open round and its open tasks become cancelled/failed.
@@ -494,6 +547,7 @@ class HubService:
                         Task.site_id == site_id,
                         Task.status.in_(OPEN_TASK),
                         Task.deadline > now,
+                        Task.waiting_since.is_(None),  # held for approval: it would block the queue
                         Experiment.status == ExperimentStatus.RUNNING,
                     )
                     .order_by(case((Task.kind == TaskKind.EVALUATE, 0), else_=1), Task.created_at, Task.id)
@@ -517,6 +571,7 @@ class HubService:
 
     def _task_public(self, task: Task, exp: Experiment, now: float) -> TaskPublic:
         spec = json.loads(exp.spec_json)
+        bundle = exp.bundle_digest
         return TaskPublic(
             id=task.id,
             experiment_id=exp.id,
@@ -532,12 +587,62 @@ class HubService:
             seconds_left=max(0.0, task.deadline - now),
             time_limit_s=task.time_limit_s,
             upload_nonce=task.upload_nonce,
+            bundle_digest=bundle,
+            bundle_size=self.blobs.size(bundle) if bundle else None,
+            signatures=spec.get("signatures") or [],
+            requester=ownership.owner_of(exp),
+            rounds=exp.rounds,
+            approval_seconds_left=max(0.0, approval_deadline(exp) - now),
         )
 
     def site_may_read(self, site_id: int, digest: str) -> bool:
+        """The weights of one of the site's tasks, or the algorithm bundle of an experiment it
+        has a task in (its administrator reviews the code before approving)."""
         with self.sessions() as s:
             hit = s.scalar(select(Task.id).where(Task.site_id == site_id, Task.weights_digest == digest).limit(1))
+            if hit is None:
+                hit = s.scalar(
+                    select(Task.id)
+                    .join(Experiment, Task.experiment_id == Experiment.id)
+                    .where(Task.site_id == site_id, Experiment.bundle_digest == digest)
+                    .limit(1)
+                )
         return hit is not None
+
+    def set_task_waiting(self, task_id: str, site: Site, reason: str) -> None:
+        """The site holds its open task for its administrator's approval, for ``reason``: the task
+        is not handed out again, and its round waits for it until the approval deadline."""
+        now = self.clock()
+        with self.sessions.begin() as s:
+            task, _ = check_result_allowed(s, task_id, site, kind=None, nonce=None, now=now, lock=True)
+            task.waiting_reason = reason
+            if task.waiting_since is None:
+                task.waiting_since = now
+
+    def resume_task(self, task_id: str, site: Site) -> TaskPublic:
+        """The site's administrator approved: the task runs now, with a fresh time budget (its
+        deadline, and its round's, at least ``round_timeout_s`` from now). A task that was not
+        waiting is returned as it is (a retried request), so resuming cannot extend a round
+        twice; one that can no longer run is a 409 saying why."""
+        now = self.clock()
+        with self.sessions.begin() as s:
+            try:
+                task, exp = check_result_allowed(s, task_id, site, kind=None, nonce=None, now=now, lock=True)
+            except Conflict as exc:
+                raise Conflict(f"{exc.message} — the task cannot resume; drop it", **exc.context) from exc
+            if task.waiting_since is not None:
+                budget = spec_of(exp).round_timeout_s
+                task.deadline = max(task.deadline, now + budget)
+                if task.kind == TaskKind.TRAIN:
+                    rnd = s.scalar(
+                        select(Round).where(Round.experiment_id == exp.id, Round.index == task.round).with_for_update()
+                    )
+                    if rnd is not None:
+                        rnd.deadline = max(rnd.deadline, task.deadline)
+                task.waiting_reason, task.waiting_since = None, None
+            if task.status == TaskStatus.PENDING:
+                task.status, task.delivered_at = TaskStatus.DELIVERED, now
+            return self._task_public(task, exp, now)
 
     def check_result(
         self, task_id: str, site: Site, *, kind: TaskKind | None, nonce: str | None
@@ -774,18 +879,31 @@ class HubService:
 
     def expire_overdue(self) -> None:
         """Evaluation tasks whose deadline passed will not be answered any more (one
-        statement for every experiment; it writes only when there is something to expire)."""
+        statement for every experiment; it writes only when there is something to expire).
+        One held for approval expires only at its experiment's approval deadline."""
         now = self.clock()
         overdue = (Task.kind == TaskKind.EVALUATE, Task.status.in_(OPEN_TASK), Task.deadline <= now)
         with self.sessions() as s:
             if s.scalar(select(Task.id).where(*overdue).limit(1)) is None:
                 return
+            waiting = s.execute(
+                select(Task.id, Experiment)
+                .join(Experiment, Task.experiment_id == Experiment.id)
+                .where(*overdue, Task.waiting_since.is_not(None))
+            ).all()
+            undecided = [task_id for task_id, exp in waiting if approval_deadline(exp) <= now]
         with self.sessions.begin() as s:
             s.execute(
                 update(Task)
-                .where(*overdue)
+                .where(*overdue, Task.waiting_since.is_(None))
                 .values(status=TaskStatus.EXPIRED, finished_at=now, failure_reason="no result before the deadline")
             )
+            if undecided:
+                s.execute(
+                    update(Task)
+                    .where(*overdue, Task.id.in_(undecided))
+                    .values(status=TaskStatus.EXPIRED, finished_at=now, failure_reason=NO_APPROVAL)
+                )
 
     def evaluations_pending(self, experiment_id: int) -> bool:
         """Whether evaluation tasks are still open; those of sites that can no longer answer
@@ -885,8 +1003,68 @@ class HubService:
 
 
 def spec_of(exp: Experiment) -> ExperimentSpec:
-    """The experiment's spec as validated when it was submitted."""
-    return parse_spec(json.loads(exp.spec_json), source=f"experiment {exp.id}")
+    """The experiment's spec as validated when it was submitted (rules added since do not
+    stop a running experiment)."""
+    return parse_spec(json.loads(exp.spec_json), source=f"experiment {exp.id}", accepted=True)
+
+
+_CLIENT_ONLY = {"source", "requirements"}
+"""Spec fields only the submitting client reads (it packs them into a bundle); never stored."""
+
+
+def _refuse_local_fields(spec: ExperimentSpec) -> None:
+    """A spec that still names the scientist's local files was not packed: say how to submit it."""
+    if spec.source is not None:
+        raise SpecError(
+            f"field 'source': {spec.source[:200]!r} is a local path the hub cannot read; submit with "
+            "`laulima experiment submit`, which packs it into a bundle",
+            field="source",
+        )
+    if spec.requirements:
+        raise SpecError(
+            "field 'requirements': they belong in the bundle's manifest, which the hub cannot write; submit with "
+            "`laulima experiment submit`, which packs them with the `source` into a bundle",
+            field="requirements",
+        )
+
+
+WAITING_NOTE = "waiting for approval at the site: "
+
+
+def site_notes(s: Session, exp: Experiment) -> dict[str, str]:
+    """What each site of the experiment is doing, where it is news: held for approval, or its
+    latest finished task refused or failed. Per site the newest task decides (a task still
+    open and not held passes the word to the one before it; a completed one clears it), so a
+    refusal stays visible while the next round runs (a round's evaluation is newer than its
+    training). One query over the last two rounds."""
+    rows = s.execute(
+        select(Site.name, Task.status, Task.waiting_reason, Task.failure_kind, Task.failure_reason)
+        .join(Site, Task.site_id == Site.id)
+        .where(Task.experiment_id == exp.id, Task.round >= max(exp.rounds_done - 1, 0))
+        .order_by(Task.round.desc(), case((Task.kind == TaskKind.EVALUATE, 0), else_=1), Task.created_at.desc())
+    ).all()
+    notes: dict[str, str] = {}
+    settled: set[str] = set()
+    for name, status, waiting_reason, failure_kind, failure_reason in rows:
+        if name in settled:
+            continue
+        if status in OPEN_TASK and waiting_reason is not None:
+            notes[name] = WAITING_NOTE + waiting_reason
+        elif status == TaskStatus.FAILED:
+            notes[name] = failure_note(failure_kind, failure_reason)
+        elif status in OPEN_TASK:
+            continue  # under way: what came before still says how this site is doing
+        settled.add(name)
+    return notes
+
+
+def algorithm_digest(exp: Experiment) -> str:
+    """What the sites run: the bundle's digest, a built-in's well-known digest, or "" for an
+    experiment older than bundles that names neither."""
+    if exp.bundle_digest:
+        return exp.bundle_digest
+    algorithm = json.loads(exp.spec_json).get("algorithm")
+    return builtin_digest(algorithm) if isinstance(algorithm, str) and is_builtin_name(algorithm) else ""
 
 
 def _experiment(s: Session, experiment_id: int) -> Experiment:
@@ -900,7 +1078,9 @@ def _token_public(t: ApiToken) -> TokenPublic:
     return TokenPublic(id=t.id, name=t.name, role=Role(t.role), created_at=t.created_at, revoked_at=t.revoked_at)
 
 
-def _experiment_public(e: Experiment, shared_with: Sequence[str] = ()) -> ExperimentPublic:
+def _experiment_public(
+    e: Experiment, shared_with: Sequence[str] = (), notes: dict[str, str] | None = None
+) -> ExperimentPublic:
     return ExperimentPublic(
         id=e.id,
         name=e.name,
@@ -915,4 +1095,6 @@ def _experiment_public(e: Experiment, shared_with: Sequence[str] = ()) -> Experi
         waiting=e.waiting if e.status == ExperimentStatus.RUNNING else None,
         owner=ownership.owner_of(e),
         shared_with=list(shared_with),
+        algorithm_digest=algorithm_digest(e),
+        site_notes=notes or {},
     )

@@ -24,6 +24,8 @@ from sqlalchemy import select
 
 from laulima.core.metrics import checked_metrics
 from laulima.core.protocol import N_SAMPLES_MAX, MetaKey, RoundStatus, TaskKind, TaskStatus
+from laulima.core.rounds import NO_APPROVAL
+from laulima.core.spec import APPROVAL_TIMEOUT_S
 from laulima.core.weights import (
     SAFETENSORS_HEADER_MAX,
     TensorSpec,
@@ -45,6 +47,7 @@ __all__ = [
     "TensorIndex",
     "TensorLocation",
     "ValidUpdate",
+    "approval_deadline",
     "check_result_allowed",
     "check_weights_file",
     "index_file",
@@ -79,10 +82,26 @@ def open_source(source: Source) -> io.RawIOBase | BinaryIO:
 _POSITIVE_INT = re.compile(r"^[0-9]{1,40}$")  # long enough that 10**30 is refused as too many, not as text
 
 
+def approval_deadline(exp: Experiment) -> float:
+    """When the sites' administrators must have decided on ``exp``: its submission plus the
+    spec's ``approval_timeout_s`` (read from the stored spec; older rows take the default)."""
+    try:
+        value = json.loads(exp.spec_json).get("approval_timeout_s", APPROVAL_TIMEOUT_S)
+    except (ValueError, AttributeError):
+        value = APPROVAL_TIMEOUT_S
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        value = APPROVAL_TIMEOUT_S
+    return exp.created_at + float(value)
+
+
 def check_result_allowed(
     s: Session, task_id: str, site: Site, *, kind: TaskKind | None, nonce: str | None, now: float, lock: bool = False
 ) -> tuple[Task, Experiment]:
-    """The task exists, is this site's, of this ``kind``, bound to ``nonce`` and still open."""
+    """The task exists, is this site's, of this ``kind``, bound to ``nonce`` and still open.
+
+    A task its site holds for approval (``waiting_since`` set) is not late while the
+    experiment's approval deadline lies ahead, whatever its own deadline: the site may still
+    report the administrator's refusal, wait again, or resume it."""
     q = select(Task).where(Task.id == task_id)
     task = s.scalar(q.with_for_update() if lock else q)
     if task is None:
@@ -123,7 +142,15 @@ def check_result_allowed(
             task=task_id,
         )
     too_late = f"{where} is closed; this result arrived too late and was not counted"
-    if task.status == TaskStatus.EXPIRED or now >= task.deadline:
+    approval_ends = approval_deadline(exp) if task.waiting_since is not None else None
+    if approval_ends is not None and task.status != TaskStatus.EXPIRED and now >= max(task.deadline, approval_ends):
+        raise Conflict(
+            f"task {task_id} waited for approval at the site past the deadline: {NO_APPROVAL}; "
+            f"{where} no longer waits for it",
+            task=task_id,
+            round=task.round,
+        )
+    if task.status == TaskStatus.EXPIRED or now >= max(task.deadline, approval_ends or 0.0):
         raise Conflict(
             too_late if task.kind == TaskKind.TRAIN else f"task {task_id} expired; result not counted",
             task=task_id,
@@ -132,7 +159,7 @@ def check_result_allowed(
     if task.kind == TaskKind.TRAIN:
         q2 = select(Round).where(Round.experiment_id == task.experiment_id, Round.index == task.round)
         rnd = s.scalar(q2.with_for_update() if lock else q2)
-        if rnd is None or rnd.status != RoundStatus.OPEN or now >= rnd.deadline:
+        if rnd is None or rnd.status != RoundStatus.OPEN or now >= max(rnd.deadline, approval_ends or 0.0):
             raise Conflict(too_late, task=task_id, round=task.round)
     return task, exp
 

@@ -30,6 +30,7 @@ from laulima.core.protocol import (
     SiteReport,
     TaskFailure,
     TaskPublic,
+    TaskWaiting,
     UploadAccepted,
 )
 from laulima.core.weights import parse_safetensors_header
@@ -257,6 +258,34 @@ class HubClient:
         self._post_json(
             f"/tasks/{task_id}/failure", failure.model_dump(mode="json"), f"reporting the failure of task {task_id}"
         )
+
+    def set_waiting(self, task_id: str, reason: str) -> None:
+        """Tell the hub this task waits for the site administrator's approval, and why (the
+        scientist sees it). The hub stops handing the task out; its round waits until the
+        experiment's approval deadline. A task that is over raises ``Conflict`` or ``NotFound``,
+        as :meth:`send_failure` does: drop it. ``reason`` is sent as one line of at most 500
+        characters (the hub's bound), so a policy's long text never fails the request."""
+        line = "".join(ch if ch.isprintable() else " " for ch in " ".join(reason.split()))[:500]
+        body = TaskWaiting(reason=line or "waiting for the site administrator's approval").model_dump(mode="json")
+        what = f"telling the hub that task {task_id} waits for approval"
+        path = f"/tasks/{task_id}/waiting"
+        self._retrying(what, lambda: self._send("PUT", path, what=what, json=body), self.attempts)
+
+    def resume_task(self, task_id: str) -> TaskPublic | None:
+        """The administrator approved: ask the hub to resume the task. Returns it with a fresh
+        ``seconds_left`` (time it from now), or None when the hub says the task is over (409,
+        404: its round closed, its experiment stopped, or the approval came too late)."""
+        what = f"resuming task {task_id} after approval"
+
+        def once() -> TaskPublic | None:
+            try:
+                response = self._send("POST", f"/tasks/{task_id}/resume", what=what)
+            except (Conflict, NotFound) as exc:
+                log.info("%s: the hub says the task is over (%s)", what, exc)
+                return None
+            return _parse(TaskPublic, response, what)
+
+        return self._retrying(what, once, self.attempts)
 
     def report(self, report: SiteReport) -> bool:
         """Tell the hub this agent's version and its datasets' case counts (one try).

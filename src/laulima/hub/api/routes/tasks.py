@@ -26,6 +26,7 @@ from laulima.core.protocol import (
     TaskFailure,
     TaskKind,
     TaskPublic,
+    TaskWaiting,
     UploadAccepted,
 )
 from laulima.errors import DataError, LaulimaError, PayloadTooLarge
@@ -112,6 +113,25 @@ async def post_evaluation(task_id: TaskId, request: Request, site: CurrentSite, 
 async def post_failure(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> Response:
     record, what = hub.service.record_failure, f"failure report of task {task_id}"
     return await _json_result(task_id, request, site, hub, None, TaskFailure, record, what)
+
+
+@router.put("/tasks/{task_id}/waiting", status_code=status.HTTP_204_NO_CONTENT)
+async def put_waiting(task_id: TaskId, body: TaskWaiting, site: CurrentSite, hub: HubDep) -> Response:
+    """The site holds this open task for its administrator's approval, and says why. The hub
+    stops handing it out (it would block the site's queue) and its round waits for it until the
+    experiment's approval deadline; the scientist sees the reason at once."""
+    await anyio.to_thread.run_sync(hub.service.set_task_waiting, task_id, site, body.reason)
+    hub.orchestrator.wake()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/tasks/{task_id}/resume", response_model=TaskPublic)
+async def resume_task(task_id: TaskId, site: CurrentSite, hub: HubDep) -> Response:
+    """The administrator approved: the task runs now, with a fresh time budget (the answer's
+    ``seconds_left``). 409 when the task can no longer run (round closed, experiment stopped)."""
+    task = await anyio.to_thread.run_sync(hub.service.resume_task, task_id, site)
+    hub.orchestrator.wake()
+    return JSONResponse(task.model_dump(mode="json"))
 
 
 async def _json_result(
