@@ -27,6 +27,7 @@ from laulima.core.protocol import API_PREFIX, ErrorBody
 from laulima.errors import LaulimaError
 from laulima.hub.api.deps import HubContext, error_status
 from laulima.hub.api.routes import api_router
+from laulima.hub.audit import HubAudit
 from laulima.hub.blobstore import LocalBlobStore
 from laulima.hub.db import create_all, make_engine, make_session_factory
 from laulima.hub.housekeeping import Housekeeper, live_references
@@ -54,6 +55,9 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
         hub = _start(settings, clock)
         hub.board.bind(asyncio.get_running_loop())
         app.state.hub = hub
+        assert settings.audit_dir is not None  # filled in by HubSettings
+        app.state.audit = HubAudit(settings.audit_dir)
+        app.state.audit.check_at_start()
         hub.orchestrator.start()
         log.info("hub ready at %s (home %s)", settings.url, settings.home)
         try:

@@ -73,6 +73,10 @@ class HubSettings(BaseSettings):
     key_dir: Path | None = None
     """Where the blob encryption keys live (default ``home/keys``); keep it off the blob volume
     and out of blob backups."""
+    audit_dir: Path | None = None
+    """Where the hub's audit record (``audit.jsonl``, ``audit.head``) lives (default ``home``).
+    Point it at another volume to keep the record apart from the data it accounts for (and
+    out of its clean-ups); ``laulima hub-audit verify --home`` takes this folder."""
     max_json_bytes: Annotated[int, Field(gt=0)] = 1 * MIB
     """Body limit of every endpoint except the two weight uploads (which have their own)."""
     body_timeout_s: Annotated[float, Field(gt=0)] = 60.0
@@ -134,6 +138,7 @@ class HubSettings(BaseSettings):
                 field="site_offline_after_s",
             )
         self.key_dir = (self.key_dir or self.home / "keys").expanduser().resolve()
+        self.audit_dir = (self.audit_dir or self.home).expanduser().resolve()
         if self.database_url is None:
             self.database_url = f"sqlite:///{self.home / 'hub.db'}"
         return self

@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from laulima.core.protocol import BlobCreated, Header
 from laulima.errors import Forbidden, NotFound, PayloadTooLarge, ProtocolError, WeightsError
 from laulima.hub.api.deps import CallerDep, HubDep, Scientist
+from laulima.hub.audit import HubAuditDep, HubAuditEvent
 from laulima.hub.blobstore import BlobStore, BlobWriter, check_digest, receive_into
 from laulima.hub.ownership import UploadQuota, check_upload_room
 
@@ -101,7 +102,7 @@ def check_claimed_digest(request: Request, writer: BlobWriter, what: str) -> Non
     response_class=BlobFile,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "The blob's bytes"}},
 )
-async def get_blob(digest: str, caller: CallerDep, hub: HubDep) -> BlobFile:
+async def get_blob(digest: str, caller: CallerDep, hub: HubDep, audit: HubAuditDep) -> BlobFile:
     check_digest(digest)
     slot = None
     if caller.site is not None:
@@ -124,12 +125,18 @@ async def get_blob(digest: str, caller: CallerDep, hub: HubDep) -> BlobFile:
                 "models of experiments they own or that are shared with them",
                 digest=digest,
             )
+        # A person's download is refused if it cannot be recorded; a site's own task weights never are.
+        await anyio.to_thread.run_sync(audit.require, "hand out a blob")
     try:
-        return await blob_response(hub.blobs, digest, slot=slot)
+        response = await blob_response(hub.blobs, digest, slot=slot)
+        size = int(response.headers["content-length"])
+        record = partial(audit.record, HubAuditEvent.DOWNLOADED, caller, what="blob", digest=digest, bytes=size)
+        await anyio.to_thread.run_sync(record)
     except BaseException:
         if slot is not None:
             slot.__exit__(None, None, None)
         raise
+    return response
 
 
 @router.put(
@@ -139,9 +146,10 @@ async def get_blob(digest: str, caller: CallerDep, hub: HubDep) -> BlobFile:
         "requestBody": {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
     },
 )
-async def put_blob(request: Request, caller: Scientist, hub: HubDep) -> BlobCreated:
+async def put_blob(request: Request, caller: Scientist, hub: HubDep, audit: HubAuditDep) -> BlobCreated:
     what = "blob upload"
     settings, run = hub.settings, anyio.to_thread.run_sync
+    await run(audit.require, "accept an upload")  # before reading a byte
     quota = UploadQuota(
         settings.person_pending_upload_bytes, settings.person_pending_uploads, settings.unused_upload_ttl_s
     )
@@ -166,6 +174,7 @@ async def put_blob(request: Request, caller: Scientist, hub: HubDep) -> BlobCrea
             if writer.created:
                 await run(hub.blobs.delete, digest)
             raise
+    await run(partial(audit.record, HubAuditEvent.UPLOADED, caller, digest=digest, bytes=size))
     return BlobCreated(digest=digest, size=size)
 
 

@@ -25,6 +25,7 @@ from laulima.core.protocol import (
 )
 from laulima.hub.api.deps import BlobsDep, OrchestratorDep, RowId, Scientist, ServiceDep, SettingsDep
 from laulima.hub.api.routes.blobs import BlobFile, blob_response
+from laulima.hub.audit import HubAuditDep, HubAuditEvent, spec_facts
 
 __all__ = ["router"]
 
@@ -35,9 +36,22 @@ PersonName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$", 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_experiment(
-    body: ExperimentCreate, caller: Scientist, service: ServiceDep, orchestrator: OrchestratorDep, settings: SettingsDep
+    body: ExperimentCreate,
+    caller: Scientist,
+    service: ServiceDep,
+    orchestrator: OrchestratorDep,
+    settings: SettingsDep,
+    audit: HubAuditDep,
 ) -> ExperimentPublic:
+    audit.require("accept an experiment")
     created = service.create_experiment(body, caller.person, max_running=settings.person_max_running_experiments)
+    audit.record(
+        HubAuditEvent.SUBMITTED,
+        caller,
+        experiment=created.id,
+        initial_weights=body.initial_weights,
+        **spec_facts(created.spec),
+    )
     orchestrator.wake()
     return created
 
@@ -55,26 +69,34 @@ def get_experiment(experiment_id: RowId, caller: Scientist, service: ServiceDep)
 
 @router.post("/{experiment_id}/cancel")
 def cancel_experiment(
-    experiment_id: RowId, caller: Scientist, service: ServiceDep, orchestrator: OrchestratorDep
+    experiment_id: RowId, caller: Scientist, service: ServiceDep, orchestrator: OrchestratorDep, audit: HubAuditDep
 ) -> ExperimentPublic:
     experiment = service.cancel_experiment(experiment_id, caller.person)
+    audit.record(
+        HubAuditEvent.CANCELLED, caller, experiment=experiment.id, name=experiment.name, owner=experiment.owner
+    )
     orchestrator.wake()
     return experiment
 
 
 @router.post("/{experiment_id}/shares")
 def share_experiment(
-    experiment_id: RowId, body: ShareCreate, caller: Scientist, service: ServiceDep
+    experiment_id: RowId, body: ShareCreate, caller: Scientist, service: ServiceDep, audit: HubAuditDep
 ) -> ExperimentPublic:
     """Let another person read this experiment (its owner or an operator may)."""
-    return service.share_experiment(experiment_id, caller.person, body.name)
+    audit.require("share an experiment")
+    shared = service.share_experiment(experiment_id, caller.person, body.name)
+    audit.record(HubAuditEvent.SHARED, caller, experiment=shared.id, with_person=body.name, owner=shared.owner)
+    return shared
 
 
 @router.delete("/{experiment_id}/shares/{name}")
 def unshare_experiment(
-    experiment_id: RowId, name: PersonName, caller: Scientist, service: ServiceDep
+    experiment_id: RowId, name: PersonName, caller: Scientist, service: ServiceDep, audit: HubAuditDep
 ) -> ExperimentPublic:
-    return service.unshare_experiment(experiment_id, caller.person, name)
+    unshared = service.unshare_experiment(experiment_id, caller.person, name)
+    audit.record(HubAuditEvent.UNSHARED, caller, experiment=unshared.id, with_person=name, owner=unshared.owner)
+    return unshared
 
 
 @router.get("/{experiment_id}/rounds")
@@ -97,8 +119,15 @@ def list_refusals(experiment_id: RowId, caller: Scientist, service: ServiceDep) 
     response_class=BlobFile,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}},
 )
-async def download_model(experiment_id: RowId, caller: Scientist, service: ServiceDep, blobs: BlobsDep) -> BlobFile:
+async def download_model(
+    experiment_id: RowId, caller: Scientist, service: ServiceDep, blobs: BlobsDep, audit: HubAuditDep
+) -> BlobFile:
     experiment = await anyio.to_thread.run_sync(partial(service.get_experiment, experiment_id, caller.person))
     digest = experiment.global_digest
     filename = f"{experiment.name}-round{experiment.rounds_done}.safetensors"
-    return await blob_response(blobs, digest, filename)
+    await anyio.to_thread.run_sync(audit.require, "hand out a model")
+    response = await blob_response(blobs, digest, filename)
+    size = int(response.headers["content-length"])
+    record = partial(audit.record, HubAuditEvent.DOWNLOADED, caller, experiment=experiment.id, what="model")
+    await anyio.to_thread.run_sync(partial(record, digest=digest, bytes=size, round=experiment.rounds_done))
+    return response

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Path, status
 
 from laulima.core.protocol import SiteCreate, SiteCreated, SitePublic, SiteReport
 from laulima.hub.api.deps import CurrentSite, Operator, OrchestratorDep, ServiceDep, SettingsDep
+from laulima.hub.audit import HubAuditDep, HubAuditEvent
 
 __all__ = ["router"]
 
@@ -25,9 +26,16 @@ SiteNameParam = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 @router.post("/sites", status_code=status.HTTP_201_CREATED)
 def create_site(
-    body: SiteCreate, _: Operator, service: ServiceDep, settings: SettingsDep, orchestrator: OrchestratorDep
+    body: SiteCreate,
+    caller: Operator,
+    service: ServiceDep,
+    settings: SettingsDep,
+    orchestrator: OrchestratorDep,
+    audit: HubAuditDep,
 ) -> SiteCreated:
+    audit.require("register a site")
     created = service.register_site(body.name, with_token=not settings.tls)
+    audit.record(HubAuditEvent.SITE_REGISTERED, caller, site=created.name)
     orchestrator.wake(sites_changed=True)
     return created
 
@@ -40,8 +48,11 @@ def list_sites(_: Operator, service: ServiceDep) -> list[SitePublic]:
 
 
 @router.delete("/sites/{name}")
-def remove_site(name: SiteNameParam, _: Operator, service: ServiceDep, orchestrator: OrchestratorDep) -> SitePublic:
+def remove_site(
+    name: SiteNameParam, caller: Operator, service: ServiceDep, orchestrator: OrchestratorDep, audit: HubAuditDep
+) -> SitePublic:
     removed = service.remove_site(name)
+    audit.record(HubAuditEvent.SITE_REMOVED, caller, site=removed.name)
     orchestrator.wake(sites_changed=True)
     return removed
 
