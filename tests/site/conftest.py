@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from laulima.algorithms.bundle import PackedBundle, pack, unpack
 from laulima.core.protocol import API_PREFIX, TaskKind, TaskPublic
 from laulima.core.weights import sha256_hex, to_safetensors
 
@@ -20,9 +21,39 @@ WEIGHTS = {"w": np.arange(4, dtype=np.float32), "b": np.ones(2, dtype=np.float32
 
 @pytest.fixture
 def helper_algorithms(monkeypatch: pytest.MonkeyPatch) -> str:
-    """Put the helper algorithms on sys.path only; returns the module name."""
+    """Put the helper algorithms on sys.path only; returns the module name.
+
+    A site runs only built-ins and bundles, so this makes them importable by name, nothing
+    more: tests that run them pass :func:`helper_bundle` as the task's ``bundle_dir``."""
     monkeypatch.syspath_prepend(str(HELPERS))
     return "site_test_algorithms"
+
+
+def packed_helpers(module: str = "site_test_algorithms", entry: str = "Echo") -> PackedBundle:
+    """``helper_pkg/<module>.py`` packed as a scientist would (any class of it runs from it)."""
+    return pack(HELPERS / f"{module}.py", f"{module}:{entry}")
+
+
+def unpacked(bundle: PackedBundle, cache: Path) -> Path:
+    """The bundle unpacked into ``cache`` as the agent does: the ``bundle_dir`` of a task."""
+    return unpack(bundle.data, bundle.digest, cache)
+
+
+def admit_helpers(home: Path) -> str:
+    """Write the site's ``policy.toml`` admitting the helper bundle by digest (the default policy
+    admits built-ins only; anything else waits for an administrator); return the digest."""
+    digest = packed_helpers().digest
+    home.mkdir(parents=True, exist_ok=True)
+    policy = home / "policy.toml"
+    policy.write_text(f'[algorithms]\ndigests = ["{digest}"]\n')
+    policy.chmod(0o600)
+    return digest
+
+
+@pytest.fixture(scope="session")
+def helper_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The helper algorithms (``site_test_algorithms:*``) as an unpacked bundle: a task's ``bundle_dir``."""
+    return unpacked(packed_helpers(), tmp_path_factory.mktemp("bundles"))
 
 
 @pytest.fixture
@@ -122,11 +153,17 @@ class RealHub:
         return self.call("POST", "/sites", 201, json={"name": name})["token"]
 
     def submit(self, name: str, weights: bytes, **spec: Any) -> int:
-        """Submit a one-round experiment of the Echo algorithm on dataset ``ds``; its id."""
+        """Submit a one-round experiment of the Echo algorithm on dataset ``ds``; its id.
+
+        Echo comes as a scientist's bundle (:func:`packed_helpers`), uploaded as a blob and
+        named by digest: sites run nothing else but built-ins."""
         digest = self.call("PUT", "/blobs", 201, content=weights)["digest"]
+        bundle = packed_helpers()
+        assert self.call("PUT", "/blobs", 201, content=bundle.data)["digest"] == bundle.digest
         body = {
             "name": name,
             "algorithm": "site_test_algorithms:Echo",
+            "bundle": bundle.digest,
             "dataset": "ds",
             "sites": ["site-a"],
             "rounds": 1,

@@ -184,9 +184,7 @@ def test_a_confined_task_reads_only_its_dataset_and_writes_only_its_task_folder(
     assert not Path("/tmp/laulima-sandbox-escape").exists()
 
 
-def test_a_confined_task_cannot_connect_to_the_site_machine(
-    policy: SandboxPolicy, listener: tuple[str, int]
-) -> None:
+def test_a_confined_task_cannot_connect_to_the_site_machine(policy: SandboxPolicy, listener: tuple[str, int]) -> None:
     assert attempt(lambda: connect(listener)) == "ok"  # reachable from outside the sandbox
 
     def probe() -> dict[str, Any]:
@@ -278,7 +276,11 @@ def test_the_environment_the_process_started_with_is_erased_too(site: Site) -> N
     env = {"PATH": os.environ.get("PATH", "/usr/bin"), "OPENBLAS_NUM_THREADS": "1", SECRET: "hunter2"}
     proc = subprocess.run(
         [sys.executable, "-c", code, str(site.task_dir), str(site.dataset)],
-        env=env, capture_output=True, text=True, check=False, timeout=WAIT_S,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=WAIT_S,
     )
     assert proc.returncode == 0, proc.stderr
     proc_environ, environ = json.loads(proc.stdout)
@@ -506,8 +508,10 @@ def test_reasons_name_the_violation_and_never_the_path(site: Site, policy: Sandb
         "torch_memory": RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"),
     }
     reasons = {name: explain_violation(exc, limited) for name, exc in cases.items()}
-    assert reasons["read"] == reasons["wrapped"] == (
-        "sandbox: the algorithm tried to open a file outside its dataset and task folder"
+    assert (
+        reasons["read"]
+        == reasons["wrapped"]
+        == ("sandbox: the algorithm tried to open a file outside its dataset and task folder")
     )
     assert reasons["dns"] is not None and "network" in reasons["dns"]
     assert reasons["unreachable"] == "sandbox: the algorithm tried to open a network connection; it has no network"

@@ -26,19 +26,22 @@ pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="the zygote need
 
 
 @pytest.fixture
-def runner(helper_algorithms: str) -> Iterator[TaskRunner]:
+def runner() -> Iterator[TaskRunner]:
     runner = TaskRunner(zygote=True, kill_grace_s=0.3)
-    runner.warm(helper_algorithms)
+    runner.warm()
     yield runner
     runner.close()
 
 
 @pytest.fixture
-def run_task(tmp_path: Path, weights_blob: bytes, make_task) -> Callable[..., RunResult]:
-    """Run a task of ``algorithm`` (a class of the helper module, or an entry point) in a folder of its own."""
+def run_task(tmp_path: Path, weights_blob: bytes, make_task, helper_bundle: Path) -> Callable[..., RunResult]:
+    """Run a task of ``algorithm`` (a class of the helper bundle, or an entry point) in a folder of its own;
+    ``bundle``: the unpacked bundle it comes from (None: a built-in)."""
     count = 0
 
-    def run(runner: TaskRunner, algorithm: str = "Counter", **overrides) -> RunResult:
+    def run(
+        runner: TaskRunner, algorithm: str = "Counter", bundle: Path | None = helper_bundle, **overrides
+    ) -> RunResult:
         nonlocal count
         count += 1
         task_dir = tmp_path / f"t-{count}"
@@ -46,7 +49,7 @@ def run_task(tmp_path: Path, weights_blob: bytes, make_task) -> Callable[..., Ru
         (task_dir / WEIGHTS_FILE).write_bytes(weights_blob)
         entry = algorithm if ":" in algorithm else f"site_test_algorithms:{algorithm}"
         task = make_task(id=f"t-{count}", algorithm=entry, **overrides)
-        return runner.run(task, task_dir, site="site-a", dataset_path=tmp_path)
+        return runner.run(task, task_dir, site="site-a", dataset_path=tmp_path, bundle_dir=bundle)
 
     return run
 
@@ -81,9 +84,10 @@ def test_a_killed_zygote_is_replaced_and_no_task_is_lost(runner, run_task):
 
 def test_a_module_that_fails_to_import_fails_its_task_not_the_zygote(runner, run_task):
     zygote = run_task(runner).metrics["ppid"]
-    runner.warm("no_such_module")
+    runner.warm("laulima.algorithms.no_such_module")
     with pytest.raises(AlgorithmError, match="no_such_module.*cannot be imported"):
-        run_task(runner, "no_such_module:Algo")
+        run_task(runner, "laulima.algorithms.no_such_module:Algo", bundle=None)
+    assert "laulima.algorithms.no_such_module" in runner._no_preload
     assert run_task(runner).metrics["ppid"] == zygote
 
 
@@ -102,36 +106,42 @@ def test_the_zygote_exits_when_its_agent_dies(helper_algorithms, all_gone):
     assert all_gone(int(out.stdout)), "the orphaned zygote is still running"
 
 
-def test_an_algorithm_changed_on_disk_runs_as_new_code(helper_algorithms, run_task, tmp_path, monkeypatch):
-    code = "import site_test_algorithms as base\n\nVERSION = {}\n\n\nclass Versioned(base.Counter):\n" + (
+def test_a_new_bundle_runs_as_new_code_and_bundles_are_never_preloaded(run_task, tmp_path, monkeypatch):
+    """A changed algorithm is a new bundle (a new digest, a new folder): each task imports its
+    own bundle in its own process, so the zygote never holds an old version of it."""
+    from laulima.algorithms.bundle import pack, unpack
+
+    code = "VERSION = {}\n\nfrom laulima.algorithms.identity import Identity\n\n\nclass Versioned(Identity):\n" + (
         "    def train(self, weights, config):\n"
         "        update = super().train(weights, config)\n"
         "        update.metrics['version'] = VERSION\n"
+        "        update.metrics['ppid'] = __import__('os').getppid()\n"
         "        return update\n"
     )
-    package = tmp_path / "algo"
-    package.mkdir()
-    module = package / "changing_algo.py"
-    module.write_text(code.format(1))
-    monkeypatch.syspath_prepend(str(package))
+    module = tmp_path / "algo" / "changing_algo.py"
+    module.parent.mkdir()
+    monkeypatch.syspath_prepend(str(module.parent))  # importable by name too: the zygote must not use that
+    bundles = []
+    for version in (1, 2):
+        module.write_text(code.format(version))
+        packed = pack(module, "changing_algo:Versioned")
+        bundles.append(unpack(packed.data, packed.digest, tmp_path / "bundles"))
     runner = TaskRunner(zygote=True)
     try:
         runner.warm("changing_algo")
-        first = run_task(runner, "changing_algo:Versioned").metrics
-        module.write_text(code.format(2))
-        os.utime(module, (time.time() + 10, time.time() + 10))  # the bytecode cache goes by seconds
-        assert run_task(runner, "changing_algo:Versioned").metrics["version"] == 2
-        third = run_task(runner, "changing_algo:Versioned").metrics
-        assert (first["version"], third["version"]) == (1, 2)
-        assert third["ppid"] not in (first["ppid"], os.getpid()), "a new zygote should have taken over"
+        first = run_task(runner, "changing_algo:Versioned", bundle=bundles[0]).metrics
+        second = run_task(runner, "changing_algo:Versioned", bundle=bundles[1]).metrics
+        third = run_task(runner, "changing_algo:Versioned", bundle=bundles[0]).metrics
+        assert (first["version"], second["version"], third["version"]) == (1, 2, 1)
+        assert first["ppid"] == second["ppid"] == third["ppid"] != os.getpid(), "one zygote served all three"
     finally:
         runner.close()
 
 
-def test_without_fork_every_task_gets_a_new_process(helper_algorithms, run_task, monkeypatch):
+def test_without_fork_every_task_gets_a_new_process(run_task, monkeypatch):
     monkeypatch.delattr(os, "fork")
     runner = TaskRunner(zygote=True)
-    runner.warm(helper_algorithms)
+    runner.warm()
     try:
         assert run_task(runner).metrics["ppid"] == os.getpid()
     finally:

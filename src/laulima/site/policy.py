@@ -210,13 +210,55 @@ class DatasetPolicy(_Strict):
         return any(fnmatchcase(dataset, pattern) for pattern in self.allowed_for(experiment_name))
 
 
+_MAX_SANDBOX_PATHS = 100
+
+
 class SandboxPolicy(_Strict):
-    """How a task's process is confined (enforced by the sandbox, not by :func:`decide`)."""
+    """How a task's process is confined (enforced by the sandbox, not by :func:`decide`).
+
+    A task may read its dataset, its bundle and the installed software, and write its own
+    task folder; ``readable`` and ``writable`` add folders beyond that (a shared model
+    cache, say). Whether they exist is checked when a task is set up, not here: a policy
+    stays valid while a disk is unmounted.
+    """
 
     network: bool = False
     """Whether an algorithm may use the network. False: its own empty network namespace."""
     on_unsupported: Literal["refuse", "warn"] = "refuse"
     """Where the kernel cannot isolate the process: refuse the task, or run it and warn."""
+    readable: Annotated[list[str], Field(max_length=_MAX_SANDBOX_PATHS)] = []
+    """Further absolute folders (or files) every task may read, beside its dataset."""
+    writable: Annotated[list[str], Field(max_length=_MAX_SANDBOX_PATHS)] = []
+    """Further absolute folders every task may write, beside its task folder. Shared by
+    every task and every experiment: what one algorithm leaves there the next can read."""
+
+    @field_validator("readable", "writable")
+    @classmethod
+    def _folders(cls, paths: list[str]) -> list[str]:
+        normalized = []
+        for i, path in enumerate(paths):
+            problem = _sandbox_path_problem(path)
+            if problem:
+                raise PydanticCustomError(
+                    "sandbox_path",
+                    "entry {index} ({value}) {problem}",
+                    {"index": i + 1, "value": repr(path[:200]), "problem": problem},
+                )
+            normalized.append(os.path.normpath(path))
+        return _unique(normalized, "folder")
+
+
+def _sandbox_path_problem(path: str) -> str | None:
+    """Why ``path`` cannot be an extra sandbox folder, or None."""
+    if not path or "\0" in path or len(path) > 4096:
+        return "is not a path"
+    if not path.startswith("/"):
+        return "is not an absolute path; give the full path, starting with /"
+    if ".." in path.split("/"):
+        return "contains '..'; give the folder's own path"
+    if os.path.normpath(path).strip("/") == "":
+        return "is the root folder '/', which would open the whole machine; name the folders tasks need"
+    return None
 
 
 class SitePolicy(_Strict):
@@ -375,6 +417,12 @@ allowed = ["*"]
 network = false
 # Where the kernel cannot confine a task: "refuse" the task, or "warn" and run it.
 on_unsupported = "refuse"
+# A task reads only its dataset, its algorithm's bundle and the installed software, and
+# writes only its own task folder. Further absolute folders every task may read or write
+# (a shared model cache, say); they must exist when a task starts. What one task writes
+# to a shared folder, every later task (of any experiment) can read.
+readable = []
+writable = []
 """
 
 

@@ -5,6 +5,11 @@ afresh, runs in its own process group, so a timeout or a shutdown kills everythi
 started (data-loader workers included) and nothing else. Failures come back as
 :class:`~laulima.errors.AlgorithmError` with a short reason fit for the hub; the full
 output stays in the task folder (``stderr.log``, ``stdout.log``).
+
+The runner decides what the task's process may do; that process enforces it on itself
+(:mod:`laulima.site.worker`): it runs a built-in or the given bundle only, and confines
+itself to the given sandbox before importing the algorithm. The zygote and each worker
+start with a scrubbed environment: the agent's tokens and settings never reach them.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import sys
 import sysconfig
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from laulima.core.protocol import FailureKind, TaskPublic
-from laulima.errors import AlgorithmError, DataError
+from laulima.errors import AlgorithmError, ConfigurationError, DataError
 from laulima.site._fs import open_private, write_atomic
-from laulima.site.taskdir import RunResult, failure_reason, task_spec
+from laulima.site.sandbox import THREAD_VARIABLES, SandboxPolicy
+from laulima.site.taskdir import RunResult, failure, task_spec
 from laulima.site.worker import (
     ERROR_FILE,
     PARENT_ENV,
@@ -36,9 +43,9 @@ from laulima.site.worker import (
     TASK_FILE,
     WEIGHTS_FILE,
 )
-from laulima.site.zygote import Zygote, ZygoteGone
+from laulima.site.zygote import Zygote, ZygoteGone, is_builtin_module
 
-__all__ = ["TaskRunner", "child_pythonpath", "seconds_left"]
+__all__ = ["TaskRunner", "child_environment", "child_pythonpath", "seconds_left"]
 
 _ZYGOTE_STARTS = 3
 """Fork-server starts in a row that may die before serving a task, before giving up on it."""
@@ -51,8 +58,8 @@ class TaskRunner:
     """Runs each task in a fresh process of its own; :meth:`cancel` kills the running one.
 
     With ``zygote``, each task's process is forked from the agent's fork server
-    (:mod:`laulima.site.zygote`), which has numpy, safetensors and the last task's
-    algorithm module imported already: a task costs a fork, not an interpreter start-up
+    (:mod:`laulima.site.zygote`), which has numpy, safetensors and the last built-in
+    algorithm's module imported already: a task costs a fork, not an interpreter start-up
     and those imports. :meth:`warm` starts the zygote; each task ends with a
     :meth:`warm` that restarts it if it died. Without ``zygote``, without ``os.fork``, or
     while the zygote is unavailable, a task starts ``python -m laulima.site.worker DIR``.
@@ -81,17 +88,39 @@ class TaskRunner:
         return min(limits)
 
     def run(
-        self, task: TaskPublic, task_dir: Path, *, site: str, dataset_path: Path, received_at: float | None = None
+        self,
+        task: TaskPublic,
+        task_dir: Path,
+        *,
+        site: str,
+        dataset_path: Path,
+        received_at: float | None = None,
+        bundle_dir: Path | None = None,
+        sandbox: SandboxPolicy | None = None,
     ) -> RunResult:
         """Run ``task`` on the weights in ``task_dir/weights.safetensors``; raise AlgorithmError on failure.
 
         ``received_at`` is when the hub's answer carrying the task arrived, by ``time.monotonic()``
         (default: now); the run must end by then + ``task.seconds_left``.
+
+        ``bundle_dir``: the unpacked bundle (:func:`laulima.algorithms.bundle.unpack`) that
+        ``task.algorithm`` is loaded from; None: it must be a built-in, and anything else
+        fails before it is imported. ``sandbox``: what the task's process is confined to
+        (:func:`laulima.site.sandbox.sandbox_for`; its ``task_dir`` must be this one); None:
+        unconfined. A failure the sandbox caused carries the violation in the error's
+        ``sandbox_violation`` (for the audit log); its reason names the violation, not the path.
         """
         task_dir = Path(task_dir).resolve()
         if not (task_dir / WEIGHTS_FILE).exists():
             raise DataError(
                 f"task {task.id}: no weights at {task_dir / WEIGHTS_FILE}; download them first", task=task.id
+            )
+        if sandbox is not None and Path(os.path.realpath(sandbox.task_dir)) != task_dir:
+            raise ConfigurationError(
+                f"task {task.id}: the sandbox policy is for another task folder; build it for this one "
+                "(laulima.site.sandbox.sandbox_for with this task's folder)",
+                task=task.id,
+                field="sandbox",
             )
         limit = self.time_limit(task, received_at=received_at)
         if limit <= 0:
@@ -103,7 +132,8 @@ class TaskRunner:
             )
         for name in (RESULT_FILE, RESULT_WEIGHTS_FILE, ERROR_FILE, STDERR_LOG, STDOUT_LOG):
             (task_dir / name).unlink(missing_ok=True)
-        write_atomic(task_dir / TASK_FILE, json.dumps(task_spec(task, site=site, dataset_path=dataset_path)))
+        spec = task_spec(task, site=site, dataset_path=dataset_path, bundle_dir=bundle_dir, sandbox=sandbox)
+        write_atomic(task_dir / TASK_FILE, json.dumps(spec))
         started = time.monotonic()
         try:
             returncode = self._start_and_wait(task_dir, started + limit)
@@ -114,8 +144,8 @@ class TaskRunner:
                 task=task.id,
             ) from exc
         finally:
-            if self.use_zygote:
-                self.warm(task.algorithm.partition(":")[0])
+            if self.use_zygote:  # the next task is likely of the same algorithm; bundles are never preloaded
+                self.warm(task.algorithm.partition(":")[0] if bundle_dir is None else None)
         elapsed = time.monotonic() - started
         if returncode is None:
             if self._cancelled.is_set():
@@ -129,19 +159,29 @@ class TaskRunner:
                 seconds=round(elapsed, 3),
             )
         if returncode != 0 or not (task_dir / RESULT_FILE).exists():
+            why = failure(task_dir, returncode, sandbox)
             raise AlgorithmError(
-                failure_reason(task_dir, returncode), kind=FailureKind.ERROR.value, task=task.id, exit_code=returncode
+                why.reason,
+                kind=FailureKind.ERROR.value,
+                task=task.id,
+                exit_code=returncode,
+                sandbox_violation=why.sandbox_violation,
             )
         return RunResult.from_dir(task_dir, task.kind)
 
     def warm(self, preload: str | None = None) -> None:
         """Start the zygote if it is not running, and have it import module ``preload``.
 
-        A zygote that died before it served a task is restarted at most twice in a row;
-        after that, tasks start fresh interpreters.
+        Only a built-in algorithm's module (``laulima.algorithms.*``) is preloaded; any
+        other name is ignored: code imported in the zygote runs unconfined, and every later
+        task is forked from it. A zygote that died before it served a task is restarted at
+        most twice in a row; after that, tasks start fresh interpreters.
         """
         if not self.use_zygote:
             return
+        if preload and not is_builtin_module(preload):
+            log.debug("not preloading %s: only built-in algorithms are preloaded", preload)
+            preload = None
         with self._lock:
             if self._cancelled.is_set():
                 return
@@ -252,15 +292,11 @@ class TaskRunner:
         return None if self._cancelled.is_set() else returncode
 
     def _popen(self, args: list[str], **streams: Any) -> subprocess.Popen[bytes]:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = child_pythonpath(env.get("PYTHONPATH"))
-        env[PARENT_ENV] = str(os.getpid())
-        env.setdefault("PYTHONUNBUFFERED", "1")
         streams.setdefault("stderr", subprocess.DEVNULL)
         # umask 077: whatever the algorithm writes (scratch files, checkpoints) is the site's alone.
         return subprocess.Popen(
             [sys.executable, "-m", "laulima.site.worker", *args],
-            env=env,
+            env=child_environment(),
             start_new_session=True,
             umask=0o077,
             **streams,
@@ -283,6 +319,29 @@ def seconds_left(task: TaskPublic, received_at: float | None = None) -> float:
 def _finite(value: float) -> float:
     """A time from the hub; NaN and infinities (never sent by a sound hub) count as no time at all."""
     return value if math.isfinite(value) else 0.0
+
+
+_PASSED_ON = frozenset({"PATH", "LANG", "PYTHONUNBUFFERED", *THREAD_VARIABLES})
+"""What the zygote and workers inherit from the agent besides ``LC_*`` (THREAD_VARIABLES
+includes PYTHONHASHSEED): what Python and the numeric libraries need, nothing secret."""
+
+
+def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of the zygote and of each worker: an allow-list, not the agent's.
+
+    The agent's environment holds its hub token (``LAULIMA_TOKEN``), proxy credentials and
+    the site's paths; a child's environment can be read by the algorithm (``os.environ``,
+    ``/proc/self/environ``), and the zygote's is inherited by every task forked from it.
+    So only ``PATH``, the locale, the thread-count variables and ``PYTHONHASHSEED`` pass,
+    plus ``PYTHONPATH`` (see :func:`child_pythonpath`), ``PYTHONUNBUFFERED`` and the
+    agent's pid (``LAULIMA_WORKER_PARENT``).
+    """
+    source = os.environ if environ is None else environ
+    env = {k: v for k, v in source.items() if k in _PASSED_ON or k.startswith("LC_")}
+    env["PYTHONPATH"] = child_pythonpath(source.get("PYTHONPATH"))
+    env[PARENT_ENV] = str(os.getpid())
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
 
 
 def child_pythonpath(existing: str | None = None) -> str:

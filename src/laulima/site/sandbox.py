@@ -32,6 +32,11 @@ process that has started threads. A part the kernel lacks is refused (``PolicyEr
 default) or, with ``on_unsupported="warn"``, reported in the :class:`SandboxReport`; after a
 ``PolicyError`` the process is partly confined and must only report and exit.
 
+Who does what: the agent builds each task's policy from ``policy.toml`` with
+:func:`sandbox_for`; the runner writes it into the task's ``task.json``
+(:meth:`SandboxPolicy.to_json`); the task's own process (:mod:`laulima.site.worker`)
+applies it before it imports the algorithm.
+
 :func:`explain_violation` turns what the algorithm then runs into (a ``PermissionError``,
 an unreachable network, a ``MemoryError``) into a short reason for the hub, without the
 path. Only the standard library is used: this runs in every task's child.
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import math
 import os
 import resource
 import signal
@@ -50,12 +56,15 @@ import stat
 import sys
 import sysconfig
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from laulima.errors import ConfigurationError, PolicyError
+
+if TYPE_CHECKING:  # the policy file's model needs pydantic, which a task's process never imports
+    from laulima.site.policy import SitePolicy
 
 __all__ = [
     "THREAD_VARIABLES",
@@ -67,6 +76,7 @@ __all__ = [
     "explain_violation",
     "policy_for_task",
     "probe_kernel",
+    "sandbox_for",
     "system_readable_paths",
 ]
 
@@ -250,6 +260,37 @@ class SandboxPolicy:
         if not isinstance(self.network, bool):
             raise ConfigurationError("sandbox policy: network must be true or false", field="network")
 
+    def to_json(self) -> dict[str, Any]:
+        """The policy as JSON values (paths as strings), for the task's ``task.json``: the
+        runner decides the policy, the task's process applies it."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = [str(v) for v in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_json(cls, data: object) -> SandboxPolicy:
+        """The policy :meth:`to_json` wrote; ``ConfigurationError`` for anything else (an unknown
+        key, a wrong type: whoever wrote the task file made a mistake, and it must not run)."""
+        if not isinstance(data, Mapping):
+            raise ConfigurationError(f"sandbox policy: expected a JSON object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigurationError(f"sandbox policy: unknown fields {unknown}", field=unknown[0])
+        if "task_dir" not in data or "readable" not in data:
+            raise ConfigurationError("sandbox policy: task_dir and readable are required", field="task_dir")
+        values: dict[str, Any] = dict(data)
+        for name in ("readable", "writable", "devices", "keep_env"):
+            if name in values and isinstance(values[name], list):
+                values[name] = tuple(values[name])
+        return cls(**values)
+
 
 def _absolute(path: object, name: str) -> Path:
     if not isinstance(path, str | Path) or not str(path) or "\0" in str(path):
@@ -328,13 +369,21 @@ def policy_for_task(
     network: bool = False,
     gpu: bool = False,
     on_unsupported: OnUnsupported = "refuse",
+    extra_readable: Sequence[Path] = (),
+    extra_writable: Sequence[Path] = (),
 ) -> SandboxPolicy:
     """The usual policy: read the dataset, the bundle and the system; write the task folder.
 
     ``gpu`` adds NVIDIA's device files and driver information; leave ``memory_bytes`` unset
-    then (CUDA reserves far more address space than it uses).
+    then (CUDA reserves far more address space than it uses). ``extra_readable`` and
+    ``extra_writable`` are what the site's policy adds (a shared model cache, say).
     """
-    readable = [Path(dataset_dir), *([Path(bundle_dir)] if bundle_dir else []), *system_readable_paths()]
+    readable = [
+        Path(dataset_dir),
+        *([Path(bundle_dir)] if bundle_dir else []),
+        *map(Path, extra_readable),
+        *system_readable_paths(),
+    ]
     devices = list(DEVICES)
     if gpu:
         devices += sorted(Path("/dev").glob("nvidia*"))
@@ -343,12 +392,62 @@ def policy_for_task(
     return SandboxPolicy(
         task_dir=Path(task_dir),
         readable=tuple(readable),
+        writable=tuple(map(Path, extra_writable)),
         devices=tuple(d for d in devices if d.exists()),
         network=network,
         memory_bytes=memory_bytes,
         cpu_seconds=cpu_seconds,
         open_files=open_files,
         on_unsupported=on_unsupported,
+    )
+
+
+def sandbox_for(
+    policy: SitePolicy,
+    task_dir: Path,
+    dataset_path: Path,
+    bundle_dir: Path | None,
+    *,
+    gpu: bool | None = None,
+) -> SandboxPolicy:
+    """The sandbox of one task under the site's ``policy.toml``, for ``TaskRunner.run(sandbox=...)``.
+
+    Maps ``max_memory_mb`` to the address-space limit, ``max_cpu_seconds`` (rounded up) to
+    the CPU limit, and ``[sandbox]`` ``network``, ``on_unsupported``, ``readable`` and
+    ``writable`` as they are. ``dataset_path`` may be a folder or a single file; only it is
+    readable, not its siblings (other datasets). ``gpu``: grant the NVIDIA devices; None
+    grants them when this machine has any (a GPU-less site gives none away).
+
+    An extra folder of the policy that does not exist is a ``ConfigurationError`` naming
+    the policy entry: the site's administrator fixes ``policy.toml`` or creates the folder.
+    """
+    section = policy.sandbox
+    extra: dict[str, list[Path]] = {}
+    for name in ("readable", "writable"):
+        paths = []
+        for i, raw in enumerate(getattr(section, name)):
+            if not os.path.exists(raw):
+                raise ConfigurationError(
+                    f"site policy: [sandbox] {name} entry {i + 1} does not exist on this machine; create that "
+                    f"folder or remove it from {name} in policy.toml",
+                    field=f"sandbox.{name}",
+                    path=raw,
+                )
+            paths.append(Path(os.path.realpath(raw)))
+        extra[name] = paths
+    if gpu is None:
+        gpu = os.path.exists("/dev/nvidiactl")
+    return policy_for_task(
+        Path(os.path.realpath(task_dir)),
+        Path(os.path.realpath(dataset_path)),
+        bundle_dir=Path(os.path.realpath(bundle_dir)) if bundle_dir is not None else None,
+        memory_bytes=policy.max_memory_mb * (1 << 20) if policy.max_memory_mb is not None else None,
+        cpu_seconds=math.ceil(policy.max_cpu_seconds) if policy.max_cpu_seconds is not None else None,
+        network=section.network,
+        gpu=gpu,
+        on_unsupported=section.on_unsupported,
+        extra_readable=extra["readable"],
+        extra_writable=extra["writable"],
     )
 
 
@@ -682,9 +781,7 @@ def _add_rule(ruleset: int, path: Path, rights: int) -> None:
             rights &= _FS_FILE_ONLY
         rule = _PathBeneathAttr(allowed_access=rights, parent_fd=fd)
         if _syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, ctypes.byref(rule), 0) != 0:
-            raise PolicyError(
-                f"sandbox: Landlock refused a rule ({_errno_name(ctypes.get_errno())})", path=str(path)
-            )
+            raise PolicyError(f"sandbox: Landlock refused a rule ({_errno_name(ctypes.get_errno())})", path=str(path))
     finally:
         os.close(fd)
 

@@ -15,9 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from laulima.core.protocol import MetaKey, TaskKind, TaskPublic
+from laulima.site.sandbox import SandboxPolicy, explain_exit
 from laulima.site.worker import ERROR_FILE, RESULT_FILE, RESULT_WEIGHTS_FILE, STDERR_LOG
 
-__all__ = ["TRAIN_KEYS", "RunResult", "failure_reason", "short_stderr_reason", "task_spec", "train_settings"]
+__all__ = [
+    "TRAIN_KEYS",
+    "Failure",
+    "RunResult",
+    "failure",
+    "failure_reason",
+    "short_stderr_reason",
+    "task_spec",
+    "train_settings",
+]
 
 TRAIN_KEYS = ("local_epochs", "local_steps", "proximal_mu", "seed")
 """Keys of ``TaskPublic.config`` that become :class:`~laulima.TrainConfig` fields."""
@@ -67,13 +77,27 @@ def train_settings(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return train, params
 
 
-def task_spec(task: TaskPublic, *, site: str, dataset_path: Path) -> dict[str, Any]:
-    """The ``task.json`` the worker reads."""
+def task_spec(
+    task: TaskPublic,
+    *,
+    site: str,
+    dataset_path: Path,
+    bundle_dir: Path | None = None,
+    sandbox: SandboxPolicy | None = None,
+) -> dict[str, Any]:
+    """The ``task.json`` the worker reads.
+
+    ``bundle_dir``: the unpacked bundle the entry point is loaded from (None: a built-in).
+    ``sandbox``: the policy the task's process confines itself to before it imports the
+    algorithm (None: unconfined).
+    """
     train, params = train_settings(task.config)
     return {
         "task_id": task.id,
         "kind": task.kind.value,
         "algorithm": task.algorithm,
+        "bundle_dir": str(bundle_dir) if bundle_dir is not None else None,
+        "sandbox": sandbox.to_json() if sandbox is not None else None,
         "site": site,
         "dataset": task.dataset,
         "dataset_path": str(dataset_path),
@@ -104,6 +128,31 @@ def short_stderr_reason(stderr: str) -> str:
             return "\n".join(tail)[-_REASON_MAX:]
     meaningful = [ln for ln in lines if ln.strip()]
     return meaningful[-1][-_REASON_MAX:] if meaningful else ""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a run failed: ``reason`` for the hub; ``sandbox_violation``, when the sandbox
+    stopped the algorithm, the short violation (for the site's audit log)."""
+
+    reason: str
+    sandbox_violation: str | None = None
+
+
+def failure(task_dir: Path, returncode: int, sandbox: SandboxPolicy | None = None) -> Failure:
+    """Why the run in ``task_dir`` failed: error.json (written by the worker, a violation
+    already explained), else stderr.log; a kill by a limit of ``sandbox`` (SIGXCPU) is
+    explained from the exit code, which is all such a process leaves."""
+    if sandbox is not None and (violation := explain_exit(returncode, sandbox)):
+        return Failure(violation[:_REASON_MAX], violation)
+    violation = None
+    try:
+        data = json.loads((task_dir / ERROR_FILE).read_text(encoding="utf-8"))
+        if isinstance(data.get("sandbox_violation"), str) and data["sandbox_violation"]:
+            violation = data["sandbox_violation"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return Failure(failure_reason(task_dir, returncode), violation)
 
 
 def failure_reason(task_dir: Path, returncode: int) -> str:

@@ -7,28 +7,44 @@ memory blow-up here costs one task, never the agent. It reads ``DIR/task.json`` 
 for training) or ``DIR/error.json``. Start-up time counts in every round, so this module
 imports only numpy, safetensors and the algorithm API — no httpx, pydantic, fastapi or
 rich.
+
+What runs: a built-in (``laulima.algorithms.*``), or the entry point of the bundle the
+agent unpacked and verified (``bundle_dir`` in task.json), loaded from that folder only.
+Any other entry point is refused before anything is imported: an installed package or a
+module on ``sys.path`` has not been through the site's policy.
+
+Confinement: with a ``sandbox`` policy in task.json, :func:`run_task` applies it
+(:func:`laulima.site.sandbox.apply`) after reading the task and before the algorithm is
+imported, so even the algorithm's import-time code runs confined. The sandbox binds only
+the thread that applies it and refuses a process that already runs threads, so it is
+applied in a single-threaded process: the zygote's fresh fork, or, for ``worker DIR``
+(whose numpy import started OpenBLAS's threads), a child this worker forks for the task.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import math
 import numbers
 import os
+import resource
 import signal
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
 from laulima.algorithms.base import Algorithm, Evaluation, SiteContext, TrainConfig, Update, load_algorithm
 from laulima.core.weights import Weights, check_finite, check_matches, safetensors_chunks, schema_of
-from laulima.errors import AlgorithmError, LaulimaError, WeightsError
+from laulima.errors import AlgorithmError, LaulimaError, PolicyError, WeightsError
+from laulima.site import sandbox
 from laulima.site._fs import PRIVATE_DIR, open_private, write_atomic
 
 __all__ = [
@@ -42,6 +58,9 @@ __all__ = [
     "TASK_FILE",
     "WEIGHTS_FILE",
     "agent_pid",
+    "check_entry_point",
+    "exit_child",
+    "load_task_algorithm",
     "main",
     "orphaned",
     "run_task",
@@ -76,30 +95,156 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1 or args[0].startswith("-"):
         print("usage: python -m laulima.site.worker TASK_DIR | --zygote", file=sys.stderr)
         return 2
+    task_dir = Path(args[0])
     signal.signal(signal.SIGTERM, _terminate)
-    _watch_parent(agent_pid())
-    return run_task(Path(args[0]))
+    if _wants_sandbox(task_dir):
+        return _run_in_fork(task_dir, agent_pid())
+    return run_task(task_dir, watch_parent=agent_pid())
 
 
-def run_task(task_dir: Path) -> int:
-    """Run the task in ``task_dir`` (this process's cwd from now on); 0, or 1 with error.json."""
+def run_task(task_dir: Path, *, watch_parent: int | None = None) -> int:
+    """Run the task in ``task_dir`` (this process's cwd from now on); 0, or 1 with error.json.
+
+    In this order: read task.json; refuse an entry point that is neither a built-in nor in
+    the task's bundle (nothing imported yet); apply the task's sandbox, if it has one (this
+    process must not run threads yet); then start watching ``watch_parent`` (a thread: this
+    process exits once that process is gone); then import and run the algorithm.
+    """
     task_dir = task_dir.resolve()
+    confined: sandbox.SandboxPolicy | None = None
     try:
         os.chdir(task_dir)
         spec = json.loads((task_dir / TASK_FILE).read_text(encoding="utf-8"))
+        policy = sandbox.SandboxPolicy.from_json(spec["sandbox"]) if spec.get("sandbox") is not None else None
+        check_entry_point(spec["algorithm"], spec.get("bundle_dir"))
+        if policy is not None:
+            print(_confine(policy).summary(), file=sys.stderr, flush=True)
+            confined = policy
+        _watch_parent(watch_parent)
         run(task_dir, spec)
         return 0
     except BaseException as exc:  # noqa: BLE001 - everything becomes a short reason for the hub
         traceback.print_exc()
-        _write_error(task_dir, exc)
+        _write_error(task_dir, exc, confined)
         return 1
+
+
+def check_entry_point(entry: str, bundle_dir: str | None) -> None:
+    """Refuse, before anything is imported, an entry point this site may not run.
+
+    With a bundle, :func:`load_entry_point` refuses whatever is not in the bundle; without
+    one, only a built-in may run: an importable module (``os:system``, an installed package,
+    a file on ``sys.path``) has not been checked against the site's policy.
+    """
+    if bundle_dir:
+        return
+    from laulima.algorithms.bundle import is_builtin  # imported by the zygote already
+
+    if not is_builtin(entry):
+        raise PolicyError(
+            f"algorithm {entry!r} cannot be imported: it is neither a built-in (laulima.algorithms.*) nor run "
+            "from a bundle; this site runs only built-in algorithms and the bundles its agent verified",
+            field="algorithm",
+        )
+
+
+def load_task_algorithm(entry: str, bundle_dir: str | None) -> type[Algorithm]:
+    """The algorithm class: from the unpacked bundle ``bundle_dir`` only, or a built-in."""
+    if bundle_dir:
+        from laulima.algorithms.bundle import load_entry_point
+
+        return load_entry_point(Path(bundle_dir), entry)
+    check_entry_point(entry, None)
+    return load_algorithm(entry)
+
+
+def _confine(policy: sandbox.SandboxPolicy) -> sandbox.SandboxReport:
+    """Apply ``policy`` to this process; anything but the sandbox's own refusal is a PolicyError too."""
+    try:
+        return sandbox.apply(policy)
+    except LaulimaError:
+        raise
+    except Exception as exc:
+        raise PolicyError(f"sandbox: the task's sandbox could not be set up ({type(exc).__name__}: {exc})") from exc
+
+
+def _wants_sandbox(task_dir: Path) -> bool:
+    """Whether task.json asks for a sandbox (an unreadable one is reported by run_task)."""
+    try:
+        spec = json.loads((task_dir / TASK_FILE).read_text(encoding="utf-8"))
+        return isinstance(spec, dict) and spec.get("sandbox") is not None
+    except (OSError, ValueError):
+        return False
+
+
+def _run_in_fork(task_dir: Path, parent: int | None) -> int:
+    """Run the task in a forked child, which is single-threaded, and return its exit code.
+
+    ``import numpy`` started OpenBLAS's threads in this process, and the sandbox must be
+    applied before any thread runs; a fork copies only the calling thread. This process
+    stays unconfined and only waits: it passes SIGTERM and SIGINT on, ends the child if
+    the agent dies, and dies of the signal that killed the child (SIGXCPU at the CPU
+    limit), so the runner sees the same exit code as from a zygote's child.
+    """
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    me = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            code = run_task(task_dir, watch_parent=me)
+        finally:
+            exit_child(code)
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    _watch_parent(parent)  # orphaned: SIGTERM to this process, which passes it on
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        _die_of(-code)
+    return code
+
+
+def _die_of(signum: int) -> None:
+    """End this process by signal ``signum``, without a core dump; returns if it survives that."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    os.kill(os.getpid(), signum)
+
+
+def exit_child(code: int) -> NoReturn:
+    """End a forked task process as an interpreter's exit would, without returning to the
+    caller's loop: atexit handlers (logging's flush, finalizers removing temporary folders),
+    flushed output, then ``os._exit``."""
+    try:
+        with contextlib.suppress(BaseException):
+            atexit._run_exitfuncs()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+    finally:
+        os._exit(code)
 
 
 def run(task_dir: Path, spec: dict[str, Any]) -> None:
     """Set up the algorithm, train or evaluate once, write the result, always finalize."""
     entry = spec["algorithm"]
     weights = _load_weights(task_dir / WEIGHTS_FILE)
-    algorithm: Algorithm = load_algorithm(entry)()
+    algorithm: Algorithm = load_task_algorithm(entry, spec.get("bundle_dir"))()
     scratch = task_dir / SCRATCH_DIR
     scratch.mkdir(mode=PRIVATE_DIR, exist_ok=True)
     ctx = SiteContext(
@@ -221,10 +366,21 @@ def _load_weights(path: Path) -> Weights:
         raise WeightsError(f"{path}: the global weights cannot be read ({exc})", where=str(path)) from exc
 
 
-def _write_error(task_dir: Path, exc: BaseException) -> None:
-    """Leave the short reason where the runner looks for it (best effort)."""
+def _write_error(task_dir: Path, exc: BaseException, confined: sandbox.SandboxPolicy | None = None) -> None:
+    """Leave the short reason where the runner looks for it (best effort).
+
+    In a sandbox (``confined``: the policy applied), an error that is the sandbox saying no
+    becomes that violation (its kind, never the path or address), plus where the
+    algorithm was; it is also recorded apart, so the agent can audit it.
+    """
+    violation = sandbox.explain_violation(exc, confined) if confined is not None else None
+    if violation:
+        frame = _blame_frame(_innermost(exc))
+        reason = f"{violation} (at {frame})" if frame else violation
+    else:
+        reason = short_reason(exc)
     try:
-        write_atomic(task_dir / ERROR_FILE, json.dumps({"reason": short_reason(exc)}))
+        write_atomic(task_dir / ERROR_FILE, json.dumps({"reason": reason, "sandbox_violation": violation}))
     except Exception:  # noqa: BLE001 - the runner falls back to stderr
         pass
 
@@ -236,6 +392,16 @@ def short_reason(exc: BaseException) -> str:
     text = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     frame = _blame_frame(exc)
     return f"{text} (at {frame})" if frame else text
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception at the root of ``exc``'s chain (what it was raised from or during):
+    where the algorithm met the sandbox, not where Laulima wrapped that up."""
+    seen = {id(exc)}
+    while (nxt := exc.__cause__ or exc.__context__) is not None and id(nxt) not in seen:
+        seen.add(id(nxt))
+        exc = nxt
+    return exc
 
 
 def _blame_frame(exc: BaseException) -> str | None:
@@ -252,6 +418,10 @@ def _blame_frame(exc: BaseException) -> str | None:
 
 
 def _terminate(signum: int, frame: object) -> None:
+    # Once is enough: a second SIGTERM (the runner signals the whole process group, and a
+    # forking worker passes it on too) would interrupt the clean-up the first one started.
+    # The runner's SIGKILL still follows if the clean-up takes too long.
+    signal.signal(signum, signal.SIG_IGN)
     raise SystemExit(f"terminated by signal {signum} (time limit or agent shutdown)")
 
 

@@ -1,14 +1,20 @@
 """The agent's fork server ("zygote"): import once, fork a fresh child per task.
 
-``python -m laulima.site.worker --zygote`` imports numpy, safetensors and the algorithm API
-once, and on request the module of the algorithm about to run (torch and MONAI take
+``python -m laulima.site.worker --zygote`` imports numpy, safetensors, the algorithm API and
+the bundle loader once, and on request a built-in algorithm's module (torch and MONAI take
 seconds). Each task then costs a ``fork()`` (milliseconds) instead of an interpreter
-start-up plus those imports. The child runs exactly what ``worker TASK_DIR`` runs.
+start-up plus those imports. The child runs exactly what ``worker TASK_DIR`` runs,
+sandbox included: it confines itself before it imports the algorithm.
+
+Only built-in modules (``laulima.algorithms.*``) are preloaded. A bundle's code is never
+imported here: its import-time code would run unconfined, in the process every later task
+is forked from, and a name on ``sys.path`` is not the verified bundle anyway. Each task
+imports its bundle in its own (confined) child.
 
 Protocol: one line of text per message on the zygote's stdin and stdout (paths in the
 file-system encoding), never pickle::
 
-    runner -> zygote    preload MODULE          import MODULE now (its answer is read later)
+    runner -> zygote    preload MODULE          import built-in MODULE now (its answer is read later)
                         run TASK_DIR            fork a child to run that task
     zygote -> runner    ready                   the zygote's own imports are done
                         preloaded MODULE
@@ -53,7 +59,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
-__all__ = ["Zygote", "ZygoteGone", "serve"]
+__all__ = ["Zygote", "ZygoteGone", "is_builtin_module", "serve"]
 
 log = logging.getLogger("laulima.site")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
@@ -63,6 +69,12 @@ _ANSWER_S = 10.0
 """How long an idle zygote may take to fork; one that takes longer is wedged (a busy one,
 importing a module, is given up to the task's deadline: a new process would import it too)."""
 _REASON_MAX = 300
+_BUILTIN_PACKAGE = "laulima.algorithms"
+
+
+def is_builtin_module(module: str) -> bool:
+    """Whether ``module`` names a module of Laulima's built-in algorithms, the only ones preloaded."""
+    return bool(_MODULE.fullmatch(module)) and (module == _BUILTIN_PACKAGE or module.startswith(_BUILTIN_PACKAGE + "."))
 
 
 class ZygoteGone(Exception):
@@ -100,8 +112,9 @@ class Zygote:
         return self.proc.poll() is None
 
     def preload(self, module: str) -> None:
-        """Ask for ``module`` to be imported (not awaited; a no-op for known-bad modules)."""
-        if module not in self.no_preload and _MODULE.fullmatch(module):
+        """Ask for built-in ``module`` to be imported (not awaited; a no-op for known-bad
+        modules and for anything but a built-in, which the zygote would refuse)."""
+        if module not in self.no_preload and is_builtin_module(module):
             self._send(b"preload " + module.encode())
             self._busy += 1
 
@@ -192,7 +205,8 @@ def _stop(signum: int, frame: object) -> None:
 
 def serve() -> NoReturn:
     """The zygote's main loop; exits when the agent closes the pipe, dies, or sends SIGTERM."""
-    importlib.import_module("safetensors.numpy")  # the worker imports the rest; this one lazily
+    importlib.import_module("safetensors.numpy")  # the worker imports the rest; these lazily
+    importlib.import_module("laulima.algorithms.bundle")
     server = _Server()
     code = 0
     try:
@@ -302,7 +316,7 @@ class _Server:
     def child(self, task_dir: Path, mask: set[int | signal.Signals]) -> NoReturn:
         code = 70
         try:
-            from laulima.site.worker import _redirect_output, _terminate, _watch_parent, run_task
+            from laulima.site.worker import _redirect_output, _terminate, run_task
 
             os.setpgid(0, 0)
             signal.set_wakeup_fd(-1)
@@ -316,8 +330,9 @@ class _Server:
             if "numpy.random" in sys.modules:
                 sys.modules["numpy.random"].seed()  # else every task would draw the same numbers
             sys.argv = [sys.argv[0], str(task_dir)]
-            _watch_parent(self.pid)
-            code = run_task(task_dir)
+            # Still single-threaded here (a fork copies only the calling thread): run_task
+            # applies the task's sandbox, and only then starts the thread watching this zygote.
+            code = run_task(task_dir, watch_parent=self.pid)
         except BaseException:  # noqa: BLE001 - never return into the zygote's loop
             with contextlib.suppress(Exception):
                 traceback.print_exc()
@@ -332,6 +347,9 @@ class _Server:
             os._exit(code)
 
     def preload(self, module: str) -> None:
+        if not is_builtin_module(module):
+            self.send(f"preload-failed {module[:_REASON_MAX]} only built-in algorithms are preloaded")
+            return
         if module in self.preloaded:
             self.send(f"preloaded {module}")
             return
