@@ -14,16 +14,14 @@ import secrets
 import shutil
 import string
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from laulima.algorithms.base import load_algorithm
 from laulima.client import Client
 from laulima.core.protocol import ExperimentPublic, ExperimentStatus, MetricRecord, SiteStatus, TaskKind
 from laulima.core.spec import ExperimentSpec
-from laulima.core.weights import to_safetensors
 from laulima.errors import ConfigurationError, LaulimaError
 from laulima.processes import HubProcess, SiteProcess, free_port
 
@@ -69,8 +67,9 @@ def site_names(n: int) -> list[str]:
 
 def initial_weights_bytes(spec: ExperimentSpec) -> bytes:
     """Build the first global model where the experiment is submitted (no data needed)."""
-    algorithm = load_algorithm(spec.algorithm)()
-    return to_safetensors(algorithm.initial_weights(spec.config, spec.seed))
+    from laulima.submission import prepare
+
+    return prepare(spec).initial_weights
 
 
 @dataclass
@@ -185,8 +184,16 @@ class LocalFederation:
             CertificateAuthority.init(ca_dir, federation="Laulima simulation")
         return ca_dir
 
-    def submit(self, spec: ExperimentSpec) -> ExperimentPublic:
-        return self.client.submit(spec.model_dump(mode="json"), initial_weights_bytes(spec))
+    def submit(
+        self, spec: ExperimentSpec, *, base_dir: Path | None = None, signing_keys: Sequence[Path] = ()
+    ) -> ExperimentPublic:
+        """Submit as ``laulima experiment submit`` does: a local ``source`` is packed, signed
+        with ``signing_keys`` and uploaded."""
+        from laulima.submission import prepare
+
+        ready = prepare(spec, base_dir=base_dir, signing_keys=signing_keys)
+        bundle = ready.bundle.data if ready.bundle is not None else None
+        return self.client.submit(ready.spec, ready.initial_weights, bundle=bundle)
 
     def wait(
         self,

@@ -8,6 +8,17 @@ from pathlib import Path
 import pytest
 
 from laulima.sim import LocalFederation
+from tests.helpers.bundles import helper_bundle
+
+TEST_ALGORITHMS = ("SlowCounter", "SiteLedger")
+
+
+def admit_test_bundles(home: Path) -> None:
+    """Write the site's policy.toml admitting the bundles of tests/helpers/algorithms.py."""
+    digests = ", ".join(f'"{helper_bundle(name).digest}"' for name in TEST_ALGORITHMS)
+    policy = home / "policy.toml"
+    policy.write_text(f"[algorithms]\ndigests = [{digests}]\n")
+    policy.chmod(0o600)
 
 
 @pytest.fixture
@@ -18,6 +29,8 @@ def federation(tmp_path: Path) -> Iterator[Callable[..., LocalFederation]]:
     def start(n_sites: int = 3, dataset: str = "none", seed: int = 0) -> LocalFederation:
         fed = LocalFederation(tmp_path / f"fed{len(started)}", n_sites, dataset, seed=seed).__enter__()
         started.append(fed)
+        for name in fed.sites:  # the hospitals admit the test algorithms' bundles by digest
+            admit_test_bundles(fed.workdir / "sites" / name)
         return fed
 
     yield start

@@ -14,6 +14,7 @@ import pytest
 
 from laulima.core.spec import parse_spec
 from laulima.pki.ca import CertificateAuthority
+from tests.helpers.bundles import packed_fields
 from tests.helpers.federation import assert_completed, logs, wait_for
 
 pytestmark = pytest.mark.slow
@@ -24,7 +25,7 @@ LONG = 600  # a round timeout no test may wait for
 def _counter(name: str, **overrides):
     spec = {
         "name": name,
-        "algorithm": "tests.helpers.algorithms:SlowCounter",
+        **packed_fields("SlowCounter"),
         "dataset": "none",
         "rounds": 2,
         "min_sites": 1,

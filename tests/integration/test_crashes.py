@@ -18,6 +18,7 @@ from laulima.core.spec import parse_spec
 from laulima.core.weights import from_safetensors
 from laulima.sim import LocalFederation
 from tests.helpers.algorithms import LEDGER_SITES
+from tests.helpers.bundles import packed_fields
 from tests.helpers.federation import assert_completed, logs, wait_for
 
 pytestmark = pytest.mark.slow
@@ -30,7 +31,7 @@ RTOL = 1e-5
 def _ledger_spec(**overrides):
     spec = {
         "name": "crash",
-        "algorithm": "tests.helpers.algorithms:SiteLedger",
+        **packed_fields("SiteLedger"),
         "dataset": "none",
         "rounds": 3,
         "min_sites": 2,

@@ -8,6 +8,7 @@ import pytest
 from laulima.core.spec import parse_spec
 from laulima.core.weights import from_safetensors
 from laulima.errors import SpecError
+from tests.helpers.bundles import packed_fields
 from tests.helpers.federation import assert_completed, logs
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,7 @@ def test_fedavg_over_processes_matches_the_hand_computed_model(federation):
     spec = parse_spec(
         {
             "name": "counter",
-            "algorithm": "tests.helpers.algorithms:SlowCounter",
+            **packed_fields("SlowCounter"),
             "dataset": "none",
             "rounds": 2,
             "min_sites": 3,
@@ -70,7 +71,7 @@ def test_fedavg_over_processes_matches_the_hand_computed_model(federation):
 def test_an_experiment_naming_an_unregistered_site_is_refused_with_the_site_name(federation):
     fed = federation(1)
     spec = parse_spec(
-        {"name": "x", "algorithm": "tests.helpers.algorithms:SlowCounter", "dataset": "none", "rounds": 1,
+        {"name": "x", **packed_fields("SlowCounter"), "dataset": "none", "rounds": 1,
          "sites": ["site-a", "site-zz"]}
     )
     with pytest.raises(Exception, match="site-zz"):

@@ -14,8 +14,9 @@ import pytest
 from safetensors.numpy import load as st_load
 
 from laulima import __version__
+from laulima.algorithms.bundle import pack
 from laulima.algorithms.tabular_data import write_tabular_site
-from laulima.core.protocol import Header, MetaKey, TaskKind
+from laulima.core.protocol import Header, MetaKey, TaskKind, TaskPublic
 from laulima.core.weights import parse_safetensors_header
 from laulima.errors import Forbidden
 from laulima.site.agent import Agent
@@ -23,6 +24,7 @@ from laulima.site.catalog import Catalog
 from laulima.site.client import HubClient
 from laulima.site.settings import SiteSettings
 from laulima.site.state import Phase, SiteState
+from tests.site.conftest import HELPERS
 
 
 class FakeHub:
@@ -30,7 +32,13 @@ class FakeHub:
 
     def __init__(self, blob: bytes) -> None:
         self.blob = blob
+        self.bundles: dict[str, bytes] = {}
+        """Algorithm bundles by digest (any other blob is the weights)."""
         self.tasks: list = []
+        self.waiting: dict[str, str] = {}
+        """Tasks a site said wait for its administrator, with the reason."""
+        self.held: dict[str, TaskPublic] = {}
+        """Tasks handed out (what a resume answers with, while not closed)."""
         self.uploads: dict[str, tuple[bytes, httpx.Headers]] = {}
         self.evaluations: dict[str, dict] = {}
         self.failures: dict[str, dict] = {}
@@ -54,9 +62,19 @@ class FakeHub:
                 return self.poll_response
             if not self.tasks:
                 return httpx.Response(204)
-            return httpx.Response(200, json=self.tasks.pop(0).model_dump(mode="json"))
+            task = self.tasks.pop(0)
+            self.held[task.id] = task
+            return httpx.Response(200, json=task.model_dump(mode="json"))
         if path.startswith("/blobs/"):
-            return httpx.Response(200, content=self.blob)
+            return httpx.Response(200, content=self.bundles.get(path.rsplit("/", 1)[1], self.blob))
+        m = re.fullmatch(r"/tasks/([^/]+)/(waiting|resume)", path)
+        if m:
+            task_id, what = m.groups()
+            if what == "waiting":
+                self.waiting[task_id] = json.loads(request.read())["reason"]
+                return httpx.Response(204)
+            self.waiting.pop(task_id, None)
+            return httpx.Response(200, json=self.held[task_id].model_dump(mode="json"))
         m = re.fullmatch(r"/tasks/([^/]+)/(update|evaluation|failure)", path)
         assert m, f"unexpected request {request.method} {path}"
         task_id, what = m.groups()
@@ -86,6 +104,34 @@ class MustNotRun:
 @pytest.fixture
 def hub(weights_blob: bytes) -> FakeHub:
     return FakeHub(weights_blob)
+
+
+@pytest.fixture
+def make_task(make_task, hub: FakeHub, home: Path):
+    """Tasks as the hub sends them: a helper algorithm travels as a bundle (served by the fake
+    hub, its digest admitted by the site's policy); built-ins and other names go as they are."""
+    admitted: list[str] = []
+
+    def make(**overrides):
+        algorithm = overrides.get("algorithm", "site_test_algorithms:Echo")
+        if algorithm.startswith("site_test_algorithms:") and "bundle_digest" not in overrides:
+            bundle = pack(HELPERS / "site_test_algorithms.py", algorithm)
+            hub.bundles[bundle.digest] = bundle.data
+            admitted.append(bundle.digest)
+            write_policy(home, f"[algorithms]\ndigests = {json.dumps(sorted(set(admitted)))}\n")
+            overrides = {"algorithm": algorithm, "bundle_digest": bundle.digest, "bundle_size": len(bundle.data)} | {
+                k: v for k, v in overrides.items() if k != "algorithm"
+            }
+        return make_task(**overrides)
+
+    return make
+
+
+def write_policy(home: Path, text: str) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "policy.toml"
+    path.write_text(text)
+    path.chmod(0o600)
 
 
 @pytest.fixture
@@ -255,10 +301,8 @@ def test_an_agent_fault_is_reported_and_the_agent_goes_on(make_task, hub, home):
     hub.tasks.append(make_task())
     agent = make_agent(home, hub, runner=Broken())
     agent.step()
-    assert hub.failures["t-1"] == {
-        "kind": "error",
-        "reason": "site agent error: OSError: [Errno 28] No space left on device",
-    }
+    assert hub.failures["t-1"]["kind"] == "error"
+    assert hub.failures["t-1"]["reason"].startswith("site agent error: OSError: [Errno 28] No space left on device")
     assert agent.state.get("t-1").phase == Phase.REPORTED
 
 
@@ -266,10 +310,9 @@ def test_a_task_without_time_left_is_failed_as_a_timeout_without_running(make_ta
     hub.tasks.append(make_task(seconds_left=0.0))
     agent = make_agent(home, hub, runner=MustNotRun())
     agent.step()
-    assert hub.failures["t-1"] == {
-        "kind": "timeout",
-        "reason": "timeout: the task's deadline passed before this site could start it",
-    }
+    assert hub.failures["t-1"]["kind"] == "timeout"
+    reason = hub.failures["t-1"]["reason"]
+    assert reason.startswith("timeout: the task's deadline passed before this site could start it")
     assert not any(r.url.path.startswith("/api/v1/blobs/") for r in hub.requests)  # nothing downloaded either
     assert agent.state.get("t-1").phase == Phase.REPORTED
 
@@ -344,3 +387,77 @@ def test_an_open_home_is_made_owner_only_at_start(hub, home, caplog):
         make_agent(home, hub).step()
     assert stat.S_IMODE(home.stat().st_mode) == 0o700 and stat.S_IMODE((home / "work").stat().st_mode) == 0o700
     assert f"{home} was accessible to other users (mode 755); made it owner-only (700)" in caplog.text
+
+
+# -- the site decides: policy, approvals, audit ------------------------------------------
+def test_an_arbitrary_installed_module_is_refused_before_anything_is_imported(make_task, hub, home):
+    import sys
+
+    sys.modules.pop("antigravity", None)
+    hub.tasks += [make_task(id="t-1", algorithm="antigravity:X"), make_task(id="t-2", algorithm="os:system")]
+    agent = make_agent(home, hub)
+    agent.step()
+    agent.step()
+    assert "antigravity" not in sys.modules  # its import opens a web browser
+    for task_id in ("t-1", "t-2"):
+        failure = hub.failures[task_id]
+        assert failure["kind"] == "rejected" and "neither a built-in" in failure["reason"], failure
+        assert not (agent.task_dir(task_id) / "task.json").exists(), "the task reached the worker"
+
+
+def test_a_held_job_waits_for_the_administrator_then_runs_once_approved(make_task, hub, home):
+    from laulima.site.approvals import ApprovalStore
+    from laulima.site.audit import AuditLog
+
+    task = make_task()  # admitted by digest, but every job waits under manual approval
+    write_policy(home, 'approval = "manual"\n' + (home / "policy.toml").read_text())
+    hub.tasks.append(task)
+    agent = make_agent(home, hub)
+    agent.step()
+    assert task.id in hub.waiting and "job 1" in hub.waiting[task.id], hub.waiting
+    assert hub.uploads == {} and hub.failures == {}
+    assert agent.state.get(task.id).phase == Phase.WAITING
+    agent.step()  # nothing decided yet: still nothing runs
+    assert hub.uploads == {}
+
+    (job,) = ApprovalStore(home).pending()
+    assert (job.experiment_id, job.digest, job.task_id) == (1, task.bundle_digest, task.id)
+    ApprovalStore(home).approve(job.id, by="dr-admin", reason="reviewed")
+    agent.step()
+    assert task.id in hub.uploads and task.id not in hub.waiting
+    assert agent.state.get(task.id).phase == Phase.REPORTED
+    events = [e.event for e in AuditLog(home).entries()]
+    assert events[0] == "received" and events[-1] == "sent", events
+    assert events.count("started") == 1 and events.index("decided") < events.index("started"), events
+    assert AuditLog(home).verify().ok
+
+
+def test_a_rejected_job_is_reported_with_the_administrators_reason_and_never_runs(make_task, hub, home):
+    from laulima.site.approvals import ApprovalStore
+
+    hub.tasks.append(make_task())
+    write_policy(home, 'approval = "manual"\n' + (home / "policy.toml").read_text())
+    agent = make_agent(home, hub)
+    agent.step()
+    (job,) = ApprovalStore(home).pending()
+    ApprovalStore(home).reject(job.id, by="dr-admin", reason="not on our data")
+    agent.step()
+    failure = hub.failures["t-1"]
+    assert failure["kind"] == "rejected" and "not on our data" in failure["reason"], failure
+    assert hub.uploads == {} and not (agent.task_dir("t-1") / "task.json").exists()
+
+
+def test_what_the_hub_hears_of_a_failure_has_no_site_paths_and_points_to_the_audit_entry(make_task, hub, home):
+    import shutil
+
+    from laulima.site.audit import AuditLog
+
+    shutil.rmtree(Catalog(home).get("ds"))  # gone: the catalog's error names where it was
+    hub.tasks.append(make_task())
+    agent = make_agent(home, hub)
+    agent.step()
+    reason = hub.failures["t-1"]["reason"]
+    data = str(home.parent / "data")
+    assert data not in reason and "'ds'" in reason and "audit#" in reason, reason
+    failed = [e for e in AuditLog(home).entries() if e.event == "failed"]
+    assert failed and data in str(failed[-1].fields["error"])  # the full text stays at the site

@@ -19,7 +19,7 @@ from laulima.site.catalog import Catalog
 from laulima.site.client import HubClient
 from laulima.site.settings import SiteSettings
 from laulima.site.state import Phase, SiteState
-from tests.site.conftest import RealHub
+from tests.site.conftest import RealHub, admit_helpers
 
 
 def site_home(tmp_path: Path) -> Path:
@@ -27,6 +27,7 @@ def site_home(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     data.mkdir(exist_ok=True)
     Catalog(home, site="site-a").add("ds", data)
+    admit_helpers(home)
     return home
 
 
@@ -131,6 +132,7 @@ def test_after_site_init_and_a_task_nothing_in_the_home_is_open_to_others(
     bundle = enroll_site(ca.dir, "site-a", "https://127.0.0.1:8780", tmp_path / "site-a.laulima-site")
     home = tmp_path / "hospital" / "site-a"
     install_bundle(bundle, home)  # what `laulima site init BUNDLE --home HOME` does
+    admit_helpers(home)
     token = real_hub.register("site-a")  # the task itself travels in token mode: TestClient has no TLS
     settings = SiteSettings.load(
         home, hub_url="http://127.0.0.1:9", token=token, cert_file=None, key_file=None, ca_file=None, poll_wait_s=0.2

@@ -29,15 +29,22 @@ from laulima.errors import (
     Conflict,
     DataError,
     Forbidden,
+    LaulimaError,
     NotFound,
     ProtocolError,
     TransportError,
 )
 from laulima.site._fs import PRIVATE_FILE, private_dir, tighten
+from laulima.site.approvals import ApprovalStore
+from laulima.site.audit import AuditEntry, AuditEvent, AuditLog, reference
 from laulima.site.catalog import Catalog
 from laulima.site.client import HubClient
 from laulima.site.cohort import site_report
+from laulima.site.gate import Admitted, Gate, Held, Refused
+from laulima.site.policy import load_policy
+from laulima.site.redact import redact
 from laulima.site.runner import TaskRunner, seconds_left
+from laulima.site.sandbox import sandbox_for
 from laulima.site.settings import SiteSettings
 from laulima.site.state import Phase, SiteState, TaskRecord
 from laulima.site.worker import RESULT_FILE, RESULT_WEIGHTS_FILE, SCRATCH_DIR, WEIGHTS_FILE
@@ -52,6 +59,12 @@ _REASON_MAX = 300
 """Characters of the hub's own refusal quoted back to it when the agent closes a task."""
 _NEVER = object()
 """The catalog signature before the first report: differs from every real one."""
+_HELD_POLL_S = 2.0
+"""Longest poll while a job waits for approval here: an approval is acted on within seconds."""
+_AUDIT_BROKEN = (
+    "the site's audit trail cannot be written, so it runs nothing; the site's administrator must check it "
+    "(`laulima site audit verify`)"
+)
 
 
 class _StopPolling(BaseException):
@@ -70,11 +83,18 @@ class Agent:
         *,
         runner: TaskRunner | None = None,
         stop: threading.Event | None = None,
+        audit: AuditLog | None = None,
+        approvals: ApprovalStore | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.catalog = catalog
         self.state = state
+        self.audit = audit or AuditLog(settings.home)
+        self.approvals = approvals or ApprovalStore(settings.home)
+        self.gate = Gate(settings.home, catalog, client, self.approvals)
+        self.audit_broken: str | None = None
+        """Why the audit trail cannot be written (the agent then runs nothing), or None."""
         self.runner = runner or TaskRunner(time_limit_cap_s=settings.task_time_limit_s)
         self.stop = stop or client.stop
         client.stop = self.stop
@@ -120,10 +140,13 @@ class Agent:
         """One long poll and, if a task came, its handling. True if there was a task."""
         if not self._started:
             self._start()
+        self._resume_decided()
+        held = any(r.phase == Phase.WAITING for r in self.state.tasks())
+        wait = min(self.settings.poll_wait_s, _HELD_POLL_S) if held else self.settings.poll_wait_s
         self.polling = True
         try:
             self._report_if_changed()
-            task = self.client.next_task(self.settings.poll_wait_s)
+            task = self.client.next_task(wait)
             received_at = time.monotonic()  # the task's time is counted from here, on this clock
         except ProtocolError as exc:
             if isinstance(exc, Forbidden):
@@ -264,17 +287,34 @@ class Agent:
         downloaded = record is not None and record.phase == Phase.DOWNLOADED
         if record is None:
             self.state.set(task.id, Phase.RECEIVED, kind=task.kind.value)
-        try:
-            dataset_path = self.catalog.get(task.dataset)
-        except (DataError, ConfigurationError) as exc:
-            log.warning("task %s rejected: %s", task.id, exc)
-            self._report(task, self._failed(task, FailureKind.REJECTED, str(exc)))
+            self._audit(
+                AuditEvent.RECEIVED,
+                task,
+                kind=task.kind.value,
+                round=task.round,
+                dataset=task.dataset,
+                algorithm=task.algorithm,
+                bundle=task.bundle_digest,
+                requester=task.requester,
+            )
+        if self.audit_broken is not None:
+            self._report(task, self._failed(task, FailureKind.REJECTED, self.audit_broken))
             return
         if seconds_left(task, received_at) <= 0:
             log.warning("task %s: its deadline passed before this site could start it", task.id)
             reason = "timeout: the task's deadline passed before this site could start it"
             self._report(task, self._failed(task, FailureKind.TIMEOUT, reason))
             return
+        admission = self.gate.admit(task)
+        if isinstance(admission, Refused):
+            log.warning("task %s refused: %s", task.id, admission.reason)
+            self._audit(AuditEvent.REFUSED, task, reason=admission.reason)
+            self._report(task, self._failed(task, admission.kind, admission.reason, public=admission.public))
+            return
+        if isinstance(admission, Held):
+            self._hold(task, admission)
+            return
+        self._audit(AuditEvent.DECIDED, task, decision="run", reason=admission.why)
         task_dir = self.task_dir(task.id)
         private_dir(self.settings.work_dir)
         private_dir(task_dir)
@@ -290,16 +330,37 @@ class Agent:
             seconds = time.monotonic() - started
             log.info("task %s downloaded: %.1f MB in %.2f s", task.id, size / _MB, seconds)
             self.state.set(task.id, Phase.DOWNLOADED)
+        self._run(task, task_dir, admission, received_at)
+
+    def _run(self, task: TaskPublic, task_dir: Path, admission: Admitted, received_at: float) -> None:
+        """Run the admitted algorithm in its sandbox; record the result, or report the failure."""
+        self._audit(
+            AuditEvent.STARTED,
+            task,
+            bundle=admission.algorithm_digest,
+            dataset=task.dataset,
+            cases=admission.n_cases,
+        )
         started = time.monotonic()
         try:
+            confinement = sandbox_for(admission.policy, task_dir, admission.dataset_path, admission.bundle_dir)
             result = self.runner.run(
-                task, task_dir, site=self.settings.name, dataset_path=dataset_path, received_at=received_at
+                task,
+                task_dir,
+                site=self.settings.name,
+                dataset_path=admission.dataset_path,
+                received_at=received_at,
+                bundle_dir=admission.bundle_dir,
+                sandbox=confinement,
             )
-        except AlgorithmError as exc:
+        except (AlgorithmError, ConfigurationError) as exc:
             kind = str(exc.context.get("kind", FailureKind.ERROR.value))
             if kind == "cancelled":
                 log.info("task %s: stopped with the agent; it resumes when the agent restarts", task.id)
                 return
+            violation = exc.context.get("sandbox_violation")
+            if violation:
+                self._audit(AuditEvent.SANDBOX_VIOLATION, task, violation=str(violation), detail=str(exc))
             log.warning("task %s failed (%s): %s", task.id, kind, exc)
             self._report(task, self._failed(task, kind, str(exc)))
             return
@@ -313,12 +374,83 @@ class Agent:
             result.n_samples,
             _fmt(result.metrics),
         )
+        self._audit(AuditEvent.FINISHED, task, n_samples=result.n_samples, seconds=round(result.seconds, 3))
         path = result.weights_path if result.weights_path is not None else task_dir / RESULT_FILE
         record = self.state.set(task.id, Phase.COMPUTED, result_path=str(path), result_digest=result.sha256)
         self._report(task, record)
 
-    def _failed(self, task: TaskPublic, kind: str, reason: str) -> TaskRecord:
-        return self.state.set(task.id, Phase.COMPUTED, failure_kind=kind, note=reason[:4000])
+    # -- jobs held for an administrator ------------------------------------------------------
+    def _hold(self, task: TaskPublic, held: Held) -> None:
+        """Keep the task until an administrator decides, and tell the hub why it waits."""
+        already = (record := self.state.get(task.id)) is not None and record.phase == Phase.WAITING
+        self.state.set(task.id, Phase.WAITING, task=task.model_dump(mode="json"))
+        if not already:
+            self._audit(AuditEvent.DECIDED, task, decision="hold", reason=held.why, job=held.job_id)
+            log.warning(
+                "task %s of experiment %r waits for approval: %s - review it with `laulima site jobs show %d --source`",
+                task.id,
+                task.experiment_name,
+                held.why,
+                held.job_id,
+            )
+        try:
+            self.client.set_waiting(task.id, f"job {held.job_id} waits for the site's administrator: {held.why}")
+        except (Conflict, NotFound) as exc:
+            log.info("task %s: the hub closed it already (%s)", task.id, exc)
+            self.state.set(task.id, Phase.GIVEN_UP, note="closed at the hub while held", closed_at_hub=True)
+
+    def _resume_decided(self) -> None:
+        """Tasks held for approval whose job an administrator has decided since: take them up."""
+        held = [r for r in self.state.tasks() if r.phase == Phase.WAITING and r.task]
+        if not held:
+            return
+        try:
+            scope = load_policy(self.settings.home).approval_scope
+        except ConfigurationError:
+            return  # the next task is refused with the reason; held ones wait for a valid policy
+        for record in held:
+            if self.stop.is_set():
+                return
+            task = TaskPublic.model_validate(record.task)
+            decided = self.approvals.decision_for(task.experiment_id, task.round if scope == "round" else None)
+            if decided is None:
+                continue
+            fresh = self.client.resume_task(task.id)
+            if fresh is None:
+                log.info("task %s: the hub closed it while it waited for approval", task.id)
+                self.state.set(
+                    task.id, Phase.GIVEN_UP, note="closed at the hub while held for approval", closed_at_hub=True
+                )
+                continue
+            self.handle(fresh, received_at=time.monotonic())
+
+    # -- what the hub is told ----------------------------------------------------------------
+    def _failed(self, task: TaskPublic, kind: str, reason: str, *, public: str | None = None) -> TaskRecord:
+        """Record a failure to report: the full ``reason`` goes to the audit trail, the hub gets
+        ``public`` (default: ``reason`` without paths, file names or per-case values) and the
+        reference of that audit entry."""
+        names = (task.dataset, task.experiment_name, task.algorithm, self.settings.name)
+        text = redact(public if public is not None else reason, folders=self._own_folders(task), keep=names)
+        entry = self._audit(AuditEvent.FAILED, task, kind=kind, error=reason[:8000], reason_sent=text)
+        if entry is not None:
+            text = f"{text} (site {reference(entry)})"
+        return self.state.set(task.id, Phase.COMPUTED, failure_kind=kind, note=text[:4000])
+
+    def _own_folders(self, task: TaskPublic) -> list[Path]:
+        folders = [self.settings.home, self.settings.work_dir, self.task_dir(task.id)]
+        with contextlib.suppress(LaulimaError, OSError):
+            folders.append(self.catalog.get(task.dataset))
+        return folders
+
+    def _audit(self, event: AuditEvent, task: TaskPublic, **fields: Any) -> AuditEntry | None:
+        """Append to the site's audit trail; if it cannot be written, run nothing more (fail closed)."""
+        try:
+            return self.audit.append(event, task=task.id, experiment=task.experiment_id, **fields)
+        except (LaulimaError, OSError) as exc:
+            if self.audit_broken is None:
+                log.error("site %s: the audit trail cannot be written (%s); refusing tasks", self.settings.name, exc)
+            self.audit_broken = _AUDIT_BROKEN
+            return None
 
     def _report(self, task: TaskPublic, record: TaskRecord) -> None:
         started = time.monotonic()
@@ -329,12 +461,14 @@ class Agent:
                 kind = FailureKind.ERROR
             reason = (record.note or "no reason recorded")[:4000]
             self.client.send_failure(task.id, TaskFailure(kind=kind, reason=reason))
+            self._audit(AuditEvent.SENT, task, what="failure", bytes=len(reason.encode()), sha256=_sha(reason.encode()))
             log.info("task %s: reported the failure (%s) to the hub", task.id, kind.value)
         elif task.kind == TaskKind.TRAIN:
             path = Path(str(record.result_path))
             accepted = self.client.upload_update(task, path, digest=record.result_digest)
             seconds = time.monotonic() - started
             size = path.stat().st_size
+            self._audit(AuditEvent.SENT, task, what="update", bytes=size, sha256=accepted.digest)
             log.info(
                 "task %s uploaded: %.1f MB in %.2f s (n_samples=%d, digest %s)",
                 task.id,
@@ -345,7 +479,10 @@ class Agent:
             )
         else:
             data = json.loads(Path(str(record.result_path)).read_text(encoding="utf-8"))
-            self.client.send_evaluation(task.id, EvaluationResult(n_samples=data["n_samples"], metrics=data["metrics"]))
+            evaluation = EvaluationResult(n_samples=data["n_samples"], metrics=data["metrics"])
+            self.client.send_evaluation(task.id, evaluation)
+            body = evaluation.model_dump_json().encode()
+            self._audit(AuditEvent.SENT, task, what="evaluation", bytes=len(body), sha256=_sha(body))
             log.info("task %s: evaluation reported", task.id)
         self.state.set(task.id, Phase.REPORTED)
         self._clean(task.id)
@@ -494,6 +631,10 @@ def _closing_reason(record: TaskRecord) -> str:
 
 def _result_kept(record: TaskRecord) -> bool:
     return bool(record.failure_kind) or (record.result_path is not None and Path(record.result_path).exists())
+
+
+def _sha(data: bytes) -> str:
+    return sha256(data).hexdigest()
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -25,6 +25,9 @@ log = logging.getLogger("laulima.site")
 
 class Phase(StrEnum):
     RECEIVED = "received"
+    WAITING = "waiting"
+    """The site's policy holds it for an administrator (``laulima site jobs``); the agent
+    looks again at every poll and resumes it at the hub once it is approved or rejected."""
     DOWNLOADED = "downloaded"
     """The global weights are on disk, sha256-checked."""
     COMPUTED = "computed"
@@ -52,6 +55,8 @@ class TaskRecord:
     """Set when the computed result is a failure (error, timeout, rejected) to report."""
     note: str | None = None
     """Why the task was given up or failed, for the admin reading state.json."""
+    task: dict[str, Any] | None = None
+    """The task as the hub sent it, kept while it waits for approval (to check it again)."""
     closed_at_hub: bool = False
     """The hub was told this final task is over here (a failure report it accepted, or a 409:
     it had closed the task already); if it sends the task again, it is not told twice."""

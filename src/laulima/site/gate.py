@@ -1,0 +1,184 @@
+"""The site's decision on a task before any of its code runs: policy, approvals, bundle.
+
+For every task the agent asks :meth:`Gate.admit`, which reads the site's policy afresh
+(an administrator's edit counts from the next task), finds the dataset, fetches and checks
+the algorithm's bundle (digest, manifest, per-file hashes: data, never executed here),
+finds who signed it, counts the cohort, and asks :func:`laulima.site.policy.decide` with
+any decision an administrator recorded. The answer is one of three:
+
+- :class:`Admitted`: run it, from this unpacked bundle, on this dataset, under this policy;
+- :class:`Held`: it waits for an administrator (``laulima site jobs``); recorded for review;
+- :class:`Refused`: the full reason for the site's log and audit trail, and a path-free one
+  for the hub.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from laulima.algorithms.bundle import Manifest, builtin_digest, check_requirements, unpack, verify, verify_signature
+from laulima.core.protocol import FailureKind, TaskPublic
+from laulima.errors import ConfigurationError, DataError, LaulimaError, NotFound, ProtocolError
+from laulima.site._fs import private_dir
+from laulima.site.approvals import ApprovalStore
+from laulima.site.catalog import Catalog
+from laulima.site.client import HubClient
+from laulima.site.cohort import count_cases
+from laulima.site.policy import JobFacts, SitePolicy, Verdict, decide, load_policy
+from laulima.site.redact import redact
+
+__all__ = ["BUNDLES_DIR", "Admission", "Admitted", "Gate", "Held", "Refused", "bundle_archive"]
+
+log = logging.getLogger("laulima.site")
+BUNDLES_DIR = "bundles"
+"""``home/bundles``: each bundle as downloaded (``<digest>.bundle``, kept for review) and unpacked (``<digest>/``)."""
+
+
+def bundle_archive(home: Path, digest: str) -> Path:
+    """Where the agent keeps the bundle ``digest`` as the hub sent it (``laulima site jobs show --source`` reads it)."""
+    return Path(home) / BUNDLES_DIR / f"{digest}.bundle"
+
+
+@dataclass(frozen=True)
+class Admitted:
+    policy: SitePolicy
+    dataset_path: Path
+    bundle_dir: Path | None
+    """The unpacked bundle to import from; None for a built-in algorithm."""
+    algorithm_digest: str
+    """The bundle's digest, or the built-in's well-known one (for the audit trail)."""
+    n_cases: int | None
+    why: str
+
+
+@dataclass(frozen=True)
+class Held:
+    job_id: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    kind: FailureKind
+    reason: str
+    """The full text, for the site's log and audit trail (may name the site's paths)."""
+    public: str
+    """What the hub may be told: no paths, file names or per-case values."""
+
+
+Admission = Admitted | Held | Refused
+
+
+class Gate:
+    """Decides, per task, whether it runs, waits for an administrator, or is refused."""
+
+    def __init__(self, home: Path, catalog: Catalog, client: HubClient, approvals: ApprovalStore) -> None:
+        self.home = Path(home)
+        self.catalog = catalog
+        self.client = client
+        self.approvals = approvals
+
+    def admit(self, task: TaskPublic) -> Admission:
+        try:
+            policy = load_policy(self.home)
+        except ConfigurationError as exc:
+            return Refused(
+                FailureKind.REJECTED,
+                str(exc),
+                "the site's policy cannot be read; the site's administrator must fix it (`laulima site policy check`)",
+            )
+        try:
+            dataset_path = self.catalog.get(task.dataset)
+        except (DataError, ConfigurationError) as exc:
+            return Refused(FailureKind.REJECTED, str(exc), redact(str(exc)))
+        manifest: Manifest | None = None
+        if task.bundle_digest is not None:
+            try:
+                manifest = self._fetch_bundle(task)
+            except (DataError, NotFound, ConfigurationError) as exc:
+                public = f"the algorithm's bundle failed its check: {redact(str(exc))}"
+                return Refused(FailureKind.ERROR, str(exc), public)
+        try:
+            facts = JobFacts(
+                experiment_id=task.experiment_id,
+                experiment_name=task.experiment_name,
+                requester=task.requester or "unknown",
+                round=task.round,
+                kind=task.kind.value,
+                entry_point=task.algorithm,
+                bundle_digest=task.bundle_digest,
+                bundle_signer=self._signer(policy, task),
+                dataset=task.dataset,
+                n_cases=count_cases(dataset_path),
+                rounds=task.rounds,
+                task_time_limit_s=task.time_limit_s,
+            )
+        except ProtocolError as exc:
+            return Refused(FailureKind.ERROR, str(exc), redact(str(exc)))
+        if manifest is not None and manifest.entry_point != task.algorithm:
+            why = f"the task runs {task.algorithm!r} but its bundle's entry point is {manifest.entry_point!r}"
+            return Refused(FailureKind.REJECTED, why, why)
+        scope_round = task.round if policy.approval_scope == "round" else None
+        approval = self.approvals.decision_for(task.experiment_id, scope_round, job=facts)
+        decision = decide(policy, facts, approval=approval)
+        if decision.verdict is Verdict.REFUSE:
+            return Refused(FailureKind.REJECTED, decision.why, decision.why)
+        if decision.verdict is Verdict.ASK:
+            job = self.approvals.request(
+                facts,
+                task_id=task.id,
+                scope=policy.approval_scope,
+                algorithm_name=manifest.name if manifest is not None else task.algorithm,
+                manifest=_manifest_dict(manifest),
+            )
+            return Held(job.id, decision.why)
+        bundle_dir = None
+        if manifest is not None and task.bundle_digest is not None:
+            try:
+                check_requirements(manifest)
+                bundle_dir = unpack(bundle_archive(self.home, task.bundle_digest), task.bundle_digest, self._bundles())
+            except LaulimaError as exc:
+                kind = FailureKind.REJECTED if exc.context.get("field") == "requirements" else FailureKind.ERROR
+                return Refused(kind, str(exc), redact(str(exc)))
+        digest = task.bundle_digest or builtin_digest(task.algorithm)
+        return Admitted(policy, dataset_path, bundle_dir, digest, facts.n_cases, decision.why)
+
+    # -- the bundle ----------------------------------------------------------------------
+    def _bundles(self) -> Path:
+        folder = self.home / BUNDLES_DIR
+        private_dir(folder)
+        return folder
+
+    def _fetch_bundle(self, task: TaskPublic) -> Manifest:
+        """Download the task's bundle once (kept for review and later rounds) and check it."""
+        assert task.bundle_digest is not None
+        archive = bundle_archive(self.home, task.bundle_digest)
+        if not archive.exists():
+            self._bundles()
+            self.client.download_blob(task.bundle_digest, archive, task.bundle_size)
+        try:
+            return verify(archive, task.bundle_digest)
+        except DataError:
+            archive.unlink(missing_ok=True)  # fetched again for the next task
+            raise
+
+    def _signer(self, policy: SitePolicy, task: TaskPublic) -> str | None:
+        """The first policy signer with a valid signature of the bundle in the task, if any."""
+        if task.bundle_digest is None or not task.signatures:
+            return None
+        for signer in policy.algorithms.signers:
+            for signature in task.signatures:
+                try:
+                    if verify_signature(task.bundle_digest, signature, signer.raw_key()):
+                        return signer.name
+                except LaulimaError as exc:  # a malformed signature counts as none
+                    log.warning("task %s: a signature of its bundle is malformed (%s)", task.id, exc)
+        return None
+
+
+def _manifest_dict(manifest: Manifest | None) -> dict[str, Any] | None:
+    return None if manifest is None else dict(json.loads(manifest.to_json()))

@@ -1,0 +1,165 @@
+"""What leaves a data scientist's machine when an experiment is submitted.
+
+Sites run only the algorithms shipped with Laulima and content-addressed bundles, so a
+scientist's own algorithm travels as a bundle: a spec naming a local ``source`` (a package
+folder or one ``.py`` file, relative to the spec file) is packed here, and the hub receives
+the spec with ``bundle = <digest>`` instead of the path. A spec naming a ``bundle`` digest
+directly needs that bundle's file (``laulima algorithm pack`` writes ``<digest>.bundle``).
+The first global model is built here too, from the algorithm's own ``initial_weights``,
+imported from the bundle exactly as a site will import it.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from laulima.algorithms.base import Algorithm, load_algorithm
+from laulima.algorithms.bundle import PackedBundle, is_builtin, load_entry_point, pack, sign, unpack, verify
+from laulima.core.spec import ExperimentSpec
+from laulima.core.weights import to_safetensors
+from laulima.errors import ConfigurationError, DataError
+
+__all__ = ["CLIENT_ONLY_FIELDS", "Submission", "prepare"]
+
+CLIENT_ONLY_FIELDS = ("source", "requirements")
+"""Spec fields that describe the scientist's machine; they never reach the hub."""
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A spec ready for the hub, the algorithm's bundle (None for a built-in) and the first model."""
+
+    spec: dict[str, Any]
+    bundle: PackedBundle | None
+    initial_weights: bytes
+
+    @property
+    def algorithm_digest(self) -> str | None:
+        return self.bundle.digest if self.bundle is not None else None
+
+
+def prepare(
+    spec: ExperimentSpec,
+    *,
+    base_dir: str | Path | None = None,
+    bundle_file: str | Path | None = None,
+    signing_keys: Sequence[str | Path] = (),
+) -> Submission:
+    """Pack (or read) the algorithm, sign it, build the first model; nothing is sent yet.
+
+    ``base_dir``: where a relative ``source`` is resolved (the spec file's folder; default the
+    working directory). ``bundle_file``: the file of a spec's ``bundle`` digest (default
+    ``<digest>.bundle`` in ``base_dir``). ``signing_keys``: Ed25519 private keys
+    (``laulima algorithm keygen``) whose signatures of the bundle go with the spec, so that
+    sites admitting those signers run it without asking.
+    """
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    bundle = _bundle_of(spec, base, bundle_file)
+    data = spec.model_dump(mode="json", exclude=set(CLIENT_ONLY_FIELDS))
+    if bundle is not None:
+        data["bundle"] = bundle.digest
+        signatures = list(data.get("signatures") or [])
+        for key_path in signing_keys:
+            signature = sign(bundle.digest, _read_key(Path(key_path)))
+            if signature not in signatures:
+                signatures.append(signature)
+        data["signatures"] = signatures
+    elif signing_keys:
+        raise ConfigurationError(
+            f"algorithm {spec.algorithm!r} is a built-in; only bundles are signed (drop --sign)", field="signatures"
+        )
+    return Submission(spec=data, bundle=bundle, initial_weights=initial_weights_bytes(spec, bundle))
+
+
+def _bundle_of(spec: ExperimentSpec, base: Path, bundle_file: str | Path | None) -> PackedBundle | None:
+    if spec.source is not None:
+        source = Path(spec.source).expanduser()
+        source = source if source.is_absolute() else base / source
+        if not source.exists():
+            raise ConfigurationError(
+                f"field 'source': {source} does not exist; name the folder of the algorithm's package or its .py file "
+                "(relative to the spec file)",
+                field="source",
+            )
+        bundle = pack(source, spec.algorithm, requirements=spec.requirements)
+        if spec.bundle is not None and spec.bundle != bundle.digest:
+            raise ConfigurationError(
+                f"field 'bundle': {spec.bundle[:12]}… but packing 'source' gives {bundle.digest[:12]}…; the source "
+                "changed since the bundle was made - drop one of the two fields",
+                field="bundle",
+            )
+        return bundle
+    if spec.bundle is None:
+        return None
+    path = Path(bundle_file) if bundle_file is not None else base / f"{spec.bundle}.bundle"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"field 'bundle': the spec names bundle {spec.bundle[:12]}… but its file {path} cannot be read "
+            f"({exc.strerror or exc}); give it with --bundle FILE (`laulima algorithm pack` writes it)",
+            field="bundle",
+        ) from exc
+    try:
+        manifest = verify(data, spec.bundle)
+    except DataError as exc:
+        raise ConfigurationError(f"field 'bundle': {path}: {exc}", field="bundle") from exc
+    if manifest.entry_point != spec.algorithm:
+        raise ConfigurationError(
+            f"field 'algorithm': {spec.algorithm!r} but bundle {spec.bundle[:12]}… runs {manifest.entry_point!r}; "
+            "name the bundle's entry point",
+            field="algorithm",
+        )
+    return PackedBundle(data=data, digest=spec.bundle, manifest=manifest)
+
+
+def _read_key(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{path}: cannot read the signing key ({exc.strerror or exc}); create one with `laulima algorithm keygen`",
+            file=str(path),
+        ) from exc
+
+
+def initial_weights_bytes(spec: ExperimentSpec, bundle: PackedBundle | None = None) -> bytes:
+    """The first global model, from the algorithm's ``initial_weights`` (no data needed)."""
+    with _algorithm_class(spec.algorithm, bundle) as cls:
+        return to_safetensors(cls().initial_weights(spec.config, spec.seed))
+
+
+@contextmanager
+def _algorithm_class(entry_point: str, bundle: PackedBundle | None) -> Iterator[type[Algorithm]]:
+    """The algorithm's class: a built-in imported by name, a bundle from a private unpack.
+
+    A bundle's modules are removed from ``sys.modules`` afterwards (and whatever they
+    displaced put back): one process may submit several bundles whose top-level package has
+    the same name, each of which must run its own code.
+    """
+    if bundle is None:
+        if not is_builtin(entry_point):
+            raise ConfigurationError(
+                f"algorithm {entry_point!r} is neither a built-in (laulima.algorithms.*) nor packed; name its "
+                "`source` in the spec",
+                field="algorithm",
+            )
+        yield load_algorithm(entry_point)
+        return
+    top = bundle.manifest.top_level
+    displaced = {name: module for name, module in sys.modules.items() if name == top or name.startswith(top + ".")}
+    for name in displaced:
+        del sys.modules[name]
+    with tempfile.TemporaryDirectory(prefix="laulima-submit-") as cache:
+        try:
+            yield load_entry_point(unpack(bundle.data, bundle.digest, cache), entry_point)
+        finally:
+            for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+                del sys.modules[name]
+            sys.modules.update(displaced)
