@@ -13,8 +13,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from laulima.cli_algorithm import algorithm_app
 from laulima.cli_security import ca_app, site_enroll, site_init, token_app
 from laulima.cli_security import hub as hub_command
+from laulima.cli_site_admin import hub_audit_app, jobs_app, policy_app, site_approve, site_audit_app, site_reject
 from laulima.errors import (
     AlgorithmError,
     ConfigurationError,
@@ -37,7 +39,7 @@ app.add_typer(experiment_app, name="experiment")
 site_app.add_typer(dataset_app, name="dataset")
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 #: Exit codes by error family; one place maps errors to codes.
 EXIT_CODES: list[tuple[type[LaulimaError], int]] = [
@@ -60,6 +62,15 @@ app.add_typer(token_app, name="token")
 app.command("hub")(hub_command)
 site_app.command("enroll")(site_enroll)
 site_app.command("init")(site_init)
+
+# Algorithm bundles (scientists); the site admin's policy, approvals and audit; the hub's record.
+app.add_typer(algorithm_app, name="algorithm")
+app.add_typer(hub_audit_app, name="hub-audit")
+site_app.add_typer(policy_app, name="policy")
+site_app.add_typer(jobs_app, name="jobs")
+site_app.add_typer(site_audit_app, name="audit")
+site_app.command("approve")(site_approve)
+site_app.command("reject")(site_reject)
 
 
 def _fail(exc: LaulimaError) -> NoReturn:
@@ -159,17 +170,30 @@ def dataset_list(home: Annotated[Path, typer.Option(help="The site's home folder
 # -- experiments ----------------------------------------------------------------
 @experiment_app.command("submit")
 def experiment_submit(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")], hub_url: HubUrl, token: Token
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],
+    hub_url: HubUrl,
+    token: Token,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="The file of the bundle the spec names (default: DIGEST.bundle).")
+    ] = None,
+    sign_with: Annotated[
+        list[Path] | None, typer.Option("--sign", help="Sign the bundle with this key (laulima algorithm keygen).")
+    ] = None,
 ) -> None:
-    """Validate SPEC, build the initial model, and submit the experiment."""
+    """Validate SPEC, pack its algorithm's `source` into a bundle, build the initial model, submit."""
     from laulima.client import Client
     from laulima.core.spec import load_spec
-    from laulima.sim import initial_weights_bytes
+    from laulima.submission import prepare
 
     spec = load_spec(spec_path)
+    ready = prepare(spec, base_dir=spec_path.parent, bundle_file=bundle, signing_keys=sign_with or ())
     with Client(hub_url, token) as client:
-        exp = client.submit(spec.model_dump(mode="json"), initial_weights_bytes(spec))
+        exp = client.submit(ready.spec, ready.initial_weights, bundle=ready.bundle.data if ready.bundle else None)
     console.print(f"experiment [bold]{exp.id}[/] ({exp.name}) submitted: {exp.rounds} rounds")
+    if ready.bundle is not None:
+        console.print(f"algorithm bundle {ready.bundle.digest} ({ready.bundle.manifest.entry_point})")
+        for skipped in ready.bundle.skipped:
+            console.print(f"[yellow]not in the bundle:[/] {skipped.path} ({skipped.reason})")
 
 
 @experiment_app.command("list")
@@ -187,7 +211,10 @@ def experiment_list(hub_url: HubUrl, token: Token) -> None:
 
 @experiment_app.command("status")
 def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None:
-    """Show one experiment: rounds, per-site metrics, refused updates."""
+    """Show one experiment: what its sites are doing (waiting for approval, refused, failed),
+    rounds, per-site metrics, refused updates."""
+    from rich.markup import escape
+
     from laulima.client import Client
     from laulima.terminal import metrics_table
 
@@ -201,6 +228,11 @@ def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None
         console.print(f"[red]{exp.error}[/]")
     if exp.waiting:
         console.print(f"[yellow]{exp.waiting}[/]")
+    if exp.algorithm_digest:
+        console.print(f"algorithm {escape(str(exp.spec.get('algorithm', '?')))} ({exp.algorithm_digest[:12]})")
+    for site, note in sorted(exp.site_notes.items()):  # sites' own words: never read as markup
+        colour = "yellow" if note.startswith("waiting") else "red"
+        console.print(f"[{colour}]{escape(site)}[/]: {escape(note)}")
     table = Table("round", "status", "sites", "updates", "left out")
     for r in rounds:
         left_out = "; ".join(f"{site}: {why}" for site, why in sorted(r.left_out.items()))

@@ -192,6 +192,7 @@ def site_init(
             f"(certificate valid until {_day(info.not_after)}); "
             "register data with `laulima site dataset add`, then `laulima site run`"
         )
+        _write_default_policy(home)
         return
     if not (name and hub_url and site_token):
         raise ConfigurationError(
@@ -203,6 +204,41 @@ def site_init(
 
     write_site_config(home, name=name, hub_url=hub_url, token=site_token)
     console.print(f"site [bold]{name}[/] configured in {home}; register data with `laulima site dataset add`")
+    _write_default_policy(home)
+
+
+def _write_default_policy(home: Path) -> None:
+    """Give the site a commented ``policy.toml`` (mode 0600) to review; never replace one.
+
+    The agent runs under the same defaults without the file; writing it makes the rules
+    visible where the administrator will look, and an existing policy is the hospital's
+    decision, so a second ``site init`` (a renewed certificate) leaves it alone.
+    """
+    import os
+
+    from laulima.site.policy import POLICY_FILE, default_policy_text
+
+    path = home / POLICY_FILE
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        console.print(f"site policy {path} kept as it is; check it with `laulima site policy check --home {home}`")
+        return
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{path}: cannot write the site policy ({exc.strerror or exc})", file=str(path)
+        ) from exc
+    try:
+        os.fchmod(fd, 0o600)  # the policy decides what code runs here: only its owner may edit it
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(default_policy_text())
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    console.print(
+        f"site policy written to {path}: built-in algorithms run, any other waits for `laulima site approve`; "
+        f"review it, then `laulima site policy check --home {home}`"
+    )
 
 
 # -- people's tokens ------------------------------------------------------------------
