@@ -461,3 +461,15 @@ def test_what_the_hub_hears_of_a_failure_has_no_site_paths_and_points_to_the_aud
     assert data not in reason and "'ds'" in reason and "audit#" in reason, reason
     failed = [e for e in AuditLog(home).entries() if e.event == "failed"]
     assert failed and data in str(failed[-1].fields["error"])  # the full text stays at the site
+
+
+def test_a_cohort_below_the_policys_minimum_is_refused_at_once_with_the_numbers(make_task, hub, home):
+    data = Catalog(home).get("ds")
+    (data / "dataset.json").write_text(json.dumps({"numTraining": 3, "training": [{}, {}, {}]}))
+    write_policy(home, "min_cohort = 10\n")
+    hub.tasks.append(make_task(algorithm="laulima.algorithms.identity:Identity"))
+    agent = make_agent(home, hub, runner=MustNotRun())
+    agent.step()
+    failure = hub.failures["t-1"]
+    assert failure["kind"] == "rejected"
+    assert failure["reason"].startswith("dataset 'ds' has 3 cases, policy min_cohort is 10"), failure

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from laulima.core.bundle import MAX_ARCHIVE_BYTES
 from laulima.core.metrics import checked_metrics
 
 __all__ = [
@@ -224,14 +225,14 @@ class TaskPublic(_Msg):
     upload_nonce: str
     bundle_digest: Digest | None = None
     """sha256 of the algorithm's bundle (a blob the site may download); None for a built-in."""
-    bundle_size: Annotated[int, Field(ge=0)] | None = None
+    bundle_size: Annotated[int, Field(ge=0, le=MAX_ARCHIVE_BYTES)] | None = None
     """The bundle's size in bytes, so the site refuses a longer download at once."""
-    signatures: list[Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]] = []
+    signatures: Annotated[list[Annotated[str, Field(pattern=r"^[0-9a-f]{128}$")]], Field(max_length=16)] = []
     """Ed25519 signatures of ``bundle_digest`` the scientist attached; a site policy may admit
     a bundle signed by a key it trusts."""
     requester: Annotated[str, Field(max_length=64)] = ""
     """Who submitted the experiment (the owner's name), for the site's policy and its administrator."""
-    rounds: Annotated[int, Field(ge=1)] = 1
+    rounds: Annotated[int, Field(ge=1, le=100_000)] = 1
     """The experiment's number of rounds: what an administrator approves covers them all."""
     approval_seconds_left: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """Seconds from this answer to the experiment's approval deadline (submission +

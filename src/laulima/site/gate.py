@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from laulima.algorithms.bundle import Manifest, builtin_digest, check_requirements, unpack, verify, verify_signature
+from laulima.core.bundle import MAX_ARCHIVE_BYTES
 from laulima.core.protocol import FailureKind, TaskPublic
 from laulima.errors import ConfigurationError, DataError, LaulimaError, NotFound, ProtocolError
 from laulima.site._fs import private_dir
@@ -159,7 +160,8 @@ class Gate:
         archive = bundle_archive(self.home, task.bundle_digest)
         if not archive.exists():
             self._bundles()
-            self.client.download_blob(task.bundle_digest, archive, task.bundle_size)
+            limit = min(task.bundle_size if task.bundle_size is not None else MAX_ARCHIVE_BYTES, MAX_ARCHIVE_BYTES)
+            self.client.download_blob(task.bundle_digest, archive, limit)
         try:
             return verify(archive, task.bundle_digest)
         except DataError:

@@ -282,7 +282,10 @@ class SitePolicy(_Strict):
     max_task_seconds: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = None
     """Refuse tasks whose time limit is longer; unset: no site cap."""
     max_memory_mb: Annotated[int, Field(ge=64, le=16 * 1024 * 1024)] | None = None
-    """Address-space limit of a task's process, MiB (enforced by the sandbox); unset: none."""
+    """Address-space limit of a task's process, MiB (enforced by the sandbox); unset: none.
+    Address space, not resident memory: it counts the interpreter and libraries already
+    mapped (several GiB once torch is loaded), and CUDA reserves far more than it uses, so
+    leave it unset on GPU sites."""
     max_cpu_seconds: Annotated[float, Field(gt=0, le=10 * MAX_TIMEOUT_S)] | None = None
     """CPU-time limit of a task's process (enforced by the sandbox); unset: none."""
     algorithms: AlgorithmPolicy = AlgorithmPolicy()
@@ -388,7 +391,7 @@ min_cohort = 1
 # and limit each task's process (memory in MiB, CPU time in seconds).
 # max_rounds = 100
 # max_task_seconds = 3600
-# max_memory_mb = 16384
+# max_memory_mb = 16384   # address space, libraries included (torch: several GiB); unset on GPU sites
 # max_cpu_seconds = 7200
 
 [algorithms]
