@@ -473,3 +473,18 @@ def test_a_cohort_below_the_policys_minimum_is_refused_at_once_with_the_numbers(
     failure = hub.failures["t-1"]
     assert failure["kind"] == "rejected"
     assert failure["reason"].startswith("dataset 'ds' has 3 cases, policy min_cohort is 10"), failure
+
+
+def test_a_bundle_whose_requirements_the_site_lacks_is_refused_naming_the_package(make_task, hub, home):
+    bundle = pack(
+        HELPERS / "site_test_algorithms.py",
+        "site_test_algorithms:Echo",
+        requirements=["numpy>=1", "laulima-no-such-package>=2"],
+    )
+    hub.bundles[bundle.digest] = bundle.data
+    write_policy(home, f'[algorithms]\ndigests = ["{bundle.digest}"]\n')
+    hub.tasks.append(make_task(bundle_digest=bundle.digest, bundle_size=len(bundle.data)))
+    agent = make_agent(home, hub, runner=MustNotRun())
+    agent.step()
+    failure = hub.failures["t-1"]
+    assert failure["kind"] == "rejected" and "laulima-no-such-package" in failure["reason"], failure

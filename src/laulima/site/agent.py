@@ -309,7 +309,10 @@ class Agent:
         if isinstance(admission, Refused):
             log.warning("task %s refused: %s", task.id, admission.reason)
             self._audit(AuditEvent.REFUSED, task, reason=admission.reason)
-            self._report(task, self._failed(task, admission.kind, admission.reason, public=admission.public))
+            failed = self._failed(
+                task, admission.kind, admission.reason, public=admission.public, quoted=admission.names_only_job_facts
+            )
+            self._report(task, failed)
             return
         if isinstance(admission, Held):
             self._hold(task, admission)
@@ -425,12 +428,17 @@ class Agent:
             self.handle(fresh, received_at=time.monotonic())
 
     # -- what the hub is told ----------------------------------------------------------------
-    def _failed(self, task: TaskPublic, kind: str, reason: str, *, public: str | None = None) -> TaskRecord:
+    def _failed(
+        self, task: TaskPublic, kind: str, reason: str, *, public: str | None = None, quoted: bool = False
+    ) -> TaskRecord:
         """Record a failure to report: the full ``reason`` goes to the audit trail, the hub gets
-        ``public`` (default: ``reason`` without paths, file names or per-case values) and the
-        reference of that audit entry."""
+        ``public`` (default: ``reason``) without paths, file names or per-case values, and the
+        reference of that audit entry. ``quoted``: quoted text in it names only what the job
+        declared (a package, the dataset), so it stays."""
         names = (task.dataset, task.experiment_name, task.algorithm, self.settings.name)
-        text = redact(public if public is not None else reason, folders=self._own_folders(task), keep=names)
+        text = redact(
+            public if public is not None else reason, folders=self._own_folders(task), keep=None if quoted else names
+        )
         entry = self._audit(AuditEvent.FAILED, task, kind=kind, error=reason[:8000], reason_sent=text)
         if entry is not None:
             text = f"{text} (site {reference(entry)})"

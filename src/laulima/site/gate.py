@@ -69,6 +69,9 @@ class Refused:
     """The full text, for the site's log and audit trail (may name the site's paths)."""
     public: str
     """What the hub may be told: no paths, file names or per-case values."""
+    names_only_job_facts: bool = False
+    """``public`` quotes only what the task or its bundle declared (package names, the
+    policy's numbers), never site data: quoted values in it need not be redacted."""
 
 
 Admission = Admitted | Held | Refused
@@ -122,12 +125,12 @@ class Gate:
             return Refused(FailureKind.ERROR, str(exc), redact(str(exc)))
         if manifest is not None and manifest.entry_point != task.algorithm:
             why = f"the task runs {task.algorithm!r} but its bundle's entry point is {manifest.entry_point!r}"
-            return Refused(FailureKind.REJECTED, why, why)
+            return Refused(FailureKind.REJECTED, why, why, names_only_job_facts=True)
         scope_round = task.round if policy.approval_scope == "round" else None
         approval = self.approvals.decision_for(task.experiment_id, scope_round, job=facts)
         decision = decide(policy, facts, approval=approval)
         if decision.verdict is Verdict.REFUSE:
-            return Refused(FailureKind.REJECTED, decision.why, decision.why)
+            return Refused(FailureKind.REJECTED, decision.why, decision.why, names_only_job_facts=True)
         if decision.verdict is Verdict.ASK:
             job = self.approvals.request(
                 facts,
@@ -143,8 +146,9 @@ class Gate:
                 check_requirements(manifest)
                 bundle_dir = unpack(bundle_archive(self.home, task.bundle_digest), task.bundle_digest, self._bundles())
             except LaulimaError as exc:
-                kind = FailureKind.REJECTED if exc.context.get("field") == "requirements" else FailureKind.ERROR
-                return Refused(kind, str(exc), redact(str(exc)))
+                if exc.context.get("field") == "requirements":  # names the bundle's own requirement
+                    return Refused(FailureKind.REJECTED, str(exc), redact(str(exc)), names_only_job_facts=True)
+                return Refused(FailureKind.ERROR, str(exc), redact(str(exc)))
         digest = task.bundle_digest or builtin_digest(task.algorithm)
         return Admitted(policy, dataset_path, bundle_dir, digest, facts.n_cases, decision.why)
 
