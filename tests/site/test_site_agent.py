@@ -488,3 +488,23 @@ def test_a_bundle_whose_requirements_the_site_lacks_is_refused_naming_the_packag
     agent.step()
     failure = hub.failures["t-1"]
     assert failure["kind"] == "rejected" and "laulima-no-such-package" in failure["reason"], failure
+
+
+def test_a_damaged_audit_trail_stops_the_site_running_tasks_until_it_is_repaired(make_task, hub, home):
+    from laulima.site.audit import AuditLog
+
+    agent = make_agent(home, hub)
+    hub.tasks.append(make_task(id="t-1"))
+    agent.step()
+    assert "t-1" in hub.uploads
+    log_file = AuditLog(home).path
+    log_file.write_bytes(log_file.read_bytes()[:-20])  # cut mid-line: the log disagrees with its head
+    hub.tasks.append(make_task(id="t-2"))
+    agent.step()
+    assert "t-2" not in hub.uploads and "audit trail cannot be written" in hub.failures["t-2"]["reason"]
+
+    log_file.write_bytes(log_file.read_bytes().rsplit(b"\n", 1)[0] + b"\n")  # drop the half line
+    AuditLog(home).reanchor("cut by a test; checked")
+    hub.tasks.append(make_task(id="t-3"))
+    agent.step()
+    assert "t-3" in hub.uploads

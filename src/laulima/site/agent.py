@@ -418,7 +418,13 @@ class Agent:
             decided = self.approvals.decision_for(task.experiment_id, task.round if scope == "round" else None)
             if decided is None:
                 continue
-            fresh = self.client.resume_task(task.id)
+            try:
+                fresh = self.client.resume_task(task.id)
+            except ProtocolError as exc:
+                if _credentials_refused(exc):
+                    raise
+                log.warning("task %s: the hub refused to resume it (%s); giving it up", task.id, exc)
+                fresh = None
             if fresh is None:
                 log.info("task %s: the hub closed it while it waited for approval", task.id)
                 self.state.set(
@@ -453,12 +459,16 @@ class Agent:
     def _audit(self, event: AuditEvent, task: TaskPublic, **fields: Any) -> AuditEntry | None:
         """Append to the site's audit trail; if it cannot be written, run nothing more (fail closed)."""
         try:
-            return self.audit.append(event, task=task.id, experiment=task.experiment_id, **fields)
+            entry = self.audit.append(event, task=task.id, experiment=task.experiment_id, **fields)
         except (LaulimaError, OSError) as exc:
             if self.audit_broken is None:
                 log.error("site %s: the audit trail cannot be written (%s); refusing tasks", self.settings.name, exc)
             self.audit_broken = _AUDIT_BROKEN
             return None
+        if self.audit_broken is not None:  # the administrator repaired it (`laulima site audit reanchor`)
+            log.info("site %s: the audit trail is writable again; running tasks", self.settings.name)
+            self.audit_broken = None
+        return entry
 
     def _report(self, task: TaskPublic, record: TaskRecord) -> None:
         started = time.monotonic()

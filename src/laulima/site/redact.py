@@ -32,7 +32,8 @@ _KNOWN_NAMES = frozenset({"dataset.json", "dataset_fingerprint.json", "plans.jso
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _NUMBER_RUN = re.compile(rf"[\[(]\s*{_NUMBER}(?:\s*[,;\s]\s*[\[(]?\s*{_NUMBER}\s*[\])]?){{2,}}\s*[\])]")
 """Three or more numbers in brackets or parentheses: a shape, an affine, a vector of values."""
-_QUOTED = re.compile(r"""(?P<q>['"])(?P<text>[^'"\n]{0,200})(?P=q)""")
+_QUOTED = re.compile(r"""(?<!\w)(?P<q>['"])(?P<text>[^'"\n]{0,200})(?P=q)(?!\w)""")
+"""A quoted value; an apostrophe inside a word (the site's) opens and closes nothing."""
 
 
 def redact(
