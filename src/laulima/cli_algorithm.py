@@ -2,7 +2,7 @@
 
 Mounted by :mod:`laulima.cli`::
 
-    laulima algorithm pack SOURCE --entry-point MOD:CLASS   write <digest>.bundle, print the digest
+    laulima algorithm pack SOURCE [--entry-point MOD:CLASS] write <digest>.bundle, print the digest
     laulima algorithm keygen --output KEYFILE               an Ed25519 signing key (0600) and its public key
     laulima algorithm pubkey --key KEYFILE                  print the public key of a signing key again
     laulima algorithm sign DIGEST --key KEYFILE             print the signature for a spec's `signatures`
@@ -45,7 +45,13 @@ _MAX_KEY_BYTES = 64 * 1024
 @algorithm_app.command("pack")
 def algorithm_pack(
     source: Annotated[str, typer.Argument(help="A package folder, a single .py file, or an importable module name.")],
-    entry_point: Annotated[str, typer.Option("--entry-point", help="The algorithm class, as package.module:Class.")],
+    entry_point: Annotated[
+        str | None,
+        typer.Option(
+            "--entry-point",
+            help="The algorithm class, as package.module:Class (default: the one class deriving from Algorithm).",
+        ),
+    ] = None,
     name: Annotated[str | None, typer.Option(help="The bundle's name (default: the package's).")] = None,
     version: Annotated[str, typer.Option(help="The bundle's version, for people reading the manifest.")] = "0",
     requirement: Annotated[

@@ -557,3 +557,31 @@ def test_manifest_is_a_frozen_value() -> None:
         manifest.name = "other"  # type: ignore[misc]
     with pytest.raises(TypeError):
         manifest.files["algorithms.py"] = "0" * 64  # type: ignore[index]
+
+
+def test_pack_without_an_entry_point_finds_the_one_algorithm_class(tmp_path):
+    from laulima.algorithms.bundle import pack
+
+    package = tmp_path / "found"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "util.py").write_text("class Helper:\n    pass\n")
+    (package / "model.py").write_text(
+        "import laulima\n\n\nclass _Base(laulima.Algorithm):\n    pass\n\n\n"
+        "class Net(_Base, laulima.Algorithm):\n    pass\n"
+    )
+    assert pack(package).manifest.entry_point == "found.model:Net"
+
+
+def test_pack_without_an_entry_point_names_the_candidates_when_there_are_several(tmp_path):
+    from laulima.algorithms.bundle import pack
+
+    module = tmp_path / "two.py"
+    module.write_text(
+        "from laulima import Algorithm\n\n\nclass A(Algorithm):\n    pass\n\n\nclass B(Algorithm):\n    pass\n"
+    )
+    with pytest.raises(ConfigurationError, match=r"two:A, two:B.*--entry-point"):
+        pack(module)
+    (tmp_path / "none.py").write_text("class A:\n    pass\n")
+    with pytest.raises(ConfigurationError, match="no public class deriving from laulima.Algorithm"):
+        pack(tmp_path / "none.py")

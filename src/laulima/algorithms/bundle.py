@@ -116,6 +116,7 @@ __all__ = [
     "SkippedFile",
     "builtin_digest",
     "check_requirements",
+    "find_entry_point",
     "generate_signing_key",
     "is_builtin",
     "is_builtin_name",
@@ -166,7 +167,7 @@ class PackedBundle:
 
 def pack(
     source: Path | str,
-    entry_point: str,
+    entry_point: str | None = None,
     *,
     name: str | None = None,
     version: str = "0",
@@ -177,8 +178,9 @@ def pack(
     the top level). A string naming an existing path is a path. Only ``*.py`` files are taken;
     other files, hidden entries and ``__pycache__`` are listed in ``skipped``; a symbolic link or
     special file is refused. ``entry_point`` (``pkg.module:Class``) must name a module in the
-    bundle and a name that module defines. ``requirements`` are PEP 508 strings with version
-    ranges (``torch>=2.2,<3``); no URLs."""
+    bundle and a name that module defines; None finds it: the one class in the bundle that
+    derives from ``Algorithm`` (read from the syntax trees, nothing run). ``requirements`` are
+    PEP 508 strings with version ranges (``torch>=2.2,<3``); no URLs."""
     root, is_package = _resolve_source(source)
     top = root.stem if not is_package else root.name
     if not top.isidentifier() or keyword.iskeyword(top):
@@ -188,6 +190,8 @@ def pack(
             field="source",
         )
     files, skipped = _collect_sources(root, is_package)
+    if entry_point is None:
+        entry_point = find_entry_point(files)
     manifest_fields = {
         "name": top if name is None else name,
         "version": version,
@@ -211,6 +215,44 @@ def pack(
     if len(data) > MAX_ARCHIVE_BYTES:  # pragma: no cover - content bounds keep this out of reach
         raise ConfigurationError(f"algorithm bundle: {len(data)} bytes, over the limit of {MAX_ARCHIVE_BYTES}")
     return PackedBundle(data=data, digest=hashlib.sha256(data).hexdigest(), manifest=manifest, skipped=skipped)
+
+
+def find_entry_point(files: Mapping[str, bytes]) -> str:
+    """``module:Class`` of the one class in ``files`` (bundle-relative ``.py`` paths) whose bases
+    name ``Algorithm`` (``Algorithm``, ``laulima.Algorithm``, ...); refused when there is none or
+    more than one, naming them, so the scientist says which with ``--entry-point``."""
+    found: list[str] = []
+    for rel, data in sorted(files.items()):
+        try:
+            tree = ast.parse(data)
+        except (SyntaxError, ValueError):
+            continue  # reported where the entry point's module is checked
+        parts = rel[: -len(".py")].split("/")
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for node in tree.body:
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_") and _derives_from_algorithm(node):
+                found.append(f"{module}:{node.name}")
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ConfigurationError(
+            "algorithm source: no public class deriving from laulima.Algorithm found; name the entry point "
+            "(--entry-point package.module:Class)",
+            field="entry_point",
+        )
+    raise ConfigurationError(
+        f"algorithm source: several algorithm classes ({', '.join(found[:10])}); name the one to run "
+        "with --entry-point",
+        field="entry_point",
+    )
+
+
+def _derives_from_algorithm(node: ast.ClassDef) -> bool:
+    for base in node.bases:
+        name = base.attr if isinstance(base, ast.Attribute) else base.id if isinstance(base, ast.Name) else ""
+        if name == "Algorithm":
+            return True
+    return False
 
 
 def _resolve_source(source: Path | str) -> tuple[Path, bool]:
