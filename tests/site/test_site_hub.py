@@ -150,7 +150,7 @@ def test_after_site_init_and_a_task_nothing_in_the_home_is_open_to_others(
     assert {"stderr.log", "stdout.log", "task.json", "result.json"} <= {p.name for p in task_dir.iterdir()}
     everything = [home, *home.rglob("*")]
     names = {p.name for p in everything}
-    assert {"site.toml", "catalog.json", "state.json", "tls", "site.pem", "site.key", "work"} <= names
+    assert {"site.toml", "catalog.db", "state.json", "tls", "site.pem", "site.key", "work"} <= names
     opened = [
         f"{p.relative_to(home)} {stat.S_IMODE(p.stat().st_mode):o}" for p in everything if p.stat().st_mode & 0o077
     ]

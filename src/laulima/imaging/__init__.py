@@ -1,4 +1,8 @@
-"""Imaging at a site: brain MRI phantoms, NIfTI and DICOM input, Decathlon and nnU-Net v2 datasets.
+"""Imaging at a site: brain MRI phantoms, NIfTI and DICOM input, Decathlon, nnU-Net v2 and DICOM-tree datasets.
+
+DICOM trees: ``laulima.imaging.dicom_study`` (``inspect_dicom_tree``), series written with
+``laulima.imaging.dicom_write`` (``write_dicom_series``), and series references
+(``laulima.imaging.series_ref``), imported from their modules.
 
 Names are exported lazily, so importing ``laulima.imaging`` costs nothing until one is used:
 nibabel, pydicom, scipy and nilearn load with the submodule that needs them.

@@ -1,5 +1,8 @@
 """Loading a dataset folder only after every case in it has been checked: nothing trains on half a dataset.
 
+Layouts: Decathlon, nnU-Net v2, and laulima-v1 (a registered DICOM source, whose images
+are series references: their recorded geometry stands in for a NIfTI header).
+
 Headers are read for every image (cheap); label maps are read in full to check their values.
 All problems are collected and raised as one DataError, each line naming the file relative
 to the dataset folder, what is wrong and what to do, so one run shows everything to fix.
@@ -16,6 +19,7 @@ import numpy as np
 from laulima.errors import DataError
 from laulima.imaging.layouts import DECATHLON, Case, Listing, Problems, SegmentationDataset, parse_listing
 from laulima.imaging.nifti import NiftiHeader, read_header, read_label_array
+from laulima.imaging.series_ref import is_series_ref_name, load_series_ref
 
 __all__ = ["AFFINE_TOLERANCE_MM", "Case", "SegmentationDataset", "load_dataset"]
 
@@ -30,11 +34,31 @@ def _same_geometry(a: NiftiHeader, b: NiftiHeader) -> bool:
     return a.shape == b.shape and bool(np.allclose(a.affine, b.affine, rtol=0.0, atol=AFFINE_TOLERANCE_MM))
 
 
+def _header(path: Path, name: str) -> NiftiHeader:
+    """A NIfTI header, or the geometry a series reference recorded (after checking its files are all there)."""
+    if not is_series_ref_name(path):
+        return read_header(path, name=name)
+    ref = load_series_ref(path)
+    missing = ref.missing()
+    if missing:
+        raise DataError(
+            f"{name}: {len(missing)} of the series' {len(ref.files)} DICOM files are gone (first: {missing[0]}); "
+            "restore them or re-register the dataset (`laulima site dataset verify` lists what changed)",
+            file=str(missing[0]),
+        )
+    if ref.shape is None or ref.affine is None:
+        from laulima.imaging.series_ref import read_series_ref
+
+        volume, affine = read_series_ref(path)
+        return NiftiHeader((volume.shape[1], volume.shape[2], volume.shape[3]), 1, affine)
+    return NiftiHeader(ref.shape, 1, ref.affine)
+
+
 def _image_header(listing: Listing, case: Case, problems: Problems) -> NiftiHeader | None:
     headers = []
     for path in case.images:
         try:
-            headers.append(read_header(path, name=problems.rel(path)))
+            headers.append(_header(path, problems.rel(path)))
         except DataError as exc:
             problems.add_error(exc)
             return None
@@ -98,7 +122,7 @@ def _check_label(listing: Listing, case: Case, label: Path, image: NiftiHeader, 
 
 
 def load_dataset(root: Path) -> SegmentationDataset:
-    """The dataset at ``root`` (Decathlon or nnU-Net v2 layout), after every case passed every check."""
+    """The dataset at ``root`` (Decathlon, nnU-Net v2 or laulima-v1 layout), after every case passed every check."""
     root = Path(os.path.abspath(root))
     problems = Problems(root)
     listing = parse_listing(root, problems)

@@ -1,4 +1,8 @@
-"""Reading one image (NIfTI file or DICOM series) or one dataset case into channel-first arrays."""
+"""Reading one image (NIfTI file, DICOM series, or a series reference) or one dataset case into channel-first arrays.
+
+A series reference (``*.series.json``, ``imaging/series_ref.py``) stands for a DICOM series
+left where the hospital keeps it; reading it reads those files.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,19 @@ import numpy as np
 from laulima.errors import DataError
 from laulima.imaging.layouts import Case
 from laulima.imaging.nifti import is_nifti_name, read_label_array, read_nifti
+from laulima.imaging.series_ref import is_series_ref_name
 
 __all__ = ["read_case", "read_image"]
 
 
 def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A NIfTI file (3D or 4D) or a DICOM series folder (or single DICOM file) as float32 [C,X,Y,Z] and RAS affine."""
+    """A NIfTI file (3D or 4D), a DICOM series folder (or single DICOM file) or a series reference
+    as float32 [C,X,Y,Z] and RAS affine."""
     path = Path(path)
+    if is_series_ref_name(path):
+        from laulima.imaging.series_ref import read_series_ref
+
+        return read_series_ref(path)
     if path.is_dir():
         from laulima.imaging.dicom import read_dicom
 
@@ -39,7 +49,7 @@ def read_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_case(case: Case, n_channels: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Image float32 [C,X,Y,Z] (channel files concatenated), label uint8 [X,Y,Z] or None, affine 4x4."""
-    parts = [read_nifti(path) for path in case.images]
+    parts = [read_image(path) for path in case.images]
     image = parts[0][0] if len(parts) == 1 else np.concatenate([data for data, _ in parts], axis=0)
     affine = parts[0][1]
     if image.shape[0] != n_channels:

@@ -1,10 +1,20 @@
-"""What a dataset folder lists: dataset.json of the Decathlon or nnU-Net v2 layout, parsed into cases.
+"""What a dataset folder lists: dataset.json of the Decathlon, nnU-Net v2 or laulima-v1 layout, parsed into cases.
 
 This module reads only dataset.json and the folder listing; ``validation`` then opens every
 file. Paths in dataset.json must stay inside the dataset folder. Hidden files (such as the
 ``._BRATS_001.nii.gz`` AppleDouble files in the Decathlon archives) are ignored everywhere;
 any other file in an nnU-Net image or label folder must be a case file of the layout, so a
 misnamed case is reported rather than silently skipped.
+
+The laulima-v1 layout is what the site catalog writes for a registered DICOM source
+(``site/catalog.py``), and of the cohort views a site builds over registered cases:
+``{"layout": "laulima-v1", "name", "channels": ["MR"], "labels": {"0": "background", ...},
+"numTraining", "training": [{"id", "image": [files], "label": path or null}], "test": [...]}``.
+Its images are series references (``*.series.json``, pointing at DICOM files left in
+place) or NIfTI files, its labels NIfTI files. A relative path must stay inside the folder;
+an absolute path may point anywhere (a ``--labels`` folder, another registered dataset):
+only the site itself writes this layout, never whoever sent a task, and the task's sandbox
+grants only what the catalog lists as readable.
 """
 
 from __future__ import annotations
@@ -19,9 +29,19 @@ from typing import Any
 from laulima.errors import DataError
 from laulima.imaging.nifti import NIFTI_SUFFIXES, is_nifti_name
 
-__all__ = ["DECATHLON", "NNUNET_V2", "Case", "Listing", "Problems", "SegmentationDataset", "parse_listing"]
+__all__ = [
+    "DECATHLON",
+    "LAULIMA_V1",
+    "NNUNET_V2",
+    "Case",
+    "Listing",
+    "Problems",
+    "SegmentationDataset",
+    "parse_listing",
+]
 
-DECATHLON, NNUNET_V2 = "decathlon", "nnunet-v2"
+DECATHLON, NNUNET_V2, LAULIMA_V1 = "decathlon", "nnunet-v2", "laulima-v1"
+_LAULIMA_KEYS = ("layout", "name", "channels", "labels", "numTraining", "training")
 _DECATHLON_KEYS = ("name", "modality", "labels", "numTraining", "training")
 _NNUNET_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
 _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
@@ -30,14 +50,14 @@ _NNUNET_CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 @dataclass(frozen=True)
 class Case:
     id: str
-    images: tuple[Path, ...]  # one 3D/4D file (Decathlon) or one file per channel (nnU-Net)
+    images: tuple[Path, ...]  # one 3D/4D file (Decathlon) or one file per channel (nnU-Net, laulima-v1)
     label: Path | None
 
 
 @dataclass(frozen=True)
 class SegmentationDataset:
     root: Path
-    layout: str  # "decathlon" | "nnunet-v2"
+    layout: str  # "decathlon" | "nnunet-v2" | "laulima-v1"
     name: str
     channels: tuple[str, ...]
     labels: dict[int, str]
@@ -310,6 +330,10 @@ def _nnunet_cases(
 def parse_listing(root: Path, problems: Problems) -> Listing:
     """Parse dataset.json and list the cases; JSON-level errors raise at once, file problems are collected."""
     data = _read_json(root)
+    if data.get("layout") == LAULIMA_V1:
+        return _laulima(root, data, problems)
+    if "layout" in data:
+        raise _fail(root, f"layout {data['layout']!r} is not known", f'the only declared layout is "{LAULIMA_V1}"')
     if "channel_names" in data or "file_ending" in data:
         return _nnunet(root, data, problems)
     if "modality" in data or "training" in data:
@@ -319,3 +343,64 @@ def parse_listing(root: Path, problems: Problems) -> Listing:
         f"neither Decathlon nor nnU-Net v2 (keys: {', '.join(sorted(data)) or 'none'})",
         f"Decathlon needs {', '.join(_DECATHLON_KEYS)}; nnU-Net v2 needs {', '.join(_NNUNET_KEYS)}",
     )
+
+
+def _laulima_file(root: Path, value: Any, where: str, problems: Problems, *, label: bool) -> Path | None:
+    """An image (series reference or NIfTI) or label (NIfTI): absolute, or relative and inside the folder."""
+    from laulima.imaging.series_ref import is_series_ref_name
+
+    if not isinstance(value, str) or not value.strip():
+        problems.add(root / "dataset.json", f"{where} is {value!r}, not a file path", "re-register the dataset")
+        return None
+    given = Path(value.strip())
+    path = Path(os.path.normpath(given if given.is_absolute() else root / given))
+    if not given.is_absolute() and not path.is_relative_to(root):
+        problems.add(root / "dataset.json", f"{where} {value!r} points outside the dataset folder", "list files in it")
+        return None
+    if not (is_nifti_name(path) or (not label and is_series_ref_name(path))):
+        kind = "a NIfTI label map" if label else "a series reference (.series.json) or NIfTI file"
+        problems.add(path, f"{where} is not {kind}", "re-register the dataset")
+        return None
+    if not path.is_file():
+        problems.add(path, f"listed in dataset.json ({where}) but missing", "restore it or re-register the dataset")
+        return None
+    return path
+
+
+def _laulima_cases(root: Path, data: dict[str, Any], key: str, n_channels: int, problems: Problems) -> list[Case]:
+    cases = []
+    for i, entry in enumerate(_entries(root, data, key)):
+        where = f"{key}[{i}]"
+        images = entry.get("image") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), str) or not isinstance(images, list):
+            problems.add(root / "dataset.json", f"{where} is {entry!r}", 'write {"id", "image": [...], "label"}')
+            continue
+        if len(images) != n_channels:
+            problems.add(
+                root / "dataset.json",
+                f"{where} lists {len(images)} image(s), the dataset has {n_channels} channel(s)",
+                "list one image per channel",
+            )
+            continue
+        found = [_laulima_file(root, v, f"{where}.image[{c}]", problems, label=False) for c, v in enumerate(images)]
+        label = entry.get("label")
+        label_path = None if label is None else _laulima_file(root, label, f"{where}.label", problems, label=True)
+        if all(p is not None for p in found) and (label is None or label_path is not None):
+            cases.append(Case(entry["id"], tuple(p for p in found if p is not None), label_path))
+    return cases
+
+
+def _laulima(root: Path, data: dict[str, Any], problems: Problems) -> Listing:
+    _require(root, data, _LAULIMA_KEYS, "laulima-v1")
+    channels = data["channels"]
+    if not isinstance(channels, list) or not channels or not all(isinstance(c, str) and c for c in channels):
+        raise _fail(root, f'channels must be a non-empty list of names like ["MR"], got {channels!r}', "fix it")
+    labels = _decathlon_labels(root, data["labels"])
+    declared = _count(root, data, "numTraining")
+    training = _laulima_cases(root, data, "training", len(channels), problems)
+    test = _laulima_cases(root, data, "test", len(channels), problems)
+    listed = len(data["training"]) if isinstance(data["training"], list) else 0
+    return Listing(
+        root, LAULIMA_V1, str(data["name"]), tuple(channels), labels, frozenset(labels), tuple(training), tuple(test),
+        declared, listed,
+    )  # fmt: skip

@@ -8,6 +8,9 @@ never a path.
 
 Counted are the cases an algorithm trains on: a Decathlon or nnU-Net v2 folder's training
 cases (``numTraining``, else the training entries), a tabular folder's ``train.csv`` rows.
+Where the catalog recorded a dataset's cases at registration (Decathlon, nnU-Net v2, DICOM:
+every case checked), its count of training cases is used (``catalog_count``); the folder
+is read only for datasets without case rows (tabular, or migrated from catalog.json).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from pydantic import ValidationError
 
 from laulima import __version__
 from laulima.core.protocol import N_SAMPLES_MAX, SiteReport
-from laulima.errors import ConfigurationError
+from laulima.errors import ConfigurationError, DataError
 from laulima.site.catalog import Catalog
 
-__all__ = ["MAX_DATASETS", "count_cases", "site_report"]
+__all__ = ["MAX_DATASETS", "catalog_count", "count_cases", "site_report"]
 
 log = logging.getLogger("laulima.site")
 
@@ -47,6 +50,17 @@ def count_cases(path: str | Path) -> int | None:
     return None if n is None else min(n, N_SAMPLES_MAX)
 
 
+def catalog_count(catalog: Catalog, name: str) -> int | None:
+    """Training cases of the registered dataset ``name``: the catalog's case count, else ``count_cases``."""
+    try:
+        info = catalog.info(name)
+    except DataError:  # removed since the names were listed
+        return None
+    if info.n_training is not None:
+        return min(info.n_training, N_SAMPLES_MAX)
+    return count_cases(info.path)
+
+
 def site_report(catalog: Catalog) -> SiteReport:
     """This agent's version and the case counts of the datasets in ``catalog``.
 
@@ -62,7 +76,7 @@ def site_report(catalog: Catalog) -> SiteReport:
         )
         names = names[:MAX_DATASETS]
     try:
-        return SiteReport(version=__version__, datasets={name: count_cases(path) for name, path in names})
+        return SiteReport(version=__version__, datasets={name: catalog_count(catalog, name) for name, _ in names})
     except ValidationError as exc:
         err = exc.errors()[0]
         raise ConfigurationError(
