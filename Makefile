@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lint bench clean
+.PHONY: demo test install lint bench clean orthanc
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,23 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/laulima demo --quick
 
-test: lint
+test: lint orthanc
 	$(BIN)/python -m pytest
+
+# The PACS tests run a real Orthanc with its DICOMweb plugin (Debian packages `orthanc`,
+# `orthanc-dicomweb`). Installed only when the binary or the plugin is missing; CI runs as
+# root on Debian bookworm, elsewhere sudo is used.
+ORTHANC_BIN    := /usr/sbin/Orthanc
+ORTHANC_PLUGIN := /usr/share/orthanc/plugins/libOrthancDicomWeb.so
+orthanc:
+	@if [ ! -x $(ORTHANC_BIN) ] || [ ! -f $(ORTHANC_PLUGIN) ]; then \
+		set -e; \
+		echo "installing orthanc and orthanc-dicomweb: the PACS tests run a real Orthanc"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			orthanc orthanc-dicomweb; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -27,7 +42,8 @@ lint: $(STAMP)
 		src/laulima/cli.py src/laulima/cli_security.py src/laulima/client.py src/laulima/sim.py \
 		src/laulima/processes.py src/laulima/errors.py src/laulima/auditlog.py \
 		src/laulima/cli_algorithm.py src/laulima/cli_site_admin.py src/laulima/submission.py \
-		src/laulima/algorithms/bundle.py
+		src/laulima/algorithms src/laulima/imaging src/laulima/predict.py src/laulima/export.py \
+		src/laulima/demo.py src/laulima/baselines.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregate.py

@@ -132,6 +132,44 @@ def site_remove(name: str, hub_url: HubUrl, token: Token) -> None:
     )
 
 
+@site_app.command("predict")
+def site_predict(
+    model: Annotated[Path, typer.Option(help="An exported model folder (`laulima experiment export`).")],
+    dataset: Annotated[str, typer.Option(help="A dataset registered at this site.")],
+    out: Annotated[Path, typer.Option(help="Folder for <case_id>.nii.gz and, for DICOM cases, <case_id>.seg.dcm.")],
+    home: Annotated[Path, typer.Option(help="The site's home folder.")],
+    stow: Annotated[
+        str | None, typer.Option("--stow", metavar="URL", help="Send the SEGs to this DICOMweb root (STOW-RS).")
+    ] = None,
+) -> None:
+    """Segment every case of a registered dataset; DICOM cases also get a DICOM SEG on their series.
+
+    A failing case is reported and the others go on; the command then exits non-zero, naming it.
+    """
+    from rich.markup import escape
+
+    from laulima.site.predict import CaseOutcome, predict_dataset
+
+    def show(outcome: CaseOutcome) -> None:
+        line = escape(outcome.summary())  # case ids and errors are data, never markup
+        console.print(line if outcome.ok else f"[red]{line}[/]")
+
+    result = predict_dataset(model, home, dataset, out, stow_url=stow, on_case=show)
+    done = len(result.cases) - len(result.failed)
+    console.print(f"{done} of {len(result.cases)} case(s) of {dataset} segmented → {escape(str(out))}")
+    if result.stowed:
+        console.print(f"{len(result.stowed)} DICOM SEG(s) sent to {escape(str(stow))}")
+    failed = ""
+    if result.failed:
+        names = ", ".join(c.case_id for c in result.failed)
+        failed = f"{len(result.failed)} case(s) failed: {names}; their errors are above"
+    if result.stow_error is not None:
+        also = f"; {failed}" if failed else ""
+        raise TransportError(f"the SEGs are in {out} but were not sent: {result.stow_error}{also}")
+    if failed:
+        raise DataError(failed, dataset=dataset)
+
+
 @site_app.command("run")
 def site_run(
     home: Annotated[Path, typer.Option(help="The site's home folder.")],
@@ -148,23 +186,134 @@ def site_run(
 @dataset_app.command("add")
 def dataset_add(
     name: str,
-    path: Path,
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="SOURCE",
+            help="Decathlon / nnU-Net v2 folder, DICOM tree, other folder, or a PACS query "
+            "dicomweb+https://HOST/dicom-web?Modality=MR&StudyDescription=...",
+        ),
+    ],
     home: Annotated[Path, typer.Option(help="The site's home folder.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="DICOM: folder of NIfTI labels named <SeriesInstanceUID>.nii.gz.")
+    ] = None,
+    tag: Annotated[list[str] | None, typer.Option("--tag", help="A tag for the dataset (repeatable).")] = None,
+    skip_bad: Annotated[
+        bool, typer.Option("--skip-bad", help="DICOM: register the good cases, record the bad ones.")
+    ] = False,
+    ca_file: Annotated[Path | None, typer.Option(help="PACS over https: the CA that signed its certificate.")] = None,
+    allow_plaintext_http: Annotated[
+        bool, typer.Option(help="PACS: allow dicomweb+http:// to a host other than this machine (unencrypted).")
+    ] = False,
+    max_studies: Annotated[int, typer.Option(min=1, max=1_000_000, help="PACS: most studies one query may match.")] = (
+        1000
+    ),
+    max_instances: Annotated[
+        int, typer.Option(min=1, max=100_000_000, help="PACS: most instances one query may retrieve.")
+    ] = 10_000,
 ) -> None:
-    """Register a local dataset folder under NAME."""
+    """Check every case of SOURCE, then register it under NAME (nothing is registered if a case is bad)."""
+    from rich.markup import escape
+
     from laulima.site.catalog import Catalog
 
-    Catalog(home).add(name, path)
-    console.print(f"dataset [bold]{name}[/] → {path.resolve()}")
+    catalog = Catalog(home)
+    if source.startswith("dicomweb+"):
+        from laulima.site.pacs import register_pacs_dataset
+
+        target, retrieval = register_pacs_dataset(
+            catalog,
+            name,
+            source,
+            ca_file=ca_file,
+            allow_plaintext=allow_plaintext_http,
+            max_studies=max_studies,
+            max_instances=max_instances,
+            labels=labels,
+            tags=tag or (),
+            skip_bad=skip_bad,
+        )
+        console.print(
+            f"PACS: {retrieval.studies} study(ies), {retrieval.series} series, {retrieval.instances} instances "
+            f"({retrieval.fetched} series fetched, {retrieval.cached} from the cache)"
+        )
+    else:
+        target = catalog.add(name, Path(source), labels=labels, tags=tag or (), skip_bad=skip_bad)
+    info = catalog.info(name)
+    cases = "no case list" if info.n_cases is None else f"{info.n_cases} case(s)"
+    console.print(f"dataset [bold]{escape(name)}[/] ({info.kind}, {cases}) → {escape(str(target))}")
+    if info.skipped:
+        console.print(f"[yellow]skipped {len(info.skipped)}:[/]")
+        for line in info.skipped:
+            console.print(f"  {escape(line)}", soft_wrap=True)
 
 
 @dataset_app.command("list")
 def dataset_list(home: Annotated[Path, typer.Option(help="The site's home folder.")]) -> None:
-    """List the registered datasets."""
+    """List the registered datasets: name, kind, cases, tags, source."""
     from laulima.site.catalog import Catalog
 
-    for name, path in Catalog(home).list().items():
-        console.print(f"{name}\t{path}")
+    catalog = Catalog(home)
+    table = Table("name", "kind", "cases", "tags", "source")
+    for name in catalog.list():
+        info = catalog.info(name)
+        cases = "?" if info.n_cases is None else str(info.n_cases)
+        if info.skipped:
+            cases += f" ({len(info.skipped)} skipped)"
+        table.add_row(name, info.kind, cases, ", ".join(info.tags), info.source)
+    console.print(table)
+
+
+@dataset_app.command("show")
+def dataset_show(name: str, home: Annotated[Path, typer.Option(help="The site's home folder.")]) -> None:
+    """One dataset, case by case: modality, series, shape, spacing, orientation, label."""
+    from rich.markup import escape
+
+    from laulima.site.catalog import Catalog
+
+    catalog = Catalog(home)
+    info = catalog.info(name)
+    console.print(f"[bold]{escape(name)}[/] ({info.kind}) from {escape(info.source)} → {escape(str(info.path))}")
+    if info.tags:
+        console.print(f"tags: {', '.join(info.tags)}")
+    table = Table("case", "split", "modality", "series", "shape", "spacing (mm)", "orient.", "label", "checksum")
+    for case in catalog.cases(name):
+        shape = "x".join(str(n) for n in case.shape) if case.shape else "?"
+        spacing = "x".join(f"{v:.3g}" for v in case.spacing) if case.spacing else "?"
+        table.add_row(
+            case.case_id, case.split, case.modality, case.series_description, shape, spacing, case.orientation,
+            "yes" if case.has_label else "no", case.checksum[:12],
+        )  # fmt: skip
+    console.print(table)
+    for line in info.skipped:
+        console.print(f"[yellow]skipped:[/] {escape(line)}", soft_wrap=True)
+
+
+@dataset_app.command("remove")
+def dataset_remove(name: str, home: Annotated[Path, typer.Option(help="The site's home folder.")]) -> None:
+    """Forget dataset NAME (its source files are not touched)."""
+    from laulima.site.catalog import Catalog
+
+    Catalog(home).remove(name)
+    console.print(f"dataset [bold]{name}[/] removed")
+
+
+@dataset_app.command("verify")
+def dataset_verify(name: str, home: Annotated[Path, typer.Option(help="The site's home folder.")]) -> None:
+    """Check every file of NAME against its checksum from registration; exit 3 if any changed or is gone."""
+    from laulima.site.catalog import Catalog
+
+    problems = Catalog(home).verify(name)
+    for line in problems:
+        print(line)
+    if problems:
+        err_console.print(
+            f"[bold red]error:[/] dataset {name}: {len(problems)} file(s) changed or gone since registration; "
+            f"restore them or re-register with `laulima site dataset add {name} SOURCE`"
+        )
+        sys.exit(3)
+    console.print(f"dataset [bold]{name}[/]: every file as registered")
 
 
 # -- experiments ----------------------------------------------------------------
@@ -281,12 +430,33 @@ def experiment_model(
     token: Token,
     output: Annotated[Path, typer.Option(help="Where to write the safetensors file.")] = Path("model.safetensors"),
 ) -> None:
-    """Download the newest global model."""
+    """Download the newest global model as bare weights (safetensors); `laulima experiment export` builds the
+    model folder that `laulima predict` runs."""
     from laulima.client import Client
 
     with Client(hub_url, token) as client:
         client.download_model(experiment_id, output)
     console.print(f"global model of experiment {experiment_id} → {output}")
+
+
+@experiment_app.command("export")
+def experiment_export(
+    experiment_id: int,
+    hub_url: HubUrl,
+    token: Token,
+    output: Annotated[Path, typer.Option(help="The model folder to write (replaced if it exists).")],
+) -> None:
+    """Write a finished experiment's global model as the model folder `laulima predict` runs.
+
+    The folder `laulima demo` writes: weights (safetensors), TorchScript, and a card with
+    the architecture and preprocessing plan from the experiment's spec.
+    """
+    from laulima.client import Client
+    from laulima.export import export_experiment
+
+    with Client(hub_url, token) as client:
+        written = export_experiment(client, experiment_id, output)
+    console.print(f"model of experiment {experiment_id} → {written}; run `laulima predict --model {written} ...`")
 
 
 @experiment_app.command("tensorboard")
@@ -376,15 +546,33 @@ def baseline(
 
 @app.command()
 def predict(
-    model: Annotated[Path, typer.Option(help="A model folder written by the demo or `experiment export`.")],
+    model: Annotated[
+        Path,
+        typer.Option(
+            help="A model folder (model.json card, weights, TorchScript) written by `laulima demo` or "
+            "`laulima experiment export`; not the bare .safetensors of `laulima experiment model`."
+        ),
+    ],
     input_path: Annotated[Path, typer.Option("--input", help="A NIfTI file or a DICOM series folder.")],
-    output: Annotated[Path, typer.Option(help="The label map to write (.nii.gz).")],
+    output: Annotated[Path, typer.Option(help="The label map to write (.nii.gz), or a folder for <input>_seg.nii.gz.")],
+    seg: Annotated[
+        Path | None,
+        typer.Option("--seg", help="DICOM input only: where to write the DICOM SEG (default: <output stem>.seg.dcm)."),
+    ] = None,
 ) -> None:
-    """Segment an image with a trained model."""
+    """Segment an image with a trained model, at any voxel size and orientation.
+
+    The image is resampled to the model's training grid (its card's preprocessing plan),
+    segmented, and the labels mapped back onto the image's own grid.
+    """
     from laulima.predict import predict as run_predict
 
     written = run_predict(model, input_path, output)
     console.print(f"segmentation → {written}")
+    from laulima.site.predict import write_prediction_seg  # a DICOM input also gets a SEG on its series
+
+    if (seg_written := write_prediction_seg(model, input_path, written, seg)) is not None:
+        console.print(f"DICOM SEG → {seg_written}")
 
 
 def _run_sim(spec: object, sites: int, workdir: Path, json_out: Path | None) -> None:
