@@ -508,3 +508,29 @@ def test_a_damaged_audit_trail_stops_the_site_running_tasks_until_it_is_repaired
     hub.tasks.append(make_task(id="t-3"))
     agent.step()
     assert "t-3" in hub.uploads
+
+
+def test_a_cohort_the_site_cannot_fill_is_refused_at_once_naming_it(make_task, hub, home, tmp_path):
+    from laulima.core.cohort import CohortFilter
+
+    data = tmp_path / "tabular"
+    data.mkdir()
+    (data / "train.csv").write_text("x0,label\n0.1,0\n0.2,1\n0.3,0\n")
+    Catalog(home).add("t1-table", data, tags=["t1"])
+    hub.tasks += [
+        make_task(id="t-1", algorithm="laulima.algorithms.identity:Identity", dataset="tag:flair"),
+        make_task(
+            id="t-2",
+            algorithm="laulima.algorithms.identity:Identity",
+            dataset="tag:t1",
+            cohort=CohortFilter(min_cases=10),
+        ),
+    ]
+    agent = make_agent(home, hub, runner=MustNotRun())
+    agent.step()
+    agent.step()
+    assert hub.failures["t-1"]["kind"] == "rejected"
+    assert "no dataset at this site carries the tag 'flair'" in hub.failures["t-1"]["reason"]
+    assert hub.failures["t-2"]["reason"].startswith(
+        "datasets tagged 't1' has 3 cases, the experiment's min_cases is 10"
+    ), hub.failures["t-2"]

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from laulima.core.bundle import MAX_ARCHIVE_BYTES
+from laulima.core.cohort import CohortFilter
 from laulima.core.metrics import checked_metrics
 
 __all__ = [
@@ -213,6 +214,7 @@ class TaskPublic(_Msg):
     kind: TaskKind
     algorithm: str
     dataset: str
+    """A dataset name, or ``tag:NAME`` (see laulima.core.cohort)."""
     config: dict[str, Any]
     weights_digest: Digest
     weights_size: int
@@ -234,6 +236,8 @@ class TaskPublic(_Msg):
     """Who submitted the experiment (the owner's name), for the site's policy and its administrator."""
     rounds: Annotated[int, Field(ge=1, le=100_000)] = 1
     """The experiment's number of rounds: what an administrator approves covers them all."""
+    cohort: CohortFilter | None = None
+    """Which of the dataset's cases the site uses (the spec's ``[cohort]``); None: all."""
     approval_seconds_left: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """Seconds from this answer to the experiment's approval deadline (submission +
     ``approval_timeout_s``): how long the site's administrator has to decide."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from laulima.core.bundle import MAX_REQUIREMENT_CHARS, MAX_REQUIREMENTS, is_builtin_name
+from laulima.core.cohort import CohortFilter
 from laulima.core.protocol import N_SAMPLES_MAX, Digest
 from laulima.errors import SpecError
 
@@ -108,8 +109,12 @@ class ExperimentSpec(_Strict):
         list[Annotated[str, Field(min_length=1, max_length=MAX_REQUIREMENT_CHARS)]], Field(max_length=MAX_REQUIREMENTS)
     ] = []
     """Client side only, with ``source``: PEP 508 requirements written into the bundle's manifest."""
-    dataset: Annotated[str, Field(pattern=_NAME)]
-    """Name under which each site registered its local dataset."""
+    dataset: Annotated[str, Field(pattern=r"^(tag:)?[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    """Name under which each site registered its local dataset, or ``tag:NAME``: every dataset
+    a site registered with that tag (``laulima site dataset add ... --tag NAME``)."""
+    cohort: CohortFilter | None = None
+    """Which of the dataset's cases each site uses (modality, spacing range, label presence,
+    series description, a minimum size); resolved at each site (core/cohort.py)."""
     sites: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(max_length=MAX_SITES)] = []
     """Sites that take part; empty means every site registered when the experiment starts."""
     rounds: Annotated[int, Field(ge=1, le=100_000)]

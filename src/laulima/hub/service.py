@@ -580,6 +580,7 @@ class HubService:
             kind=TaskKind(task.kind),
             algorithm=spec["algorithm"],
             dataset=spec["dataset"],
+            cohort=spec.get("cohort"),
             config=json.loads(task.config_json),
             weights_digest=task.weights_digest,
             weights_size=self.blobs.size(task.weights_digest),

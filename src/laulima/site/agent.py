@@ -22,6 +22,7 @@ from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
+from laulima.core.cohort import dataset_tag
 from laulima.core.protocol import EvaluationResult, FailureKind, TaskFailure, TaskKind, TaskPublic
 from laulima.errors import (
     AlgorithmError,
@@ -45,6 +46,7 @@ from laulima.site.policy import load_policy
 from laulima.site.redact import redact
 from laulima.site.runner import TaskRunner, seconds_left
 from laulima.site.sandbox import sandbox_for
+from laulima.site.selection import materialize
 from laulima.site.settings import SiteSettings
 from laulima.site.state import Phase, SiteState, TaskRecord
 from laulima.site.worker import RESULT_FILE, RESULT_WEIGHTS_FILE, SCRATCH_DIR, WEIGHTS_FILE
@@ -346,17 +348,24 @@ class Agent:
         )
         started = time.monotonic()
         try:
-            confinement = sandbox_for(admission.policy, task_dir, admission.dataset_path, admission.bundle_dir)
+            dataset_path = materialize(admission.cohort, self.catalog, task_dir)
+            confinement = sandbox_for(
+                admission.policy,
+                task_dir,
+                dataset_path,
+                admission.bundle_dir,
+                dataset_readable=admission.cohort.readable,
+            )
             result = self.runner.run(
                 task,
                 task_dir,
                 site=self.settings.name,
-                dataset_path=admission.dataset_path,
+                dataset_path=dataset_path,
                 received_at=received_at,
                 bundle_dir=admission.bundle_dir,
                 sandbox=confinement,
             )
-        except (AlgorithmError, ConfigurationError) as exc:
+        except (AlgorithmError, ConfigurationError, DataError) as exc:
             kind = str(exc.context.get("kind", FailureKind.ERROR.value))
             if kind == "cancelled":
                 log.info("task %s: stopped with the agent; it resumes when the agent restarts", task.id)
@@ -441,7 +450,8 @@ class Agent:
         ``public`` (default: ``reason``) without paths, file names or per-case values, and the
         reference of that audit entry. ``quoted``: quoted text in it names only what the job
         declared (a package, the dataset), so it stays."""
-        names = (task.dataset, task.experiment_name, task.algorithm, self.settings.name)
+        tag = dataset_tag(task.dataset)
+        names = (task.dataset, task.experiment_name, task.algorithm, self.settings.name, *([tag] if tag else []))
         text = redact(
             public if public is not None else reason, folders=self._own_folders(task), keep=None if quoted else names
         )

@@ -28,9 +28,9 @@ from laulima.site._fs import private_dir
 from laulima.site.approvals import ApprovalStore
 from laulima.site.catalog import Catalog
 from laulima.site.client import HubClient
-from laulima.site.cohort import count_cases
 from laulima.site.policy import JobFacts, SitePolicy, Verdict, decide, load_policy
 from laulima.site.redact import redact
+from laulima.site.selection import Resolution, resolve
 
 __all__ = ["BUNDLES_DIR", "Admission", "Admitted", "Gate", "Held", "Refused", "bundle_archive"]
 
@@ -47,7 +47,8 @@ def bundle_archive(home: Path, digest: str) -> Path:
 @dataclass(frozen=True)
 class Admitted:
     policy: SitePolicy
-    dataset_path: Path
+    cohort: Resolution
+    """The task's cases at this site (``selection.materialize`` gives the folder to read)."""
     bundle_dir: Path | None
     """The unpacked bundle to import from; None for a built-in algorithm."""
     algorithm_digest: str
@@ -96,9 +97,18 @@ class Gate:
                 "the site's policy cannot be read; the site's administrator must fix it (`laulima site policy check`)",
             )
         try:
-            dataset_path = self.catalog.get(task.dataset)
+            cohort = resolve(self.catalog, task.dataset, task.cohort)
         except (DataError, ConfigurationError) as exc:
             return Refused(FailureKind.REJECTED, str(exc), redact(str(exc)))
+        for name in cohort.datasets:  # a tag must not reach a dataset the policy keeps from this experiment
+            if not policy.datasets.allows(task.experiment_name, name):
+                why = f"dataset {name!r} is not allowed by the site's policy"
+                return Refused(FailureKind.REJECTED, why, why, names_only_job_facts=True)
+        minimum = task.cohort.min_cases if task.cohort is not None else None
+        if minimum is not None and (cohort.n_cases is None or cohort.n_cases < minimum):
+            counted = "cases that cannot be counted" if cohort.n_cases is None else f"{cohort.n_cases} cases"
+            why = f"{cohort.described} has {counted}, the experiment's min_cases is {minimum}"
+            return Refused(FailureKind.REJECTED, why, why, names_only_job_facts=True)
         manifest: Manifest | None = None
         if task.bundle_digest is not None:
             try:
@@ -117,7 +127,7 @@ class Gate:
                 bundle_digest=task.bundle_digest,
                 bundle_signer=self._signer(policy, task),
                 dataset=task.dataset,
-                n_cases=count_cases(dataset_path),
+                n_cases=cohort.n_cases,
                 rounds=task.rounds,
                 task_time_limit_s=task.time_limit_s,
             )
@@ -150,7 +160,7 @@ class Gate:
                     return Refused(FailureKind.REJECTED, str(exc), redact(str(exc)), names_only_job_facts=True)
                 return Refused(FailureKind.ERROR, str(exc), redact(str(exc)))
         digest = task.bundle_digest or builtin_digest(task.algorithm)
-        return Admitted(policy, dataset_path, bundle_dir, digest, facts.n_cases, decision.why)
+        return Admitted(policy, cohort, bundle_dir, digest, facts.n_cases, decision.why)
 
     # -- the bundle ----------------------------------------------------------------------
     def _bundles(self) -> Path:

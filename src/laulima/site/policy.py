@@ -494,7 +494,7 @@ class JobFacts:
             ("entry_point", isinstance(self.entry_point, str) and bool(_ENTRY_POINT.fullmatch(self.entry_point))),
             ("bundle_digest", self.bundle_digest is None or _is_digest(self.bundle_digest)),
             ("bundle_signer", self.bundle_signer is None or _is_text(self.bundle_signer, 64)),
-            ("dataset", _is_text(self.dataset, 64)),
+            ("dataset", _is_text(self.dataset, 80)),  # a name, or "tag:" and a name
             ("n_cases", self.n_cases is None or _is_int(self.n_cases, 0, _MAX_CASES)),
             ("rounds", _is_int(self.rounds, 0, _MAX_ROUNDS)),
             ("task_time_limit_s", self.task_time_limit_s is None or _is_seconds(self.task_time_limit_s)),

@@ -408,6 +408,7 @@ def sandbox_for(
     dataset_path: Path,
     bundle_dir: Path | None,
     *,
+    dataset_readable: Sequence[Path] = (),
     gpu: bool | None = None,
 ) -> SandboxPolicy:
     """The sandbox of one task under the site's ``policy.toml``, for ``TaskRunner.run(sandbox=...)``.
@@ -415,8 +416,10 @@ def sandbox_for(
     Maps ``max_memory_mb`` to the address-space limit, ``max_cpu_seconds`` (rounded up) to
     the CPU limit, and ``[sandbox]`` ``network``, ``on_unsupported``, ``readable`` and
     ``writable`` as they are. ``dataset_path`` may be a folder or a single file; only it is
-    readable, not its siblings (other datasets). ``gpu``: grant the NVIDIA devices; None
-    grants them when this machine has any (a GPU-less site gives none away).
+    readable, not its siblings (other datasets); ``dataset_readable``: what else the dataset's
+    cases live in (a DICOM source tree, label files: the catalog's ``readable``). ``gpu``:
+    grant the NVIDIA devices; None grants them when this machine has any (a GPU-less site
+    gives none away).
 
     An extra folder of the policy that does not exist is a ``ConfigurationError`` naming
     the policy entry: the site's administrator fixes ``policy.toml`` or creates the folder.
@@ -446,7 +449,10 @@ def sandbox_for(
         network=section.network,
         gpu=gpu,
         on_unsupported=section.on_unsupported,
-        extra_readable=extra["readable"],
+        extra_readable=[
+            *extra["readable"],
+            *(Path(os.path.realpath(p)) for p in dataset_readable if os.path.exists(p)),
+        ],
         extra_writable=extra["writable"],
     )
 
