@@ -112,3 +112,131 @@ def test_a_phantom_task_names_its_labels_and_channels(tmp_path: Path):
     card = read_card(out)
     assert card["labels"]["2"] == "grey matter" and card["channels"] == ["T1w"]
     assert card["architecture"]["in_channels"] == 1 and card["architecture"]["out_channels"] == 4
+
+
+# -- geometry: the preprocessing plan on the card, and predict on other grids ------------------
+def test_the_card_records_the_preprocessing_plan(exported: Path):
+    card = read_card(exported)
+    plan = card["preprocessing"]
+    assert plan["spacing_mm"] == [4.0, 4.0, 4.0] and plan["orientation"] == "RAS"
+    assert plan["normalization"] == "zscore-foreground" and "4 x 4 x 4 mm" in plan["summary"]
+    assert card["params"]["preprocessing"]["spacing_mm"] == [4.0, 4.0, 4.0]
+
+
+def test_predict_resamples_a_finer_scan_and_answers_on_its_grid(exported: Path):
+    from laulima.imaging.resample import Grid, resample_image, resample_labels
+    from laulima.predict import predict_volume
+
+    image, truth = sphere_case(20, np.random.default_rng(11))
+    fine = np.diag([2.0, 2.0, 2.0, 1.0])
+    fine[:3, 3] = AFFINE[:3, 3] - 1.0  # the same field of view in 2 mm voxels
+    grid = Grid(fine, (40, 40, 40))
+    label = predict_volume(exported, resample_image(image, AFFINE, grid, antialias=False), fine)
+    assert label.shape == (40, 40, 40) and label.dtype == np.uint8
+    reference = resample_labels(truth, AFFINE, grid)
+    dice = 2 * np.logical_and(label == 1, reference == 1).sum() / ((label == 1).sum() + (reference == 1).sum())
+    assert dice > 0.5
+
+
+def test_a_flipped_scan_gets_the_flipped_labels(exported: Path):
+    from laulima.predict import predict_volume
+
+    image, _ = sphere_case(20, np.random.default_rng(4))
+    ras = predict_volume(exported, image, AFFINE)
+    flipped = AFFINE.copy()
+    flipped[:3, 0], flipped[:3, 1] = -AFFINE[:3, 0], -AFFINE[:3, 1]  # LPS axes, same voxels in the world
+    flipped[:3, 3] = AFFINE[:3, :3] @ [19, 19, 0] + AFFINE[:3, 3]
+    lps = predict_volume(exported, image[::-1, ::-1].copy(), flipped)
+    assert np.array_equal(lps, ras[::-1, ::-1])
+
+
+def test_predict_on_bare_weights_says_to_export_the_experiment(exported: Path, tmp_path: Path):
+    import shutil
+
+    bare = tmp_path / "model.safetensors"
+    shutil.copy(exported / WEIGHTS_FILE, bare)
+    with pytest.raises(DataError, match=r"laulima experiment export N --output DIR"):
+        predict(bare, tmp_path / "any.nii.gz", tmp_path / "out.nii.gz")
+    with pytest.raises(DataError, match=r"without a model\.json card; .*laulima experiment export"):
+        predict(tmp_path, tmp_path / "any.nii.gz", tmp_path / "out.nii.gz")
+
+
+def test_a_card_without_a_plan_is_refused_with_what_to_do(exported: Path, tmp_path: Path):
+    import shutil
+
+    copy = tmp_path / "old"
+    shutil.copytree(exported, copy)
+    card = json.loads((copy / CARD_FILE).read_text())
+    card["format_version"] = 1
+    (copy / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(DataError, match=r"version 1 does not record the grid.*laulima experiment export"):
+        read_card(copy)
+
+
+def test_a_bad_plan_names_its_key():
+    from laulima.algorithms.segmentation import parse_params
+    from laulima.errors import ConfigurationError
+
+    assert parse_params({**PARAMS, "preprocessing": {"spacing_mm": 1}}).preprocessing.spacing_mm == (1.0, 1.0, 1.0)
+    for bad, key in (
+        ({"spacing_mm": [1, 1]}, "spacing_mm"),
+        ({"spacing_mm": -2}, "spacing_mm"),
+        ({"orientation": "RAR"}, "orientation"),
+        ({"normalization": "nonzero"}, "normalization"),
+        ({"spacing": 4}, "spacing"),
+    ):
+        with pytest.raises(ConfigurationError, match=rf"preprocessing\.{key} = ") as info:
+            parse_params({**PARAMS, "preprocessing": bad})
+        assert info.value.context["field"] == f"config.preprocessing.{key}"
+
+
+class _Hub:
+    """A stand-in for laulima.client.Client: one experiment and its global model."""
+
+    def __init__(self, weights: dict[str, np.ndarray], *, status: str = "completed", algorithm: str = "") -> None:
+        from laulima.core.protocol import ExperimentPublic
+
+        spec = {
+            "name": "spheres-fedavg",
+            "algorithm": algorithm or "laulima.algorithms.segmentation:UNetSegmentation",
+            "strategy": {"name": "fedavg"},
+            "config": PARAMS,
+        }
+        self.weights = weights
+        self.exp = ExperimentPublic(
+            id=7, name="spheres-fedavg", status=status, rounds_done=3, rounds=3, created_at=0.0, finished_at=1.0,
+            global_digest="ab" * 32, error=None, spec=spec, owner="ana",
+        )  # fmt: skip
+
+    def experiment(self, experiment_id: int):
+        assert experiment_id == 7
+        return self.exp
+
+    def download_model(self, experiment_id: int, dest: Path) -> Path:
+        from laulima.core.weights import to_safetensors
+
+        dest.write_bytes(to_safetensors(self.weights))
+        return dest
+
+
+def test_experiment_export_writes_the_folder_predict_runs(trained: dict[str, np.ndarray], tmp_path: Path):
+    from laulima.export import export_experiment
+
+    out = export_experiment(_Hub(trained), 7, tmp_path / "exported")  # type: ignore[arg-type]
+    card = read_card(out)
+    assert card["training"]["experiment_id"] == 7 and card["training"]["rounds"] == 3
+    assert card["preprocessing"]["spacing_mm"] == [4.0, 4.0, 4.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"], "no download left behind"
+    image, _ = sphere_case(16, np.random.default_rng(2))
+    nib.save(nib.Nifti1Image(image, AFFINE), str(tmp_path / "s.nii.gz"))
+    assert predict(out, tmp_path / "s.nii.gz", tmp_path / "s_seg.nii.gz").is_file()
+
+
+def test_experiment_export_refuses_what_it_cannot_export(trained: dict[str, np.ndarray], tmp_path: Path):
+    from laulima.errors import ConfigurationError
+    from laulima.export import export_experiment
+
+    with pytest.raises(ConfigurationError, match="still running"):
+        export_experiment(_Hub(trained, status="running"), 7, tmp_path / "m")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="only laulima.algorithms.segmentation:UNetSegmentation"):
+        export_experiment(_Hub(trained, algorithm="mylab.algo:Other"), 7, tmp_path / "m")  # type: ignore[arg-type]

@@ -207,8 +207,8 @@ def _load_sites(site_datasets: Mapping[str, Path], p: SegmentationParams, *, sco
         first = first or (name, labels)
         split = data.split_cases(dataset, p.val_fraction)
         sites[name] = _Site(
-            train=[] if scoring_only else data.load_samples(split.train, p.in_channels),
-            held_out=data.load_samples(split.held_out, p.in_channels),
+            train=[] if scoring_only else data.load_samples(split.train, p.in_channels, p.preprocessing),
+            held_out=data.load_samples(split.held_out, p.in_channels, p.preprocessing),
             labels=labels,
         )
     return sites

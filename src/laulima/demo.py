@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.console import Console
 
@@ -74,6 +74,8 @@ class DemoPreset:
             "batch_size": self.batch_size,
             "lr": self.lr,
             "threads": 1,
+            # The phantoms' grid, stated so the model card records it and `laulima predict` resamples to it.
+            "preprocessing": {"spacing_mm": self.spacing_mm, "orientation": "RAS"},
         }
 
     def spec(self) -> ExperimentSpec:
@@ -182,7 +184,11 @@ def run_demo(
     arms = [_arm("federated", fed_eval, preset.steps_per_arm, times["federated"])]
     times["evaluation"] = time.monotonic() - t
     if baselines:
-        for mode, steps in (("central", preset.steps_per_arm), ("local", preset.steps_per_site)):
+        modes: tuple[tuple[Literal["central", "local"], int], ...] = (
+            ("central", preset.steps_per_arm),
+            ("local", preset.steps_per_site),
+        )
+        for mode, steps in modes:
             t = time.monotonic()
             with console.status(f"{mode} baseline: {steps} optimizer steps per model…"):
                 # The sites shared the cores during the federated run; a baseline has them alone.

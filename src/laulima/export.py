@@ -5,6 +5,12 @@ from the card and reads only that file (no pickle, no TorchScript). The TorchScr
 is for clinics' own tools; it is checked against the eager model before anything is
 published. The folder appears whole or not at all (written in a temporary folder, then
 renamed).
+
+The card records the preprocessing plan (voxel spacing, orientation, intensity
+normalisation) the model was trained with, because the weights mean nothing without it:
+``laulima predict`` resamples every scan to that grid. Cards of version 1 did not record
+it and are refused with what to do. :func:`export_experiment` writes the same folder for
+any finished experiment on a hub (``laulima experiment export``).
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,12 +32,16 @@ from laulima.algorithms.segmentation.model import build_unet, load_numpy_weights
 from laulima.core.weights import safetensors_chunks
 from laulima.errors import AlgorithmError, ConfigurationError, DataError
 
+if TYPE_CHECKING:
+    from laulima.client import Client
+
 __all__ = [
     "CARD_FILE",
     "CARD_FORMAT",
     "CARD_VERSION",
     "TORCHSCRIPT_FILE",
     "WEIGHTS_FILE",
+    "export_experiment",
     "export_model",
     "read_card",
     "sha256_file",
@@ -41,7 +51,9 @@ WEIGHTS_FILE = "model.safetensors"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 CARD_FILE = "model.json"
 CARD_FORMAT = "laulima-model"
-CARD_VERSION = 1
+CARD_VERSION = 2
+"""2: records the preprocessing plan (``preprocessing`` and ``params.preprocessing``)."""
+SEGMENTATION_ALGORITHM = "laulima.algorithms.segmentation:UNetSegmentation"
 
 
 def export_model(
@@ -86,7 +98,7 @@ def export_model(
             "params": p.as_config(),
             "labels": {str(k): v for k, v in sorted(names.items())},
             "channels": list(channel_names),
-            "preprocessing": {"intensity": "per-channel z-score over non-zero voxels"},
+            "preprocessing": {**p.preprocessing.as_config(), "summary": p.preprocessing.describe()},
             "inference": {"roi_size": list(p.roi_size), "sw_overlap": p.sw_overlap, "output": "argmax label map"},
             "files": {
                 "weights": {"name": WEIGHTS_FILE, "format": "safetensors", "sha256": sha256_file(tmp / WEIGHTS_FILE)},
@@ -107,6 +119,56 @@ def export_model(
     return out_dir
 
 
+def export_experiment(client: Client, experiment_id: int, out_dir: Path) -> Path:
+    """Download experiment ``experiment_id``'s global model from the hub and write it to ``out_dir`` as a model folder.
+
+    The network is rebuilt from the experiment's own spec (its ``[config]``: architecture and
+    preprocessing plan), so the folder is the one ``laulima demo`` writes and ``laulima
+    predict`` runs. Only a finished experiment (completed, or cancelled or failed after at
+    least one round) of the built-in segmentation algorithm can be exported.
+    """
+    from laulima.core.protocol import ExperimentStatus
+    from laulima.core.weights import from_safetensors
+
+    exp = client.experiment(experiment_id)
+    algorithm = str(exp.spec.get("algorithm", ""))
+    if algorithm != SEGMENTATION_ALGORITHM:
+        raise ConfigurationError(
+            f"experiment {experiment_id} ({exp.name}) runs {algorithm or 'an unnamed algorithm'!r}; only "
+            f"{SEGMENTATION_ALGORITHM} models can be exported for `laulima predict`; use `laulima experiment "
+            "model` to download its raw weights",
+            field="algorithm",
+        )
+    if exp.status == ExperimentStatus.RUNNING:
+        raise ConfigurationError(
+            f"experiment {experiment_id} ({exp.name}) is still running (round {exp.rounds_done}/{exp.rounds}); "
+            "export it when it has finished (`laulima experiment status` shows it), or cancel it first",
+            field="experiment",
+        )
+    if exp.rounds_done < 1:
+        raise ConfigurationError(
+            f"experiment {experiment_id} ({exp.name}) {exp.status} before any round finished; there is no trained "
+            "model to export",
+            field="experiment",
+        )
+    config = dict(exp.spec.get("config") or {})
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.download.", dir=out_dir.parent) as tmp:
+        file = client.download_model(experiment_id, Path(tmp) / "global.safetensors")
+        weights = from_safetensors(file.read_bytes(), where=f"experiment {experiment_id}'s global model")
+    card = {
+        "experiment": exp.name,
+        "experiment_id": exp.id,
+        "status": str(exp.status),
+        "rounds": exp.rounds_done,
+        "strategy": (exp.spec.get("strategy") or {}).get("name"),
+        "global_digest": exp.global_digest,
+        "spec": exp.spec,
+    }
+    return export_model(weights, config, out_dir, card=card)
+
+
 def read_card(model_dir: Path) -> dict[str, Any]:
     """The card of an exported model, checked for format and weights digest."""
     path = Path(model_dir) / CARD_FILE
@@ -119,6 +181,13 @@ def read_card(model_dir: Path) -> dict[str, Any]:
     kind = card.get("format") if isinstance(card, dict) else type(card).__name__
     if kind != CARD_FORMAT:
         raise DataError(f"{path}: not a Laulima model card (format {kind!r})", file=str(path))
+    if card.get("format_version") == 1:
+        raise DataError(
+            f"{path}: model card version 1 does not record the grid and intensity scale the model was trained "
+            "at, so its predictions on other scans would be wrong; export it again: `laulima experiment export "
+            "N --output DIR` for an experiment on a hub, or rerun `laulima demo`",
+            file=str(path),
+        )
     if card.get("format_version") != CARD_VERSION:
         raise DataError(
             f"{path}: model card version {card.get('format_version')!r}; this Laulima reads version {CARD_VERSION}",

@@ -19,9 +19,12 @@ from laulima.algorithms.segmentation.model import (
     pick_device,
     state_dict_to_numpy,
 )
+from laulima.algorithms.segmentation.preprocessing import DEFAULT_PLAN, PreprocessingPlan, parse_plan
 
 __all__ = [
+    "DEFAULT_PLAN",
     "TASKS",
+    "PreprocessingPlan",
     "Sample",
     "Scores",
     "SegmentationParams",
@@ -38,6 +41,7 @@ __all__ = [
     "metric_name",
     "normalize",
     "parse_params",
+    "parse_plan",
     "pick_device",
     "split_cases",
     "state_dict_to_numpy",

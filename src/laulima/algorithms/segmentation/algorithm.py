@@ -38,7 +38,11 @@ __all__ = ["UNetSegmentation", "check_dataset", "task_seed"]
 class UNetSegmentation(Algorithm):
     """Params (``[config]``): ``task`` or ``in_channels``/``out_channels``, ``channels``, ``strides``,
     ``num_res_units``, ``norm``, ``roi_size``, ``lr``, ``batch_size``, ``threads``, ``device``,
-    ``sw_overlap``, ``val_fraction`` (see :class:`SegmentationParams`)."""
+    ``sw_overlap``, ``val_fraction``, and the ``preprocessing`` plan (a table: ``spacing_mm``,
+    ``orientation``, ``normalization``, ``foreground_fraction``, ``foreground_percentile``; see
+    :class:`SegmentationParams` and
+    :class:`~laulima.algorithms.segmentation.preprocessing.PreprocessingPlan`). Every site resamples and
+    normalises its cases with that plan, so all of them train on one grid."""
 
     def __init__(self) -> None:
         self.ctx: SiteContext | None = None
@@ -110,7 +114,7 @@ class UNetSegmentation(Algorithm):
                     f"subjects held out for validation ({self.params.val_fraction:.0%})",
                     file=sys.stderr,
                 )
-            self._samples[part] = data.load_samples(cases, self.params.in_channels)
+            self._samples[part] = data.load_samples(cases, self.params.in_channels, self.params.preprocessing)
         return self._samples[part]
 
 

@@ -1,4 +1,9 @@
-"""Site-local cases in memory: read once per task, normalised once, augmented per batch from a seed.
+"""Site-local cases in memory: read once per task, put on the plan's grid and scale once, augmented per batch.
+
+Every case goes through the experiment's preprocessing plan
+(:mod:`laulima.algorithms.segmentation.preprocessing`) as it is read: resampled to the
+plan's voxel size and orientation (a no-op for the demo's 4 mm RAS phantoms) and
+normalised, so every site trains and scores on the grid the exported model records.
 
 The demo's cases are small (48³, at most four channels), so a task reads its whole split
 into memory; batches are drawn in this process (no data-loader workers: the task is a
@@ -15,9 +20,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.transforms import Compose, NormalizeIntensity, RandCropByPosNegLabeld, RandFlipd, SpatialPadd
+from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, SpatialPadd
 from monai.utils import convert_to_tensor
 
+from laulima.algorithms.segmentation.preprocessing import DEFAULT_PLAN, PreprocessingPlan, normalize, to_plan_grid
 from laulima.errors import DataError
 from laulima.imaging import Case, SegmentationDataset, read_case
 
@@ -26,7 +32,7 @@ __all__ = ["Sample", "Split", "augmentation", "batches", "load_samples", "normal
 
 @dataclass(frozen=True)
 class Sample:
-    """One subject in memory: normalised image [C, X, Y, Z] float32, label [1, X, Y, Z] uint8."""
+    """One subject in memory on the plan's grid: normalised image [C, X, Y, Z] float32, label [1, X, Y, Z] uint8."""
 
     id: str
     image: torch.Tensor
@@ -63,24 +69,20 @@ def split_cases(dataset: SegmentationDataset, val_fraction: float = 0.2) -> Spli
     )
 
 
-def normalize(image: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Zero mean, unit variance per channel over the non-zero (head) voxels: what scanners disagree on."""
-    out = NormalizeIntensity(nonzero=True, channel_wise=True, dtype=np.float32)(image)
-    return convert_to_tensor(out, dtype=torch.float32, track_meta=False)
-
-
-def load_samples(cases: Sequence[Case], n_channels: int) -> list[Sample]:
-    """Read and normalise ``cases``; each must have a label."""
+def load_samples(cases: Sequence[Case], n_channels: int, plan: PreprocessingPlan = DEFAULT_PLAN) -> list[Sample]:
+    """Read ``cases``, resample image and label to ``plan``'s grid and normalise; each case must have a label."""
     samples = []
     for case in cases:
-        image, label, _ = read_case(case, n_channels)
+        image, label, affine = read_case(case, n_channels)
         if label is None:
             raise DataError(
                 f"case {case.id!r} ({case.images[0]}) has no label; only labelled cases can be trained on or scored",
                 file=str(case.images[0]),
             )
+        image, label, _ = to_plan_grid(image, affine, plan, label)
+        assert label is not None
         samples.append(
-            Sample(id=case.id, image=normalize(image), label=torch.from_numpy(np.ascontiguousarray(label))[None])
+            Sample(id=case.id, image=normalize(image, plan), label=torch.from_numpy(np.ascontiguousarray(label))[None])
         )
     return samples
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from monai.networks.nets import UNet
 
+from laulima.algorithms.segmentation.preprocessing import DEFAULT_PLAN, PreprocessingPlan, parse_plan
 from laulima.core.weights import Weights
 from laulima.errors import ConfigurationError, WeightsError
 
@@ -56,6 +57,8 @@ class SegmentationParams:
     sw_overlap: float = 0.25
     val_fraction: float = 0.2
     """Held out from training when a site's test split has no labels."""
+    preprocessing: PreprocessingPlan = DEFAULT_PLAN
+    """Grid and intensity scale every site trains at and ``laulima predict`` applies (``[config.preprocessing]``)."""
 
     def architecture(self) -> dict[str, Any]:
         """What it takes to rebuild the network (the model card's ``architecture``)."""
@@ -73,7 +76,8 @@ class SegmentationParams:
 
     def as_config(self) -> dict[str, Any]:
         """A JSON-able ``[config]`` table that :func:`parse_params` turns back into these params."""
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "preprocessing"}
+        out["preprocessing"] = self.preprocessing.as_config()
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -122,6 +126,7 @@ def parse_params(params: Mapping[str, Any] | SegmentationParams) -> Segmentation
         device=device,
         sw_overlap=_float(params, "sw_overlap", 0.25, low=0.0, high=1.0, closed_low=True),
         val_fraction=_float(params, "val_fraction", 0.2, low=0.0, high=1.0),
+        preprocessing=parse_plan(params.get("preprocessing")),
     )
 
 
