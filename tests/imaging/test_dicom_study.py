@@ -253,7 +253,7 @@ def test_a_bad_case_refuses_the_source_and_skip_bad_keeps_the_good(tmp_path: Pat
     folder = catalog.add("ds", root, labels=labels, skip_bad=True)
     assert [c.series_uid for c in catalog.cases("ds")] == [good_uid]
     assert catalog.info("ds").skipped == (line,)
-    [case] = load_dataset(folder).training
+    [case] = load_dataset(folder).test  # unlabelled: a case to run a model on, not to train on
     np.testing.assert_array_equal(read_case(case, 1)[0], read_dicom(root / "good")[0])
 
 
@@ -283,7 +283,7 @@ def test_pydicoms_test_tree(tmp_path: Path):
     [record] = catalog.cases("tree")
     assert (record.modality, record.shape, record.orientation) == ("CT", (16, 16, 5), "LPS")
     assert record.spacing == pytest.approx((0.488281, 0.488281, 2.5))
-    [case] = load_dataset(folder).training
+    [case] = load_dataset(folder).test  # unlabelled: a case to run a model on, not to train on
     np.testing.assert_array_equal(read_case(case, 1)[0], read_dicom(root / "98892001" / "CT5N")[0])
 
     lonely = tmp_path / "single"

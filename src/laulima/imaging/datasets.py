@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from laulima.errors import DataError
-from laulima.imaging.layouts import DECATHLON, Case, Listing, Problems, SegmentationDataset, parse_listing
+from laulima.imaging.layouts import DECATHLON, LAULIMA_V1, Case, Listing, Problems, SegmentationDataset, parse_listing
 from laulima.imaging.nifti import NiftiHeader, read_header, read_label_array
 from laulima.imaging.series_ref import is_series_ref_name, load_series_ref
 
@@ -140,7 +140,10 @@ def load_dataset(root: Path) -> SegmentationDataset:
         header = _image_header(listing, case, problems)
         if header is not None and case.label is not None:
             _check_label(listing, case, case.label, header, problems)
-    if not listing.training and not problems.lines:
+    # A laulima-v1 dataset (a DICOM source registered in place) may hold only unlabelled
+    # cases: a model is run on them; training on it then fails naming that.
+    empty = not listing.training and not (listing.layout == LAULIMA_V1 and listing.test)
+    if empty and not problems.lines:
         problems.add(root / "dataset.json", "no training cases", "add training cases with images and labels")
     problems.raise_if_any()
     return SegmentationDataset(

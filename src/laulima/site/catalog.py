@@ -291,7 +291,9 @@ class Catalog:
                 rows.append(
                     {
                         "case_id": case.case_id,
-                        "split": "training",
+                        # Unlabelled cases cannot be trained on; they are the dataset's test
+                        # cases (what a model is run on, and what `site predict` labels).
+                        "split": "training" if label_path is not None else "test",
                         "modality": case.modality,
                         "series_description": case.series_description,
                         "shape": list(case.shape),
@@ -326,12 +328,9 @@ class Catalog:
                 "name": name,
                 "channels": ["/".join(modalities)],
                 "labels": {str(k): v for k, v in result.label_names.items()},
-                "numTraining": len(rows),
-                "training": [
-                    {"id": r["case_id"], "image": [f"series/{r['case_id']}.series.json"], "label": r["label"]}
-                    for r in rows
-                ],
-                "test": [],
+                "numTraining": sum(r["split"] == "training" for r in rows),
+                "training": [_view_entry(r) for r in rows if r["split"] == "training"],
+                "test": [_view_entry(r) for r in rows if r["split"] == "test"],
                 "source": source or str(root),
             }
             (tmp / "dataset.json").write_text(json.dumps(description, indent=1) + "\n", encoding="utf-8")
@@ -780,3 +779,8 @@ class Catalog:
             f"dataset {name!r} is not registered at site {self.site!r}; "
             f"register it with `laulima site dataset add {name} PATH`"
         )
+
+
+def _view_entry(row: dict[str, Any]) -> dict[str, Any]:
+    """A case of a DICOM dataset's laulima-v1 dataset.json: its series reference and label."""
+    return {"id": row["case_id"], "image": [f"series/{row['case_id']}.series.json"], "label": row["label"]}
