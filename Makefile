@@ -40,7 +40,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src/laulima/core src/laulima/hub src/laulima/pki src/laulima/site \
 		src/laulima/cli.py src/laulima/cli_security.py src/laulima/client.py src/laulima/sim.py \
-		src/laulima/processes.py src/laulima/errors.py src/laulima/auditlog.py \
+		src/laulima/processes.py src/laulima/errors.py src/laulima/auditlog.py src/laulima/private_files.py \
 		src/laulima/cli_algorithm.py src/laulima/cli_site_admin.py src/laulima/submission.py \
 		src/laulima/algorithms src/laulima/imaging src/laulima/predict.py src/laulima/export.py \
 		src/laulima/demo.py src/laulima/baselines.py

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -60,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from laulima.errors import DataError
+from laulima.private_files import PRIVATE_FILE, private_dir, write_atomic
 
 __all__ = [
     "AUDIT_FILE",
@@ -82,8 +82,6 @@ GENESIS = "0" * 64
 """The ``prev`` of the first entry."""
 HEAD_RESET = "head_reset"
 """The event ``reanchor`` appends; every vocabulary must have a member with this value."""
-PRIVATE_FILE = 0o600
-PRIVATE_DIR = 0o700
 
 MAX_FIELDS = 32
 MAX_KEY_CHARS = 64
@@ -206,7 +204,7 @@ class HashChainLog:
             "fields": _clean_fields(fields),
         }
         with self._thread_lock:
-            _private_dir(self.home)
+            private_dir(self.home)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
             try:
                 os.fchmod(fd, PRIVATE_FILE)
@@ -225,7 +223,7 @@ class HashChainLog:
         has ``min_free_bytes`` free. Nothing is written.
         """
         with self._thread_lock:
-            _private_dir(self.home)
+            private_dir(self.home)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -251,7 +249,7 @@ class HashChainLog:
         if not reason:
             raise DataError("reanchor needs a reason: say why the audit head may be reset (it is recorded)")
         with self._thread_lock:
-            _private_dir(self.home)
+            private_dir(self.home)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
             try:
                 os.fchmod(fd, PRIVATE_FILE)
@@ -293,7 +291,7 @@ class HashChainLog:
         if written != len(line):  # a full disk; the partial line makes the next append refuse
             raise DataError(f"{self.path}: only {written} of {len(line)} bytes written (disk full?)")
         os.fsync(fd)
-        _write_atomic(self.head_path, canonical_json({"seq": entry.seq, "hash": entry.hash}))
+        write_atomic(self.head_path, canonical_json({"seq": entry.seq, "hash": entry.hash}), fsync=True)
         return entry
 
     def _tail_under_lock(self) -> tuple[int, str]:
@@ -532,37 +530,6 @@ def _last_line(path: Path, verify_command: str) -> bytes | None:
             if len(tail) > MAX_LINE_BYTES + 1:
                 raise DataError(f"{path}: the last line is longer than {MAX_LINE_BYTES} bytes; run `{verify_command}`")
         return tail
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _private_dir(path: Path) -> None:
-    """``mkdir -p path``, its last level 0700 when created here: an audit trail names people,
-    experiments and (at a site) local paths, so it is its owner's alone."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir(mode=PRIVATE_DIR)
-    except FileExistsError:
-        if not path.is_dir():
-            raise
-        return
-    os.chmod(path, PRIVATE_DIR)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` (0600, fsynced): a crash leaves the old head or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, PRIVATE_FILE)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- validation

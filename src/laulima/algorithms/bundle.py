@@ -94,6 +94,7 @@ from laulima.core.bundle import (
     verify_signature,
 )
 from laulima.errors import AlgorithmError, ConfigurationError, DataError, LaulimaError, PolicyError
+from laulima.private_files import write_atomic
 
 __all__ = [
     "BUILTIN_FORMAT",
@@ -158,7 +159,8 @@ class PackedBundle:
     def save(self, path: str | Path) -> Path:
         """Write the bundle to ``path`` atomically (a temporary file, then a rename)."""
         path = Path(path)
-        _atomic_write(path, self.data)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, self.data, fsync=True)
         return path
 
 
@@ -689,20 +691,6 @@ def _remove_tree(path: Path) -> None:
     for directory, _dirs, _files in os.walk(path, followlinks=False):
         os.chmod(directory, 0o700)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------- load

@@ -35,7 +35,7 @@ from laulima.errors import (
     ProtocolError,
     TransportError,
 )
-from laulima.site._fs import PRIVATE_FILE, private_dir, tighten
+from laulima.private_files import PRIVATE_FILE, private_dir, tighten
 from laulima.site.approvals import ApprovalStore
 from laulima.site.audit import AuditEntry, AuditEvent, AuditLog, reference
 from laulima.site.catalog import Catalog

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from laulima.errors import ConfigurationError
-from laulima.site._fs import PRIVATE_FILE, private_dir
+from laulima.private_files import PRIVATE_FILE, private_dir
 from laulima.site.policy import Decision, JobFacts
 
 __all__ = [

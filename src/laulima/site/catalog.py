@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from laulima.errors import ConfigurationError, DataError
-from laulima.site._fs import PRIVATE_FILE, private_dir
+from laulima.private_files import PRIVATE_FILE, private_dir
 
 if TYPE_CHECKING:
     from laulima.imaging.dicom_study import DicomInspection

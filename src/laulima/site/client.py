@@ -43,7 +43,7 @@ from laulima.errors import (
     ProtocolError,
     TransportError,
 )
-from laulima.site._fs import open_private
+from laulima.private_files import open_private
 
 __all__ = ["CHUNK_SIZE", "HubClient"]
 

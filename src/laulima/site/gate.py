@@ -24,7 +24,7 @@ from laulima.algorithms.bundle import Manifest, builtin_digest, check_requiremen
 from laulima.core.bundle import MAX_ARCHIVE_BYTES
 from laulima.core.protocol import FailureKind, TaskPublic
 from laulima.errors import ConfigurationError, DataError, LaulimaError, NotFound, ProtocolError
-from laulima.site._fs import private_dir
+from laulima.private_files import private_dir
 from laulima.site.approvals import ApprovalStore
 from laulima.site.catalog import Catalog
 from laulima.site.client import HubClient

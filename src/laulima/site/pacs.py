@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlsplit
 
 from laulima.errors import ConfigurationError, DataError, LaulimaError, TransportError
-from laulima.site._fs import PRIVATE_DIR, open_private, private_dir
+from laulima.private_files import PRIVATE_DIR, open_private, private_dir
 
 if TYPE_CHECKING:
     import pydicom

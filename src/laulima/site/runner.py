@@ -30,7 +30,7 @@ from typing import Any
 
 from laulima.core.protocol import FailureKind, TaskPublic
 from laulima.errors import AlgorithmError, ConfigurationError, DataError
-from laulima.site._fs import open_private, write_atomic
+from laulima.private_files import open_private, write_atomic
 from laulima.site.sandbox import THREAD_VARIABLES, SandboxPolicy
 from laulima.site.taskdir import RunResult, failure, task_spec
 from laulima.site.worker import (

@@ -17,7 +17,7 @@ from typing import Any
 
 from laulima.core.cohort import CohortFilter, case_matches, dataset_tag
 from laulima.errors import DataError
-from laulima.site._fs import private_dir, write_atomic
+from laulima.private_files import private_dir, write_atomic
 from laulima.site.catalog import CaseRecord, Catalog
 from laulima.site.cohort import count_cases
 

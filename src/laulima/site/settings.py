@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from laulima.errors import ConfigurationError
-from laulima.site._fs import private_dir, tighten, write_atomic
+from laulima.private_files import private_dir, tighten, write_atomic
 
 __all__ = ["CONFIG_FILE", "ENV_PREFIX", "TOKEN_FILE", "SiteSettings", "write_site_config"]
 

@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from laulima.site._fs import private_dir, write_atomic
+from laulima.private_files import private_dir, write_atomic
 
 __all__ = ["STATE_FILE", "Phase", "SiteState", "TaskRecord"]
 

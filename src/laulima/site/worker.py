@@ -44,8 +44,8 @@ import numpy as np
 from laulima.algorithms.base import Algorithm, Evaluation, SiteContext, TrainConfig, Update, load_algorithm
 from laulima.core.weights import Weights, check_finite, check_matches, safetensors_chunks, schema_of
 from laulima.errors import AlgorithmError, LaulimaError, PolicyError, WeightsError
+from laulima.private_files import PRIVATE_DIR, open_private, write_atomic
 from laulima.site import sandbox
-from laulima.site._fs import PRIVATE_DIR, open_private, write_atomic
 
 __all__ = [
     "ERROR_FILE",

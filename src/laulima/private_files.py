@@ -1,9 +1,11 @@
 """Owner-only files and folders, written atomically: a crash leaves the old file or the new
-one, never half of one, and nothing under the site home is readable by other users.
+one, never half of one, and nothing written here is readable by other users.
 
-The home holds the site's key, its updates (which say something about its data) and task
-logs, so every folder is 0700 and every file 0600 whatever the umask. Imported by the task
-worker too, so it uses nothing beyond the standard library.
+A site home holds the site's key, its updates (which say something about its data) and task
+logs; an audit trail names people and experiments; a bundle is a scientist's code. So every
+folder is 0700 and every file 0600 whatever the umask. Shared by the site, the hub's audit
+record and the bundle tools, and imported by the task worker, so it uses nothing beyond the
+standard library.
 """
 
 from __future__ import annotations
