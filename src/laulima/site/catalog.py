@@ -656,14 +656,17 @@ class Catalog:
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
             if self.legacy.exists():
                 self._migrate()
+        with self._transaction() as db:
+            yield db
+            _bump_generation(db)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on a fresh connection; anything raised rolls it back."""
         db = self._connect()
         try:
             db.execute("BEGIN IMMEDIATE")
             yield db
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('generation', '1') "
-                "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-            )
             db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             with contextlib.suppress(sqlite3.Error):
@@ -696,9 +699,7 @@ class Catalog:
         private_dir(self.home)
         if not self.path.exists():
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE))
-        db = self._connect()
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             if self.legacy.exists():  # still there once we hold the write lock: ours to migrate
                 for name, entry in sorted(entries.items()):
                     if not _NAME.fullmatch(name):
@@ -717,18 +718,8 @@ class Catalog:
                             tags=(),
                             added_at=float(added) if isinstance(added, int | float) else time.time(),
                         )
-                db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('generation', '1') "
-                    "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
-                )
+                _bump_generation(db)
                 os.replace(self.legacy, self.legacy.with_name(LEGACY_FILE + ".migrated"))
-            db.execute("COMMIT")
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                db.execute("ROLLBACK")
-            raise
-        finally:
-            db.close()
 
     # -- checks ------------------------------------------------------------------------------
     def _check_name(self, name: str) -> None:
@@ -784,3 +775,11 @@ class Catalog:
 def _view_entry(row: dict[str, Any]) -> dict[str, Any]:
     """A case of a DICOM dataset's laulima-v1 dataset.json: its series reference and label."""
     return {"id": row["case_id"], "image": [f"series/{row['case_id']}.series.json"], "label": row["label"]}
+
+
+def _bump_generation(db: sqlite3.Connection) -> None:
+    """Count a write: ``signature`` changes with it, so the agent re-reports cohort sizes."""
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('generation', '1') "
+        "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+    )
