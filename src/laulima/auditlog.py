@@ -43,6 +43,7 @@ import this module, and neither may import the other.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -51,7 +52,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -203,16 +204,23 @@ class HashChainLog:
             "experiment": _check_experiment(experiment),
             "fields": _clean_fields(fields),
         }
+        with self._locked() as fd:
+            last_seq, last_hash = self._tail_under_lock()
+            return self._write(fd, body, last_seq, last_hash)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[int]:
+        """The log open for appending (created 0600, a loosened one tightened), under an exclusive
+        lock against other threads and processes; closing it releases the lock."""
         with self._thread_lock:
             private_dir(self.home)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
             try:
                 os.fchmod(fd, PRIVATE_FILE)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                last_seq, last_hash = self._tail_under_lock()
-                return self._write(fd, body, last_seq, last_hash)
+                yield fd
             finally:
-                os.close(fd)  # also releases the flock
+                os.close(fd)
 
     def check_writable(self, min_free_bytes: int = 4 * MAX_LINE_BYTES) -> None:
         """Raise ``DataError`` (or ``OSError``) when an append made now would fail.
@@ -222,15 +230,9 @@ class HashChainLog:
         head, a file that cannot be opened for appending) and that the disk holding the log
         has ``min_free_bytes`` free. Nothing is written.
         """
-        with self._thread_lock:
-            private_dir(self.home)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                self._tail_under_lock()
-                disk = os.fstatvfs(fd)
-            finally:
-                os.close(fd)
+        with self._locked() as fd:
+            self._tail_under_lock()
+            disk = os.fstatvfs(fd)
         free = disk.f_bavail * disk.f_frsize
         if free < min_free_bytes:
             raise DataError(
@@ -248,34 +250,27 @@ class HashChainLog:
         reason = reason.strip()
         if not reason:
             raise DataError("reanchor needs a reason: say why the audit head may be reset (it is recorded)")
-        with self._thread_lock:
-            private_dir(self.home)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE)
-            try:
-                os.fchmod(fd, PRIVATE_FILE)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                scan = _scan(self.path.read_bytes())
-                if scan.problem is not None:
-                    raise DataError(
-                        f"{self.path}: cannot reanchor a damaged chain: {scan.problem}; "
-                        "move the file aside and start a new log, keeping the old one as evidence"
-                    )
-                old = _read_head(self.head_path)
-                body = {
-                    "event": HEAD_RESET,
-                    "task": None,
-                    "experiment": None,
-                    "fields": _clean_fields(
-                        {
-                            "old_head_seq": old[0] if isinstance(old, tuple) else None,
-                            "old_head_hash": old[1] if isinstance(old, tuple) else None,
-                            "reason": reason,
-                        }
-                    ),
-                }
-                return self._write(fd, body, scan.last_seq, scan.last_hash)
-            finally:
-                os.close(fd)
+        with self._locked() as fd:
+            scan = _scan(self.path.read_bytes())
+            if scan.problem is not None:
+                raise DataError(
+                    f"{self.path}: cannot reanchor a damaged chain: {scan.problem}; "
+                    "move the file aside and start a new log, keeping the old one as evidence"
+                )
+            old = _read_head(self.head_path)
+            body = {
+                "event": HEAD_RESET,
+                "task": None,
+                "experiment": None,
+                "fields": _clean_fields(
+                    {
+                        "old_head_seq": old[0] if isinstance(old, tuple) else None,
+                        "old_head_hash": old[1] if isinstance(old, tuple) else None,
+                        "reason": reason,
+                    }
+                ),
+            }
+            return self._write(fd, body, scan.last_seq, scan.last_hash)
 
     def _write(self, fd: int, body: dict[str, Any], last_seq: int, last_hash: str) -> AuditEntry:
         body = {**body, "seq": last_seq + 1, "at": round(time.time(), 6), "prev": last_hash}
