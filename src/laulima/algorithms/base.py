@@ -13,6 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from laulima.core.weights import Weights
@@ -110,10 +111,15 @@ def load_algorithm(entry_point: str) -> type[Algorithm]:
             "install the package that provides it",
             field="algorithm",
         ) from exc
+    return algorithm_class(module, attr, entry_point)
+
+
+def algorithm_class(module: ModuleType, attr: str, entry_point: str) -> type[Algorithm]:
+    """``module.attr``, checked to be an :class:`Algorithm` subclass (whatever imported the module)."""
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
         raise ConfigurationError(
-            f"algorithm {entry_point!r}: {attr!r} is not a laulima.Algorithm subclass in {module_name}",
+            f"algorithm {entry_point!r}: {attr!r} is not a laulima.Algorithm subclass in {module.__name__}",
             field="algorithm",
         )
     return cls

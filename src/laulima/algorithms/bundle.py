@@ -60,7 +60,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from laulima.algorithms.base import Algorithm
+from laulima.algorithms.base import Algorithm, algorithm_class
 
 # The format and the checks that need no disk live in core (the hub verifies bundles too and
 # must not import training code); they are re-exported here under their old names.
@@ -745,13 +745,7 @@ def load_entry_point(bundle_dir: str | Path, entry_point: str) -> type[Algorithm
     target: ModuleType = _run_bundle_code(lambda: importlib.import_module(module_name), entry_point, src)
     if not _module_inside(target, src):
         raise PolicyError(f"algorithm {entry_point!r}: module {module_name!r} was not loaded from its bundle")
-    cls = getattr(target, attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-        raise ConfigurationError(
-            f"algorithm {entry_point!r}: {attr!r} is not a laulima.Algorithm subclass in {module_name}",
-            field="algorithm",
-        )
-    return cls
+    return algorithm_class(target, attr, entry_point)
 
 
 def _run_bundle_code(action: Any, entry_point: str, src: Path) -> Any:
