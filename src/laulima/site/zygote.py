@@ -43,7 +43,6 @@ algorithm runs as new code. Children share the zygote's hash seed (PYTHONHASHSEE
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import importlib
 import logging
@@ -58,6 +57,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import NoReturn
+
+from laulima.site.worker import exit_child
 
 __all__ = ["Zygote", "ZygoteGone", "is_builtin_module", "serve"]
 
@@ -337,14 +338,7 @@ class _Server:
             with contextlib.suppress(Exception):
                 traceback.print_exc()
         finally:
-            # What an interpreter's exit would do and the algorithm may count on: atexit
-            # handlers (logging's flush, weakref finalizers that remove temporary folders).
-            with contextlib.suppress(BaseException):
-                atexit._run_exitfuncs()
-            with contextlib.suppress(Exception):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+            exit_child(code)  # what an interpreter's exit would do, then os._exit: never back into the loop
 
     def preload(self, module: str) -> None:
         if not is_builtin_module(module):
