@@ -426,12 +426,13 @@ class HubService:
         with self.sessions() as s:
             rows = list(s.scalars(select(Experiment).where(ownership.visible_to(person)).order_by(Experiment.id)))
             shares = ownership.shares_of(s, [e.id for e in rows])
-            return [_experiment_public(e, shares[e.id], site_notes(s, e)) for e in rows]
+            notes = site_notes(s, rows)
+            return [_experiment_public(e, shares[e.id], notes[e.id]) for e in rows]
 
     def get_experiment(self, experiment_id: int, person: Person) -> ExperimentPublic:
         with self.sessions() as s:
             exp = ownership.readable_experiment(s, experiment_id, person)
-            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id], site_notes(s, exp))
+            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id], site_notes(s, [exp])[exp.id])
 
     def cancel_experiment(self, experiment_id: int, person: Person) -> ExperimentPublic:
         """Stop it: the experiment, its open round and its open tasks become cancelled/failed.
@@ -1032,30 +1033,38 @@ def _refuse_local_fields(spec: ExperimentSpec) -> None:
 WAITING_NOTE = "waiting for approval at the site: "
 
 
-def site_notes(s: Session, exp: Experiment) -> dict[str, str]:
-    """What each site of the experiment is doing, where it is news: held for approval, or its
+def site_notes(s: Session, experiments: Sequence[Experiment]) -> dict[int, dict[str, str]]:
+    """What each site of each experiment is doing, where it is news: held for approval, or its
     latest finished task refused or failed. Per site the newest task decides (a task still
     open and not held passes the word to the one before it; a completed one clears it), so a
     refusal stays visible while the next round runs (a round's evaluation is newer than its
-    training). One query over the last two rounds."""
+    training). One query over every experiment's last two rounds, however many are listed."""
+    notes: dict[int, dict[str, str]] = {e.id: {} for e in experiments}
+    if not experiments:
+        return notes
     rows = s.execute(
-        select(Site.name, Task.status, Task.waiting_reason, Task.failure_kind, Task.failure_reason)
+        select(Task.experiment_id, Site.name, Task.status, Task.waiting_reason, Task.failure_kind, Task.failure_reason)
         .join(Site, Task.site_id == Site.id)
-        .where(Task.experiment_id == exp.id, Task.round >= max(exp.rounds_done - 1, 0))
-        .order_by(Task.round.desc(), case((Task.kind == TaskKind.EVALUATE, 0), else_=1), Task.created_at.desc())
+        .join(Experiment, Task.experiment_id == Experiment.id)
+        .where(Task.experiment_id.in_(list(notes)), Task.round >= Experiment.rounds_done - 1)
+        .order_by(
+            Task.experiment_id,
+            Task.round.desc(),
+            case((Task.kind == TaskKind.EVALUATE, 0), else_=1),
+            Task.created_at.desc(),
+        )
     ).all()
-    notes: dict[str, str] = {}
-    settled: set[str] = set()
-    for name, status, waiting_reason, failure_kind, failure_reason in rows:
-        if name in settled:
+    settled: set[tuple[int, str]] = set()
+    for experiment_id, name, status, waiting_reason, failure_kind, failure_reason in rows:
+        if (experiment_id, name) in settled:
             continue
         if status in OPEN_TASK and waiting_reason is not None:
-            notes[name] = WAITING_NOTE + waiting_reason
+            notes[experiment_id][name] = WAITING_NOTE + waiting_reason
         elif status == TaskStatus.FAILED:
-            notes[name] = failure_note(failure_kind, failure_reason)
+            notes[experiment_id][name] = failure_note(failure_kind, failure_reason)
         elif status in OPEN_TASK:
             continue  # under way: what came before still says how this site is doing
-        settled.add(name)
+        settled.add((experiment_id, name))
     return notes
 
 
