@@ -13,6 +13,7 @@ INTENDED = {
     "DEFAULT_COHORTS", "SCANNER_PROFILES", "TASKS", "Atlas", "Case", "Phantom", "ScannerProfile",
     "SegmentationDataset", "default_cohort", "load_atlas", "load_dataset", "make_phantom", "read_case",
     "read_image", "site_profile", "write_label_nifti", "write_nifti", "write_site_dataset",
+    "TUMOUR_PROFILES", "TumourProfile", "site_tumour_profile",
 }  # fmt: skip
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "Phantom",
     "ScannerProfile",
     "SegmentationDataset",
+    "TUMOUR_PROFILES",
+    "TumourProfile",
     "default_cohort",
     "load_atlas",
     "load_dataset",
@@ -29,6 +31,7 @@ __all__ = [
     "read_case",
     "read_image",
     "site_profile",
+    "site_tumour_profile",
     "write_label_nifti",
     "write_nifti",
     "write_site_dataset",
@@ -40,6 +43,9 @@ _WHERE = {
     "ScannerProfile": "scanner",
     "default_cohort": "scanner",
     "site_profile": "scanner",
+    "TUMOUR_PROFILES": "tumour",
+    "TumourProfile": "tumour",
+    "site_tumour_profile": "tumour",
     "TASKS": "phantoms",
     "Phantom": "phantoms",
     "make_phantom": "phantoms",
@@ -63,6 +69,7 @@ if TYPE_CHECKING:
     from laulima.imaging.nifti import write_label_nifti, write_nifti
     from laulima.imaging.phantoms import TASKS, Phantom, make_phantom, write_site_dataset
     from laulima.imaging.scanner import DEFAULT_COHORTS, SCANNER_PROFILES, ScannerProfile, default_cohort, site_profile
+    from laulima.imaging.tumour import TUMOUR_PROFILES, TumourProfile, site_tumour_profile
 
 
 def __getattr__(name: str) -> Any:

@@ -5,6 +5,12 @@ index)``: its anatomy and its scanner noise come from two independent streams of
 SeedSequence, so the same subject can be imaged by another scanner profile, and a site's
 test phantoms (their own split) do not change with the training cohort size.
 
+Brain-tumour sites also differ in their patients and protocols: each site has a
+:class:`~laulima.imaging.tumour.TumourProfile` (case mix: mostly small, mostly large or mixed
+tumours; how strongly its FLAIR shows lesions), chosen by site index like the scanner
+profile. A site's training and test phantoms both follow its own scanner and case mix, as a
+hospital's test patients come from its own population; ``dataset.json`` records both.
+
 A site's dataset is written in the Decathlon layout, built beside ``dest`` under a hidden
 temporary name and renamed into place only when complete: a crash, a full disk or an
 interrupt leaves nothing at ``dest`` that a site agent could mistake for a dataset.
@@ -35,6 +41,7 @@ from laulima.imaging.scanner import (
     default_cohort,
     site_profile,
 )
+from laulima.imaging.tumour import TumourProfile, site_tumour_profile
 
 __all__ = [
     "DEFAULT_COHORTS",
@@ -45,6 +52,7 @@ __all__ = [
     "Phantom",
     "ScannerProfile",
     "TaskInfo",
+    "TumourProfile",
     "make_phantom",
     "phantom_rngs",
     "write_site_dataset",
@@ -105,15 +113,20 @@ def make_phantom(
     index: int,
     spacing_mm: float = 4.0,
     shape: tuple[int, int, int] = (48, 48, 48),
+    tumour_profile: TumourProfile | None = None,
 ) -> Phantom:
-    """One phantom of ``task`` (a key of ``TASKS``); ``split`` 0 is training, 1 is test."""
+    """One phantom of ``task`` (a key of ``TASKS``); ``split`` 0 is training, 1 is test.
+
+    ``tumour_profile`` (brain-tumour only): the site's case mix; None: ``site_tumour_profile(site_index, seed)``.
+    """
     if task not in TASKS:
         raise ConfigurationError(f"unknown phantom task {task!r}; choose one of {sorted(TASKS)}", field="task")
     atlas = load_atlas(spacing_mm, shape)
     anatomy_rng, scanner_rng = phantom_rngs(seed, site_index, split, index)
     anatomy = deformed_anatomy(atlas, anatomy_rng)
     if task == "brain-tumour":
-        ideal, label = tumour.tumour_image(anatomy, atlas.spacing_mm, anatomy_rng)
+        lesions = tumour_profile or site_tumour_profile(site_index, seed)
+        ideal, label = tumour.tumour_image(anatomy, atlas.spacing_mm, anatomy_rng, lesions)
     else:
         ideal, label = synthesise(anatomy, anatomy.template_means)[None], anatomy.labels
     image = apply_scanner(ideal, profile, atlas.spacing_mm, scanner_rng)
@@ -160,6 +173,7 @@ def write_site_dataset(
         raise ConfigurationError(f"{dest} already exists; remove it or pass overwrite=True", file=str(dest))
     info = TASKS[task]
     profile = site_profile(site_index, seed)
+    lesions = site_tumour_profile(site_index, seed) if task == "brain-tumour" else None
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".partial"))
     try:
@@ -171,7 +185,7 @@ def write_site_dataset(
             for index in range(count):
                 phantom = make_phantom(
                     task, profile, seed=seed, site_index=site_index, split=split, index=index,
-                    spacing_mm=spacing_mm, shape=shape,
+                    spacing_mm=spacing_mm, shape=shape, tumour_profile=lesions,
                 )  # fmt: skip
                 number = index if split == TRAIN else n_train + index
                 file = f"{info.case_prefix}_s{site_index}_{number:03d}.nii.gz"
@@ -181,7 +195,8 @@ def write_site_dataset(
                 entries[split].append({"image": f"./images{suffix}/{file}", "label": f"./labels{suffix}/{file}"})
         description = {
             "name": f"laulima-{task}-site{site_index}",
-            "description": f"{info.description} Site {site_index} of {n_sites}, scanner profile {profile.name}.",
+            "description": f"{info.description} Site {site_index} of {n_sites}, scanner profile {profile.name}"
+            + (f", case mix {lesions.name}." if lesions is not None else "."),
             "reference": REFERENCE,
             "licence": LICENCE,
             "release": "laulima phantoms 1",
@@ -195,6 +210,7 @@ def write_site_dataset(
             "laulima": {
                 "task": task, "site_index": site_index, "n_sites": n_sites, "seed": seed,
                 "spacing_mm": spacing_mm, "shape": list(shape), "scanner": dataclasses.asdict(profile),
+                **({"tumour_profile": dataclasses.asdict(lesions)} if lesions is not None else {}),
             },
         }  # fmt: skip
         (tmp / "dataset.json").write_text(json.dumps(description, indent=2, ensure_ascii=False) + "\n", "utf-8")
