@@ -87,9 +87,11 @@ class UNetSegmentation(Algorithm):
     def evaluate(self, weights: Weights) -> Evaluation:
         samples = self._load("held_out")
         load_numpy_weights(self.model, weights)
+        p = self.params
         scores = engine.evaluate(
-            self.model, samples, self.params.roi_size, self.dataset.labels, overlap=self.params.sw_overlap
-        )
+            self.model, samples, p.roi_size, self.dataset.labels, overlap=p.sw_overlap,
+            regions=p.regions, spacing_mm=p.preprocessing.spacing_mm,
+        )  # fmt: skip
         metrics = scores.metrics()
         metrics["held_out_test"] = 1.0 if self.split.source == "test" else 0.0
         return Evaluation(n_samples=scores.n, metrics=metrics)

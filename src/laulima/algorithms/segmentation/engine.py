@@ -9,11 +9,22 @@ the ground truth scores 1 when the prediction leaves it out too and 0 when it pr
 it anywhere. No case is skipped, so means over cases, sites and classes stay comparable
 and a model that hallucinates a missing class is penalised. ``dice_mean`` is the mean over
 the foreground classes of the per-class means over cases.
+
+Regions (the BraTS convention): when ``regions`` are given (name -> label values, e.g.
+whole tumour {1, 2, 3}, tumour core {2, 3}, enhancing tumour {3}), each region is scored as
+one binary foreground (the union of its labels, in truth and in the argmax prediction):
+``dice_<region>`` and ``hd95_<region>``, the 95th-percentile symmetric Hausdorff distance in
+millimetres on the samples' grid (MONAI, ``percentile=95``). ``dice_mean`` and ``hd95_mean``
+are then the means over the regions (BraTS' mean), and the per-label ``dice_<label>`` stay.
+Empty regions get finite, bounded values, so every case counts: absent in both truth and
+prediction, Dice 1 and HD95 0; absent in exactly one, Dice 0 and HD95 the diagonal of the
+volume in millimetres (no surface distance can exceed it; BraTS uses a fixed 373.13 mm).
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,12 +32,12 @@ import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import DiceMetric, compute_hausdorff_distance
 from monai.networks.utils import one_hot
 
 from laulima.algorithms.segmentation.data import Sample
 
-__all__ = ["Scores", "evaluate", "make_loss", "metric_name", "train_steps"]
+__all__ = ["Scores", "evaluate", "make_loss", "metric_name", "region_scores", "train_steps"]
 
 
 def make_loss() -> DiceCELoss:
@@ -84,24 +95,46 @@ def train_steps(
 
 @dataclass(frozen=True)
 class Scores:
-    """Dice per case and foreground class (rows: cases, columns: ``names``) and loss per case."""
+    """Dice per case and foreground class (rows: cases, columns: ``names``) and loss per case;
+    with regions, also Dice and HD95 per case and region (columns: ``regions``)."""
 
     names: tuple[str, ...]
     case_ids: tuple[str, ...]
     dice: np.ndarray
     loss: np.ndarray
+    regions: tuple[str, ...] = ()
+    region_dice: np.ndarray | None = None
+    """[cases, regions]; None when there are no regions."""
+    region_hd95: np.ndarray | None = None
+    """[cases, regions], millimetres."""
+
+    def __post_init__(self) -> None:
+        empty = np.zeros((len(self.case_ids), 0))
+        for name in ("region_dice", "region_hd95"):
+            value = getattr(self, name)
+            object.__setattr__(self, name, empty if value is None else np.asarray(value, dtype=np.float64))
+        clash = set(self.names) & set(self.regions)
+        if clash:
+            raise ValueError(f"region names {sorted(clash)} are also label names; their dice_ metrics would collide")
 
     @property
     def n(self) -> int:
         return len(self.case_ids)
 
     def metrics(self) -> dict[str, float]:
-        """``dice_<class>`` (mean over cases), ``dice_mean`` (mean over classes) and ``loss``."""
+        """``dice_<class>`` and ``loss`` (means over cases); with regions ``dice_<region>``, ``hd95_<region>``,
+        and ``dice_mean``, ``hd95_mean`` over the regions, else ``dice_mean`` over the classes."""
         if not self.n:
             return {}
         per_class = self.dice.mean(axis=0)
         out = {f"dice_{name}": float(v) for name, v in zip(self.names, per_class, strict=True)}
         out["dice_mean"] = float(per_class.mean())
+        if self.regions:
+            assert self.region_dice is not None and self.region_hd95 is not None  # (set in __post_init__)
+            dice, hd95 = self.region_dice.mean(axis=0), self.region_hd95.mean(axis=0)
+            out.update({f"dice_{name}": float(v) for name, v in zip(self.regions, dice, strict=True)})
+            out.update({f"hd95_{name}": float(v) for name, v in zip(self.regions, hd95, strict=True)})
+            out["dice_mean"], out["hd95_mean"] = float(dice.mean()), float(hd95.mean())
         out["loss"] = float(self.loss.mean())
         return out
 
@@ -110,15 +143,42 @@ class Scores:
         """All cases of ``parts`` as one set: means over it weigh every subject equally."""
         if not parts:
             raise ValueError("no scores to pool")
-        names = parts[0].names
-        if any(p.names != names for p in parts):
-            raise ValueError(f"cannot pool scores of different classes: {[p.names for p in parts]}")
+        names, regions = parts[0].names, parts[0].regions
+        if any(p.names != names or p.regions != regions for p in parts):
+            raise ValueError(f"cannot pool scores of different classes: {[(p.names, p.regions) for p in parts]}")
         return Scores(
             names=names,
             case_ids=tuple(i for p in parts for i in p.case_ids),
             dice=np.concatenate([p.dice for p in parts]),
             loss=np.concatenate([p.loss for p in parts]),
+            regions=regions,
+            region_dice=np.concatenate([p.region_dice for p in parts if p.region_dice is not None]),
+            region_hd95=np.concatenate([p.region_hd95 for p in parts if p.region_hd95 is not None]),
         )
+
+
+def region_scores(
+    prediction: torch.Tensor, truth: torch.Tensor, labels: Sequence[int], spacing_mm: Sequence[float]
+) -> tuple[float, float]:
+    """Dice and HD95 (mm) of one region — the voxels whose label is in ``labels`` — of label maps [X, Y, Z].
+
+    Empty regions follow the module doc's convention, so both values are always finite.
+    """
+    values = torch.as_tensor(list(labels), device=truth.device)
+    pred, true = torch.isin(prediction, values), torch.isin(truth, values)
+    n_pred, n_true = int(pred.sum()), int(true.sum())
+    if n_pred == 0 and n_true == 0:
+        return 1.0, 0.0
+    diagonal = float(np.linalg.norm(np.asarray(truth.shape, dtype=np.float64) * np.asarray(spacing_mm)))
+    if n_pred == 0 or n_true == 0:
+        return 0.0, diagonal
+    dice = 2.0 * int((pred & true).sum()) / (n_pred + n_true)
+    with warnings.catch_warnings():  # MONAI 1.5+ warns about an argument its own helper passes
+        warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
+        hd95 = compute_hausdorff_distance(
+            pred[None, None], true[None, None], include_background=True, percentile=95, spacing=list(spacing_mm)
+        )
+    return dice, min(float(hd95.reshape(-1)[0]), diagonal)
 
 
 @torch.no_grad()
@@ -130,8 +190,11 @@ def evaluate(
     *,
     overlap: float = 0.25,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    regions: Sequence[tuple[str, Sequence[int]]] = (),
+    spacing_mm: Sequence[float] = (1.0, 1.0, 1.0),
 ) -> Scores:
-    """Sliding-window inference on each whole case, argmax, Dice per foreground class (see module doc)."""
+    """Sliding-window inference on each whole case, argmax, Dice per foreground class and, for ``regions``
+    (name, label values), Dice and HD95 per region; ``spacing_mm``: the cases' voxel size (see module doc)."""
     device = next(model.parameters()).device
     n_classes = len(labels)
     names = tuple(metric_name(labels[i]) for i in sorted(labels) if i != 0)
@@ -141,7 +204,7 @@ def evaluate(
     # what metric.aggregate() ("mean_batch") gives, and pools across sites as well.
     was_training = model.training
     model.eval()
-    dice, losses = [], []
+    dice, losses, per_region = [], [], []
     for case in cases:
         image = case.image[None].to(device)
         label = case.label[None].to(device)
@@ -151,6 +214,17 @@ def evaluate(
         prediction = one_hot(logits.argmax(dim=1, keepdim=True), n_classes)
         row = metric(y_pred=prediction, y=one_hot(label.long(), n_classes))
         dice.append(torch.as_tensor(row).cpu().numpy()[0])
+        predicted, truth = logits.argmax(dim=1)[0], label[0, 0].long()
+        per_region.append([region_scores(predicted, truth, values, spacing_mm) for _, values in regions])
     model.train(was_training)
     per_case = np.asarray(dice, dtype=np.float64).reshape(len(cases), len(names))
-    return Scores(names=names, case_ids=tuple(c.id for c in cases), dice=per_case, loss=np.asarray(losses))
+    region_values = np.asarray(per_region, dtype=np.float64).reshape(len(cases), len(regions), 2)
+    return Scores(
+        names=names,
+        case_ids=tuple(c.id for c in cases),
+        dice=per_case,
+        loss=np.asarray(losses),
+        regions=tuple(name for name, _ in regions),
+        region_dice=region_values[..., 0],
+        region_hd95=region_values[..., 1],
+    )

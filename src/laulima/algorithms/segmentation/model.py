@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,7 +18,9 @@ from laulima.core.weights import Weights
 from laulima.errors import ConfigurationError, WeightsError
 
 __all__ = [
+    "BRATS_REGIONS",
     "DEFAULT_CHANNELS",
+    "TASK_REGIONS",
     "TASKS",
     "SegmentationParams",
     "build_unet",
@@ -30,6 +33,15 @@ __all__ = [
 
 TASKS: dict[str, tuple[int, int]] = {"brain-tissue": (1, 4), "brain-tumour": (4, 4)}
 """Known tasks -> (image channels, labels incl. background): the model is built without data."""
+Regions = tuple[tuple[str, tuple[int, ...]], ...]
+"""Named, possibly overlapping sets of label values, scored as one foreground each."""
+BRATS_REGIONS: Regions = (("wt", (1, 2, 3)), ("tc", (2, 3)), ("et", (3,)))
+"""The BraTS regions on Decathlon Task01 labels (1 oedema, 2 non-enhancing, 3 enhancing tumour):
+whole tumour, tumour core, enhancing tumour."""
+TASK_REGIONS: dict[str, Regions] = {"brain-tumour": BRATS_REGIONS}
+"""Each task's default ``regions``; a task not listed is scored per label only."""
+MAX_REGIONS = 16
+"""Each region adds two metrics (Dice, HD95); a site may report at most 64 metrics."""
 DEFAULT_CHANNELS = (16, 32, 64, 128)
 """Feature maps per level; the thesis used (16, 32, 64, 128, 256)."""
 _NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
@@ -59,6 +71,9 @@ class SegmentationParams:
     """Held out from training when a site's test split has no labels."""
     preprocessing: PreprocessingPlan = DEFAULT_PLAN
     """Grid and intensity scale every site trains at and ``laulima predict`` applies (``[config.preprocessing]``)."""
+    regions: Regions = ()
+    """Evaluation regions (``[config.regions]``: name -> label values), e.g. BraTS' wt/tc/et; empty: per label
+    only. Default: the task's (:data:`TASK_REGIONS`)."""
 
     def architecture(self) -> dict[str, Any]:
         """What it takes to rebuild the network (the model card's ``architecture``)."""
@@ -76,8 +91,11 @@ class SegmentationParams:
 
     def as_config(self) -> dict[str, Any]:
         """A JSON-able ``[config]`` table that :func:`parse_params` turns back into these params."""
-        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k != "preprocessing"}
+        skip = ("preprocessing", "regions")
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in skip}
         out["preprocessing"] = self.preprocessing.as_config()
+        if self.regions != TASK_REGIONS.get(self.task or "", ()):  # the task's default needs no mention
+            out["regions"] = {name: list(values) for name, values in self.regions}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -127,6 +145,7 @@ def parse_params(params: Mapping[str, Any] | SegmentationParams) -> Segmentation
         sw_overlap=_float(params, "sw_overlap", 0.25, low=0.0, high=1.0, closed_low=True),
         val_fraction=_float(params, "val_fraction", 0.2, low=0.0, high=1.0),
         preprocessing=parse_plan(params.get("preprocessing")),
+        regions=_regions(params, TASK_REGIONS.get(task or "", ()), out_channels),
     )
 
 
@@ -199,6 +218,24 @@ def _fail(name: str, value: object, why: str) -> None:
         f"segmentation config: {name} = {value!r} {why}; fix the experiment's [config] table",
         field=f"config.{name}",
     )
+
+
+def _regions(params: Mapping[str, Any], default: Regions, out_channels: int) -> Regions:
+    """``regions``: a table of metric-safe names -> non-empty lists of foreground labels (1..out_channels - 1)."""
+    if "regions" not in params:
+        return default
+    value = params["regions"]
+    if not isinstance(value, Mapping) or len(value) > MAX_REGIONS:
+        _fail("regions", value, f"must be a table of at most {MAX_REGIONS} names -> label lists, e.g. {{wt = [1, 2]}}")
+    out = []
+    for name, labels in value.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9_]{1,32}", name):
+            _fail("regions", value, f"has the name {name!r}; names are 1-32 characters of a-z, 0-9 and _")
+        ok = not isinstance(labels, str) and isinstance(labels, Sequence) and len(labels) > 0
+        if not ok or not all(_is_int(v) and 1 <= int(v) < out_channels for v in labels):
+            _fail("regions", value, f"region {name!r} needs a non-empty list of labels in 1..{out_channels - 1}")
+        out.append((name, tuple(sorted({int(v) for v in labels}))))
+    return tuple(out)
 
 
 def _is_int(value: object) -> bool:
