@@ -14,10 +14,12 @@ from laulima.core.spec import StrategySpec
 from laulima.core.strategies import (
     FedAdam,
     FedAvg,
+    FedDC,
     FedMedian,
     FedProx,
     FedYogi,
     FitResult,
+    Krum,
     Strategy,
     TrimmedMean,
     build_strategy,
@@ -542,6 +544,8 @@ def test_constructors_refuse_out_of_range_parameters() -> None:
         ("fedyogi", FedYogi),
         ("fedmedian", FedMedian),
         ("trimmed_mean", TrimmedMean),
+        ("feddc", FedDC),
+        ("krum", Krum),
     ],
 )
 def test_build_strategy_every_name(name: str, cls: type[Strategy]) -> None:
@@ -553,8 +557,12 @@ def test_build_strategy_every_name(name: str, cls: type[Strategy]) -> None:
         beta_2=0.75,
         tau=0.004,
         trim_fraction=0.1,
+        daisy_period=2,
+        aggregation_period=5,
+        krum_f=2,
+        krum_m=3,
     )
-    strategy = build_strategy(spec)
+    strategy = build_strategy(spec, seed=11)
     assert type(strategy) is cls
     assert strategy.name == name
     if isinstance(strategy, FedProx):
@@ -564,6 +572,10 @@ def test_build_strategy_every_name(name: str, cls: type[Strategy]) -> None:
         assert params == (0.02, 0.5, 0.75, 0.004)
     if isinstance(strategy, TrimmedMean):
         assert strategy.trim_fraction == 0.1
+    if isinstance(strategy, FedDC):
+        assert (strategy.daisy_period, strategy.aggregation_period, strategy.seed) == (2, 5, 11)
+    if isinstance(strategy, Krum):
+        assert (strategy.f, strategy.m) == (2, 3)
 
 
 def test_build_strategy_default_is_fedavg() -> None:
@@ -574,10 +586,13 @@ def test_public_names() -> None:
     assert sorted(strategies.__all__) == [
         "FedAdam",
         "FedAvg",
+        "FedDC",
         "FedMedian",
         "FedProx",
         "FedYogi",
         "FitResult",
+        "Krum",
+        "NotEnoughResults",
         "Strategy",
         "TrimmedMean",
         "build_strategy",
@@ -589,6 +604,8 @@ def test_public_names() -> None:
         "fedyogi",
         "fedmedian",
         "trimmed_mean",
+        "feddc",
+        "krum",
     }
 
 

@@ -17,8 +17,9 @@ from typing import Any, ClassVar
 import numpy as np
 
 from laulima.core.weights import Weights
+from laulima.errors import DataError
 
-__all__ = ["FitResult", "Strategy"]
+__all__ = ["FitResult", "NotEnoughResults", "Strategy"]
 
 
 @dataclass(frozen=True)
@@ -48,9 +49,28 @@ class Strategy(ABC):
     def aggregate(self, global_weights: Mapping[str, np.ndarray], results: Sequence[FitResult]) -> Weights:
         """Return the new global model. ``results`` are ordered by site name."""
 
+    def handoff(self, round_index: int, sites: Sequence[str]) -> Mapping[str, str] | None:
+        """Which model each site continues from after round ``round_index``.
+
+        ``sites`` are those with an accepted update this round, in name order. Return
+        ``receiver -> sender`` (both among ``sites``): the receiver's next training task
+        starts from the sender's update of this round instead of the new global model.
+        None (the default, and every strategy but FedDC): everyone continues from the new
+        global model. Sites the mapping leaves out, or that sent no update, get the global
+        model. Pure: the hub calls it again after a restart and must get the same answer.
+        """
+        return None
+
     def state_dict(self) -> Weights:
         """Arrays that must survive a hub restart (empty for stateless strategies)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - stateless default
         """Restore what :meth:`state_dict` returned."""
+
+
+class NotEnoughResults(DataError):
+    """The round's results are too few for the strategy's guarantee (Krum needs ``2f + 3``).
+
+    The orchestrator fails the round with this message and keeps the previous global model:
+    aggregating anyway would silently void the robustness the experiment asked for."""
