@@ -345,6 +345,90 @@ def experiment_submit(
             console.print(f"[yellow]not in the bundle:[/] {skipped.path} ({skipped.reason})")
 
 
+@experiment_app.command("evaluate")
+def experiment_evaluate(
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="An exported model folder, or a .safetensors file.")],
+    hub_url: HubUrl,
+    token: Token,
+    sites: Annotated[
+        str | None, typer.Option("--sites", help="Comma-separated sites to evaluate at (default: the spec's, or all).")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="The sites' dataset name (or tag:NAME).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="The experiment's name.")] = None,
+    spec_path: Annotated[
+        Path | None,
+        typer.Option("--spec", help="A TOML spec (algorithm, dataset, [config]); needed for a bare .safetensors."),
+    ] = None,
+    bundle: Annotated[
+        Path | None, typer.Option("--bundle", help="The file of the bundle the spec names (default: DIGEST.bundle).")
+    ] = None,
+    sign_with: Annotated[
+        list[Path] | None, typer.Option("--sign", help="Sign the bundle with this key (laulima algorithm keygen).")
+    ] = None,
+) -> None:
+    """Evaluate MODEL at the sites, without training: an experiment of mode "evaluate" whose
+    per-site results `laulima experiment cross-site ID` shows."""
+    from laulima.client import Client
+    from laulima.submission import prepare_evaluation
+
+    site_list = [x.strip() for x in sites.split(",") if x.strip()] if sites is not None else None
+    ready = prepare_evaluation(
+        model,
+        spec_file=spec_path,
+        sites=site_list,
+        dataset=dataset,
+        name=name,
+        bundle_file=bundle,
+        signing_keys=sign_with or (),
+    )
+    with Client(hub_url, token) as client:
+        exp = client.submit(ready.spec, ready.initial_weights, bundle=ready.bundle.data if ready.bundle else None)
+    where = ", ".join(exp.spec.get("sites") or []) or "every site"
+    console.print(f"experiment [bold]{exp.id}[/] ({exp.name}) submitted: evaluates {model} at {where}")
+    console.print(f"results: `laulima experiment cross-site {exp.id}`")
+
+
+@experiment_app.command("cross-site")
+def experiment_cross_site(
+    experiment_id: int,
+    hub_url: HubUrl,
+    token: Token,
+    metric: Annotated[str, typer.Option("--metric", help="The metric to tabulate.")] = "dice_mean",
+) -> None:
+    """Show the evaluation after training as a table: one row per model (the global model, each
+    site's local-only model), the pooled value (n_samples-weighted) and one column per site."""
+    from rich.markup import escape
+
+    from laulima.client import Client
+
+    with Client(hub_url, token) as client:
+        matrix = client.cross_site(experiment_id)
+    shown = metric
+    names = {m for row in matrix.cells.values() for cell in row.values() for m in cell.metrics}
+    if names and metric not in names:
+        shown = sorted(names)[0]
+        console.print(
+            f"[yellow]no metric {escape(metric)!r}; showing {escape(shown)!r} (have: {', '.join(sorted(names))})[/]"
+        )
+    title = f"experiment {experiment_id}: {shown}" + ("" if matrix.complete else " (still running)")
+    table = Table("model", "pooled", *[escape(site) for site in matrix.sites], title=title)
+    for model in matrix.models:
+        row = matrix.cells.get(model, {})
+        pooled = matrix.pooled.get(model)
+        cells = [
+            _cell(row[site].metrics.get(shown), row[site].n_samples) if site in row else "-" for site in matrix.sites
+        ]
+        total = _cell(pooled.metrics.get(shown), pooled.n_samples) if pooled else "-"
+        table.add_row(escape(model), total, *cells)
+    console.print(table)
+    for f in matrix.failures:  # sites' own words: never read as markup
+        console.print(f"[yellow]{escape(f.model)} at {escape(f.site)} ({f.kind})[/]: {escape(f.reason)}")
+
+
+def _cell(value: float | None, n: int) -> str:
+    return "-" if value is None else f"{value:.4f} (n={n})"
+
+
 @experiment_app.command("list")
 def experiment_list(hub_url: HubUrl, token: Token) -> None:
     """List experiments."""
@@ -372,7 +456,12 @@ def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None
         rounds = client.rounds(experiment_id)
         metrics = client.metrics(experiment_id)
         refusals = client.refusals(experiment_id)
-    console.print(f"[bold]{exp.name}[/] (#{exp.id}) {exp.status}, round {exp.rounds_done}/{exp.rounds}")
+    if exp.mode == "evaluate":
+        console.print(f"[bold]{exp.name}[/] (#{exp.id}) {exp.status}, evaluation of a given model")
+    else:
+        console.print(f"[bold]{exp.name}[/] (#{exp.id}) {exp.status}, round {exp.rounds_done}/{exp.rounds}")
+    if exp.phase is not None:
+        console.print(f"phase: {exp.phase}")
     if exp.error:
         console.print(f"[red]{exp.error}[/]")
     if exp.waiting:
@@ -429,14 +518,18 @@ def experiment_model(
     hub_url: HubUrl,
     token: Token,
     output: Annotated[Path, typer.Option(help="Where to write the safetensors file.")] = Path("model.safetensors"),
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="global (default), or local:SITE: a site's local-only model (cross-site)."),
+    ] = None,
 ) -> None:
-    """Download the newest global model as bare weights (safetensors); `laulima experiment export` builds the
-    model folder that `laulima predict` runs."""
+    """Download the newest global model (or a local-only one) as bare weights (safetensors); `laulima experiment
+    export` builds the model folder that `laulima predict` runs."""
     from laulima.client import Client
 
     with Client(hub_url, token) as client:
-        client.download_model(experiment_id, output)
-    console.print(f"global model of experiment {experiment_id} → {output}")
+        client.download_model(experiment_id, output, model=model)
+    console.print(f"{model or 'global'} model of experiment {experiment_id} → {output}")
 
 
 @experiment_app.command("export")
@@ -494,18 +587,25 @@ def sim(
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="The short preset (under 5 minutes on 2 cores).")] = False,
     preset: Annotated[str | None, typer.Option(help="Preset name: quick, default or test.")] = None,
-    workdir: Annotated[Path, typer.Option(help="Where phantoms, hub, sites and the report go.")] = Path(
-        "laulima-demo"
-    ),
+    workdir: Annotated[Path, typer.Option(help="Where phantoms, hub, sites and the report go.")] = Path("laulima-demo"),
     baselines: Annotated[bool, typer.Option(help="Also train the centralized and local-only baselines.")] = True,
+    task: Annotated[
+        str, typer.Option(help="brain-tumour (the headline) or brain-tissue (CSF, grey and white matter).")
+    ] = "brain-tumour",
+    strategy_comparison: Annotated[
+        Path | None,
+        typer.Option(help="JSON lines of benchmarks/strategies.py to include in the report."),
+    ] = None,
 ) -> None:
-    """Federated brain MRI segmentation across three simulated hospitals, with a report."""
-    from laulima.demo import PRESETS, run_demo
+    """Federated brain tumour segmentation across three simulated hospitals, with a report."""
+    from laulima.demo import presets, read_strategy_comparison, run_demo
 
+    available = presets(task)
     name = preset or ("quick" if quick else "default")
-    if name not in PRESETS:
-        raise ConfigurationError(f"--preset {name!r}: choose one of {', '.join(PRESETS)}", field="preset")
-    run_demo(PRESETS[name], workdir, console, baselines=baselines)
+    if name not in available:
+        raise ConfigurationError(f"--preset {name!r}: choose one of {', '.join(available)}", field="preset")
+    rows = read_strategy_comparison(strategy_comparison) if strategy_comparison is not None else None
+    run_demo(available[name], workdir, console, baselines=baselines, strategy_comparison=rows)
 
 
 @app.command()

@@ -19,6 +19,7 @@ import httpx
 from laulima.core.protocol import (
     API_PREFIX,
     BlobCreated,
+    CrossSiteMatrix,
     ErrorBody,
     ExperimentCreate,
     ExperimentPublic,
@@ -146,6 +147,23 @@ class Client:
         body = ExperimentCreate(spec=spec, initial_weights=blob.digest).model_dump()
         return ExperimentPublic.model_validate(self._request("POST", "/experiments", json=body))
 
+    def evaluate(self, spec: dict[str, Any], weights: bytes, bundle: bytes | None = None) -> ExperimentPublic:
+        """Submit an evaluate-mode experiment: ``weights`` (safetensors bytes, e.g. a model trained
+        elsewhere) are evaluated at the spec's sites (all, for ``sites = []``); nothing is trained.
+        ``spec`` gets ``mode = "evaluate"``; a spec asking for another mode is refused here."""
+        if spec.get("mode", "evaluate") != "evaluate":
+            raise ConfigurationError(
+                f"field 'mode': {spec['mode']!r}, but Client.evaluate submits an evaluation; drop the field or "
+                "use Client.submit",
+                field="mode",
+            )
+        return self.submit({**spec, "mode": "evaluate"}, weights, bundle)
+
+    def cross_site(self, experiment_id: int) -> CrossSiteMatrix:
+        """The experiment's evaluation after training as models x sites, pooled per model
+        (``complete`` is False while tasks are still out)."""
+        return CrossSiteMatrix.model_validate(self._request("GET", f"/experiments/{experiment_id}/cross-site"))
+
     def experiments(self) -> list[ExperimentPublic]:
         return [ExperimentPublic.model_validate(x) for x in self._request("GET", "/experiments")]
 
@@ -175,10 +193,13 @@ class Client:
         data = self._request("GET", f"/experiments/{experiment_id}/refusals")
         return [RefusalRecord.model_validate(x) for x in data]
 
-    def download_model(self, experiment_id: int, dest: Path) -> Path:
-        """Stream the newest global model into ``dest`` (safetensors)."""
+    def download_model(self, experiment_id: int, dest: Path, *, model: str | None = None) -> Path:
+        """Stream the newest global model (or ``model="local:<site>"``, a site's local-only model
+        of the cross-site evaluation) into ``dest`` (safetensors)."""
+        dest = Path(dest)
         tmp = dest.with_name(dest.name + ".part")
-        with self._stream("GET", f"/experiments/{experiment_id}/model") as chunks, tmp.open("wb") as fh:
+        path = f"/experiments/{experiment_id}/model" + (f"?model={quote(model, safe=':')}" if model else "")
+        with self._stream("GET", path) as chunks, tmp.open("wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
         tmp.replace(dest)

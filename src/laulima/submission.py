@@ -11,8 +11,10 @@ imported from the bundle exactly as a site will import it.
 
 from __future__ import annotations
 
+import re
 import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,11 +23,11 @@ from typing import Any
 
 from laulima.algorithms.base import Algorithm, load_algorithm
 from laulima.algorithms.bundle import PackedBundle, is_builtin, load_entry_point, pack, sign, unpack, verify
-from laulima.core.spec import ExperimentSpec
-from laulima.core.weights import to_safetensors
-from laulima.errors import ConfigurationError, DataError
+from laulima.core.spec import ExperimentSpec, parse_spec
+from laulima.core.weights import check_matches, from_safetensors, schema_of, to_safetensors
+from laulima.errors import ConfigurationError, DataError, SpecError
 
-__all__ = ["CLIENT_ONLY_FIELDS", "Submission", "prepare"]
+__all__ = ["CLIENT_ONLY_FIELDS", "Submission", "prepare", "prepare_evaluation"]
 
 CLIENT_ONLY_FIELDS = ("source", "requirements")
 """Spec fields that describe the scientist's machine; they never reach the hub."""
@@ -61,6 +63,13 @@ def prepare(
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     bundle = _bundle_of(spec, base, bundle_file)
+    return Submission(
+        spec=_hub_spec(spec, bundle, signing_keys), bundle=bundle, initial_weights=initial_weights_bytes(spec, bundle)
+    )
+
+
+def _hub_spec(spec: ExperimentSpec, bundle: PackedBundle | None, signing_keys: Sequence[str | Path]) -> dict[str, Any]:
+    """The spec as the hub receives it: no local paths, the bundle's digest and signatures."""
     data = spec.model_dump(mode="json", exclude=set(CLIENT_ONLY_FIELDS))
     if bundle is not None:
         data["bundle"] = bundle.digest
@@ -74,7 +83,115 @@ def prepare(
         raise ConfigurationError(
             f"algorithm {spec.algorithm!r} is a built-in; only bundles are signed (drop --sign)", field="signatures"
         )
-    return Submission(spec=data, bundle=bundle, initial_weights=initial_weights_bytes(spec, bundle))
+    return data
+
+
+def prepare_evaluation(
+    model: str | Path,
+    *,
+    spec_file: str | Path | None = None,
+    sites: Sequence[str] | None = None,
+    dataset: str | None = None,
+    name: str | None = None,
+    bundle_file: str | Path | None = None,
+    signing_keys: Sequence[str | Path] = (),
+) -> Submission:
+    """An evaluate-mode experiment for ``model``: the weights to score and a spec saying how.
+
+    ``model`` is an exported model folder (``model.safetensors`` and its ``model.json`` card,
+    from ``laulima experiment export`` or the demo; the card gives the algorithm's parameters
+    and, for a hub's experiment, its algorithm and dataset) or a ``.safetensors`` file, which
+    needs ``spec_file``: a TOML spec with the algorithm, dataset and config (``mode`` is set to
+    ``evaluate``; ``rounds`` and training settings must be left out). ``sites``, ``dataset`` and
+    ``name`` override the spec's. The weights must have the tensors, shapes and dtypes of the
+    algorithm's own initial model, checked here before anything is uploaded; a bundled
+    algorithm is packed (or read) and signed exactly as for training.
+    """
+    path = Path(model).expanduser()
+    card: dict[str, Any] | None = None
+    if path.is_dir():
+        from laulima.export import WEIGHTS_FILE, read_card  # torch: only for model folders
+
+        card = read_card(path)
+        weights_path = path / WEIGHTS_FILE
+    elif path.is_file():
+        weights_path = path
+        if spec_file is None:
+            raise ConfigurationError(
+                f"{path}: bare weights do not say which algorithm and config they are for; give --spec SPEC.toml "
+                "(algorithm, dataset, [config]) or an exported model folder",
+                field="spec",
+            )
+    else:
+        raise ConfigurationError(
+            f"{path}: no such model; give an exported model folder (model.safetensors + model.json) or a "
+            ".safetensors file with --spec",
+            file=str(path),
+        )
+    base = Path(spec_file).parent if spec_file is not None else Path.cwd()
+    data = _read_toml(Path(spec_file)) if spec_file is not None else _spec_from_card(card or {}, path, dataset)
+    data["mode"] = "evaluate"
+    if sites is not None:
+        data["sites"] = list(sites)
+    if dataset is not None:
+        data["dataset"] = dataset
+    if name is not None:
+        data["name"] = name
+    data.setdefault("name", _evaluation_name(path))
+    spec = parse_spec(data, source=str(spec_file) if spec_file is not None else str(path / "model.json"))
+    bundle = _bundle_of(spec, base, bundle_file)
+    try:
+        weights = weights_path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{weights_path}: cannot read the weights ({exc.strerror or exc})", file=str(weights_path)
+        ) from exc
+    expected = schema_of(from_safetensors(initial_weights_bytes(spec, bundle), where="the algorithm's initial model"))
+    check_matches(expected, schema_of(from_safetensors(weights, where=str(weights_path))), where=str(weights_path))
+    return Submission(spec=_hub_spec(spec, bundle, signing_keys), bundle=bundle, initial_weights=weights)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return dict(tomllib.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError as exc:
+        raise SpecError(f"{path}: no such spec file", file=str(path)) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"{path}: cannot read the spec file ({exc})", file=str(path)) from exc
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:
+        raise SpecError(f"{path}: not valid TOML: {exc}", file=str(path)) from exc
+
+
+SEGMENTATION_ENTRY_POINT = "laulima.algorithms.segmentation:UNetSegmentation"
+"""The algorithm of exported model folders (``laulima.export`` writes U-Nets only)."""
+
+
+def _spec_from_card(card: dict[str, Any], path: Path, dataset: str | None) -> dict[str, Any]:
+    """What an exported model's card says about the algorithm: its parameters always; its
+    algorithm, dataset and seed when it came from a hub's experiment (``training.spec``)."""
+    raw = card.get("training")
+    training: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    raw = training.get("spec")
+    trained: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    data: dict[str, Any] = {
+        "algorithm": trained.get("algorithm") or SEGMENTATION_ENTRY_POINT,
+        "config": card.get("params") or trained.get("config") or {},
+    }
+    for key in ("dataset", "seed", "cohort"):
+        if trained.get(key) is not None:
+            data[key] = trained[key]
+    if "dataset" not in data and dataset is None:
+        raise ConfigurationError(
+            f"{path}: the model's card does not say which dataset it evaluates on; give --dataset NAME",
+            field="dataset",
+        )
+    return data
+
+
+def _evaluation_name(path: Path) -> str:
+    """A spec name from the model's file or folder name (letters, digits, ``._-``)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem if path.is_file() else path.name).strip("-._") or "model"
+    return f"{stem[:50]}-evaluation"
 
 
 def _bundle_of(spec: ExperimentSpec, base: Path, bundle_file: str | Path | None) -> PackedBundle | None:

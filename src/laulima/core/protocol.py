@@ -19,15 +19,20 @@ from laulima.core.metrics import checked_metrics
 __all__ = [
     "API_PREFIX",
     "BlobCreated",
+    "CrossSiteCell",
+    "CrossSiteFailure",
+    "CrossSiteMatrix",
     "ErrorBody",
     "EvaluationResult",
     "ExperimentCreate",
+    "ExperimentPhase",
     "ExperimentPublic",
     "ExperimentStatus",
     "FailureKind",
     "Header",
     "MetaKey",
     "MetricRecord",
+    "ModelLabel",
     "RefusalRecord",
     "RoundPublic",
     "Role",
@@ -114,6 +119,27 @@ class ExperimentStatus(StrEnum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class ExperimentPhase(StrEnum):
+    """What a running experiment is doing (``ExperimentPublic.phase``)."""
+
+    TRAINING = "training"
+    """Rounds are open (or about to open)."""
+    FINAL_EVALUATION = "final evaluation"
+    """Training is done; the last round's evaluation is still out."""
+    LOCAL_MODELS = "local models"
+    """Cross-site evaluation, first step: sites train their local-only models."""
+    CROSS_SITE = "cross-site evaluation"
+    """The final global (and local-only) models are evaluated at every participating site."""
+    EVALUATION = "evaluation"
+    """An evaluate-mode experiment: the given model is evaluated at its sites."""
+
+
+ModelLabel = Annotated[str, Field(pattern=r"^(global|model|local:[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")]
+"""Which model a task after training runs on, kept at the hub (never sent to a site): ``global``
+(the final global model), ``local:<site>`` (that site's local-only model), ``model`` (the model
+an evaluate-mode experiment scores)."""
 
 
 class FailureKind(StrEnum):
@@ -323,6 +349,10 @@ class ExperimentPublic(_Msg):
     site_notes: dict[str, str] = {}
     """What sites of the open round (or of the last evaluation) are doing, when it is news:
     waiting for approval, refused, failed — so the scientist learns it before the round ends."""
+    mode: Literal["train", "evaluate"] = "train"
+    """The spec's ``mode``: a training run, or the evaluation of a given model."""
+    phase: ExperimentPhase | None = None
+    """What a running experiment is doing; None once it has finished."""
 
 
 class ShareCreate(_Msg):
@@ -337,6 +367,48 @@ class MetricRecord(_Msg):
     kind: TaskKind
     n_samples: int
     metrics: dict[str, float]
+    model: str | None = None
+    """Which model the record is about, for tasks after training (round ``rounds + 1``):
+    ``global``, ``local:<site>`` or ``model`` (see :data:`ModelLabel`). None for the records
+    of ordinary rounds (the global model of that round, or a site's update)."""
+
+
+class CrossSiteCell(_Msg):
+    """One model's evaluation at one site (or pooled over sites)."""
+
+    n_samples: int
+    metrics: dict[str, float]
+
+
+class CrossSiteFailure(_Msg):
+    """A task of the cross-site evaluation that gave no result, and why: the cell (or, for
+    a local model's training, the whole row) is missing from the matrix."""
+
+    model: str
+    site: str
+    kind: TaskKind
+    """``train``: the site did not produce its local model; ``evaluate``: one cell is missing."""
+    reason: str
+
+
+class CrossSiteMatrix(_Msg):
+    """Models x sites: each model's evaluation at each site, and pooled over the sites.
+
+    ``pooled[model]``: per metric, the mean over the sites that reported it, weighted by their
+    ``n_samples`` (unweighted if all counted zero), and the total ``n_samples``."""
+
+    experiment_id: int
+    round: int
+    """The round index of these tasks (the experiment's ``rounds + 1``)."""
+    models: list[str]
+    """``global`` first, then ``local:<site>`` in site order (``model`` for evaluate mode)."""
+    sites: list[str]
+    cells: dict[str, dict[str, CrossSiteCell]]
+    """model -> site -> result; a missing entry had no result (see ``failures``)."""
+    pooled: dict[str, CrossSiteCell]
+    failures: list[CrossSiteFailure] = []
+    complete: bool = False
+    """Whether every task is settled (the experiment has moved on or finished)."""
 
 
 class RefusalRecord(_Msg):

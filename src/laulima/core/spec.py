@@ -22,6 +22,7 @@ __all__ = [
     "APPROVAL_TIMEOUT_S",
     "CONFIG_MAX_BYTES",
     "CONFIG_MAX_DEPTH",
+    "MAX_LOCAL_MODELS",
     "MAX_SIGNATURES",
     "MAX_SITES",
     "MAX_TIMEOUT_S",
@@ -67,7 +68,7 @@ class _Strict(BaseModel):
 class StrategySpec(_Strict):
     """Which strategy aggregates the updates, and its parameters (see core.strategies)."""
 
-    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed_mean"] = "fedavg"
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "trimmed_mean", "feddc", "krum"] = "fedavg"
     proximal_mu: Annotated[float, Field(ge=0, le=1e4)] = 0.01
     server_lr: Annotated[float, Field(gt=0, le=1e3)] = 0.1
     beta_1: Annotated[float, Field(ge=0, lt=1)] = 0.9
@@ -75,6 +76,32 @@ class StrategySpec(_Strict):
     tau: Annotated[float, Field(ge=1e-12, le=1e3)] = 1e-3
     """Adaptivity floor; at least 1e-12 so ``tau**2`` stays a normal float64."""
     trim_fraction: Annotated[float, Field(ge=0, lt=0.5)] = 0.2
+    daisy_period: Annotated[int, Field(ge=1, le=1000)] = 1
+    """FedDC: after every ``daisy_period``-th round (that is not an aggregation round) each site
+    continues from another site's model, drawn from the experiment's seed. *Privacy:* that
+    model was trained since the last aggregation on one other hospital's data only, and the
+    receiving site holds it: a stronger exposure than an average; weigh it before admitting."""
+    aggregation_period: Annotated[int, Field(ge=2, le=1000)] = 4
+    """FedDC: after every ``aggregation_period``-th round every site continues from the FedAvg
+    aggregate (the hub stores that aggregate every round as the global model regardless).
+    Greater than ``daisy_period``, or no model would ever be passed on."""
+    krum_f: Annotated[int, Field(ge=0, le=(MAX_SITES - 3) // 2)] = 1
+    """Krum: how many Byzantine sites to tolerate; needs ``min_sites >= 2 * krum_f + 3``."""
+    krum_m: Annotated[int, Field(ge=1, le=MAX_SITES)] = 1
+    """Krum: how many of the best-scored updates to average (1: Krum, more: multi-Krum, an
+    unweighted mean); needs ``min_sites >= krum_m + krum_f``."""
+
+    @model_validator(mode="after")
+    def _daisy_before_aggregation(self) -> StrategySpec:
+        if self.name == "feddc" and self.daisy_period >= self.aggregation_period:
+            reason = (
+                f"daisy_period = {self.daisy_period} is not below aggregation_period = {self.aggregation_period}: "
+                "every model would be averaged before it is passed on; lower daisy_period or raise aggregation_period"
+            )
+            raise PydanticCustomError(
+                "daisy_period_too_long", "{reason}", {"path": "strategy.daisy_period", "reason": reason}
+            )
+        return self
 
 
 class EvaluationSpec(_Strict):
@@ -83,12 +110,46 @@ class EvaluationSpec(_Strict):
     every: Annotated[int, Field(ge=0, le=100_000)] = 1
     """Evaluate after every N-th round; 0 evaluates only the final model."""
     final: bool = True
+    cross_site: bool = False
+    """After the last round, evaluate the final global model at every participating site (a
+    site that contributed an update), as tasks of round ``rounds + 1`` labelled ``global``."""
+    local_models: bool = False
+    """With ``cross_site``: each participating site first trains a model on its own data only,
+    from the initial weights, for the budget it spent in the federation (its rounds x
+    ``local_steps``, or x ``local_epochs``); every such model (``local:<site>``) is then
+    evaluated at every participating site. *Privacy:* a model trained on one hospital's data
+    alone leaves that hospital and is evaluated at the others; a site's policy may refuse it
+    (``local_models = "refuse"``)."""
+
+    @model_validator(mode="after")
+    def _local_needs_cross_site(self) -> EvaluationSpec:
+        if self.local_models and not self.cross_site:
+            reason = "local models are only evaluated in the cross-site matrix; set `cross_site = true` as well"
+            raise PydanticCustomError(
+                "local_models_without_cross_site", "{reason}", {"path": "evaluation.local_models", "reason": reason}
+            )
+        return self
+
+
+MAX_LOCAL_MODELS = 64
+"""Most local-only models a cross-site evaluation trains: every one is evaluated at every
+participating site, so the matrix costs sites squared tasks. Past this many participating
+sites only the global model is evaluated (and the experiment says so)."""
+
+_TRAINING_ONLY = ("local_epochs", "local_steps", "max_update_norm", "max_samples_per_site", "strategy", "evaluation")
+"""Fields an evaluate-mode spec must leave at their defaults: nothing is trained."""
 
 
 class ExperimentSpec(_Strict):
     """A federated experiment. Loaded from TOML; every error names the field."""
 
     name: Annotated[str, Field(pattern=_NAME)]
+    mode: Literal["train", "evaluate"] = "train"
+    """``train``: a federated training run of ``rounds`` rounds. ``evaluate``: no training; the
+    initial weights (the model to score) are evaluated once at each selected site, as tasks
+    of round 1 labelled ``model``. ``rounds`` is then 0 (or omitted) and training-only fields
+    (``local_epochs``, ``local_steps``, ``strategy``, ``evaluation``, ``max_update_norm``,
+    ``max_samples_per_site``) must be left out."""
     algorithm: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=200)]
     """Entry point ``package.module:Class`` of a ``laulima.Algorithm``: a built-in
     (``laulima.algorithms.*``), or the entry point of the bundle named by ``bundle`` (or packed
@@ -117,7 +178,8 @@ class ExperimentSpec(_Strict):
     series description, a minimum size); resolved at each site (core/cohort.py)."""
     sites: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(max_length=MAX_SITES)] = []
     """Sites that take part; empty means every site registered when the experiment starts."""
-    rounds: Annotated[int, Field(ge=1, le=100_000)]
+    rounds: Annotated[int, Field(ge=0, le=100_000)]
+    """Training rounds: at least 1 with ``mode = "train"``, 0 (or omitted) with ``"evaluate"``."""
     local_epochs: Annotated[int, Field(ge=0, le=100_000)] = 1
     local_steps: Annotated[int, Field(ge=0, le=100_000_000)] = 0
     """Optimizer steps per round; when > 0 it replaces local_epochs."""
@@ -126,7 +188,8 @@ class ExperimentSpec(_Strict):
     task_timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = None
     """Time limit for one algorithm run at a site; defaults to round_timeout_s."""
     max_update_norm: Annotated[float, Field(gt=0, le=1e30)] | None = None
-    """Refuse updates whose L2 distance to the global model exceeds this."""
+    """Refuse updates whose L2 distance to the weights their task was given (the global model;
+    with FedDC, possibly another site's model) exceeds this."""
     max_samples_per_site: Annotated[int, Field(ge=1, le=N_SAMPLES_MAX)] | None = None
     """Cap on the ``n_samples`` one site may claim for one update (its weight in FedAvg);
     None: only the hub's own bounds apply (N_SAMPLES_MAX, the cases a site reported)."""
@@ -139,6 +202,56 @@ class ExperimentSpec(_Strict):
     evaluation: EvaluationSpec = EvaluationSpec()
     config: dict[str, Any] = {}
     """Free-form parameters handed to the algorithm (learning rate, batch size, ...)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rounds_of_mode(cls, data: Any) -> Any:
+        # Before the fields: an evaluate-mode spec may omit ``rounds`` (0), a training one
+        # needs at least one round. Anything not a table is left to pydantic's own error.
+        if not isinstance(data, dict):
+            return data
+        if data.get("mode") == "evaluate":
+            rounds = data.get("rounds", 0)
+            if rounds != 0 or isinstance(rounds, bool):
+                reason = (
+                    f"is {rounds!r}, but mode = 'evaluate' trains nothing; leave `rounds` out (or 0), or use "
+                    "mode = 'train'"
+                )
+                raise PydanticCustomError("evaluate_rounds", "{reason}", {"path": "rounds", "reason": reason})
+            return {**data, "rounds": 0}
+        rounds = data.get("rounds")
+        if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds < 1:
+            reason = (
+                f"Input should be greater than or equal to 1 (is {rounds}); a training experiment runs at least one "
+                "round (mode = 'evaluate' only scores a model)"
+            )
+            raise PydanticCustomError("greater_than_equal", "{reason}", {"path": "rounds", "reason": reason})
+        return data
+
+    @model_validator(mode="after")
+    def _evaluate_mode_trains_nothing(self) -> ExperimentSpec:
+        if self.mode != "evaluate":
+            return self
+        defaults = ExperimentSpec.model_fields
+        for name in _TRAINING_ONLY:
+            if getattr(self, name) != defaults[name].get_default(call_default_factory=True):
+                reason = (
+                    "is a training setting, but mode = 'evaluate' trains nothing; leave it out (or submit a "
+                    "training experiment, whose [evaluation] cross_site = true evaluates its final model everywhere)"
+                )
+                raise PydanticCustomError("evaluate_training_field", "{reason}", {"path": name, "reason": reason})
+        return self
+
+    @property
+    def final_index(self) -> int:
+        """The round index of the tasks that follow training: the cross-site evaluation (and
+        its local-only models) of a training run, the one evaluation of an evaluate-mode run."""
+        return self.rounds + 1
+
+    @property
+    def has_finale(self) -> bool:
+        """Whether tasks labelled with a model (round ``final_index``) follow the rounds."""
+        return self.mode == "evaluate" or self.evaluation.cross_site
 
     @field_validator("sites")
     @classmethod
@@ -190,6 +303,23 @@ class ExperimentSpec(_Strict):
                 f"min_sites = {self.min_sites} but only {len(self.sites)} sites are listed; "
                 "lower min_sites or list more sites"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _krum_quorum(self) -> ExperimentSpec:
+        # Krum's guarantee needs n >= 2f + 3 results; min_sites is the only bound on n the hub
+        # enforces, so it must promise that many (and krum_m + krum_f, so no Byzantine update
+        # must be averaged).
+        strategy = self.strategy
+        if strategy.name == "krum":
+            need = max(2 * strategy.krum_f + 3, strategy.krum_m + strategy.krum_f)
+            if self.min_sites < need:
+                reason = (
+                    f"min_sites = {self.min_sites}, but strategy krum with krum_f = {strategy.krum_f} and krum_m = "
+                    f"{strategy.krum_m} needs at least {need} results per round (2 * krum_f + 3, and krum_m + "
+                    "krum_f); raise min_sites (and list that many sites) or lower krum_f / krum_m"
+                )
+                raise PydanticCustomError("krum_quorum", "{reason}", {"path": "min_sites", "reason": reason})
         return self
 
     @property

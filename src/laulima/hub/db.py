@@ -35,6 +35,7 @@ __all__ = [
     "Metric",
     "Refusal",
     "Round",
+    "RoundHandoff",
     "Session",
     "SessionFactory",
     "Site",
@@ -189,6 +190,11 @@ class Task(Base):
     /tasks/{id}/waiting``): the task is not handed out, and its round waits for it until the
     experiment's approval deadline."""
     waiting_since: Mapped[float | None] = mapped_column(default=None)
+    model: Mapped[str | None] = mapped_column(String(80), default=None)
+    """For the tasks after training (round ``rounds + 1``): which model the task trains or
+    evaluates — ``global``, ``local:<site>``, ``model`` (evaluate mode). Kept here, never in
+    the task's config, so no site learns whose local model it is evaluating. None for the
+    tasks of ordinary rounds."""
 
 
 class Update(Base):
@@ -206,6 +212,29 @@ class Update(Base):
     received_at: Mapped[float]
 
 
+class RoundHandoff(Base):
+    """Which model a site continues from in the round after ``round`` (FedDC's daisy chain).
+
+    Written in the checkpoint transaction of ``round``; read when round ``round + 1`` opens,
+    whose TRAIN task of ``site`` then gets ``digest`` as its weights. ``digest`` is a blob the
+    hub wrote: the sender's update without its metadata (sample count, metrics, task), so the
+    receiver learns nothing about the sender but the weights. A plain column, so the blob
+    clean-up can see it (hub/housekeeping.py: alive while the experiment runs and has not
+    checkpointed a later round)."""
+
+    __tablename__ = "round_handoffs"
+    __table_args__ = (UniqueConstraint("experiment_id", "round", "site"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"))
+    round: Mapped[int]
+    site: Mapped[str] = mapped_column(String(64))
+    """The receiver."""
+    sender: Mapped[str] = mapped_column(String(64))
+    """The site whose update this was (for the hub's own records; never sent to a site)."""
+    digest: Mapped[str] = mapped_column(_DIGEST, index=True)
+
+
 class Metric(Base):
     __tablename__ = "metrics"
 
@@ -216,6 +245,8 @@ class Metric(Base):
     kind: Mapped[str] = mapped_column(String(16))
     n_samples: Mapped[int]
     metrics_json: Mapped[str] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(String(80), default=None)
+    """Copied from the task's ``model``: which model these numbers are about (None: an ordinary round)."""
 
 
 class Refusal(Base):

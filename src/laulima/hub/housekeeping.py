@@ -1,8 +1,8 @@
 """What keeps a blob alive, and the clean-up of the blobs and uploads that nothing keeps alive.
 
 A blob is *referenced* while a row points at it: a task's weights, an experiment's initial
-or global model, strategy state or algorithm bundle, a round's models, an update, a person's
-upload. The
+or global model, strategy state or algorithm bundle, a round's models, an update, a FedDC
+handoff, a person's upload. The
 one list of those columns is here, so the orchestrator's deletion of spent updates, the
 blob store's last check before a delete, the upload quota and this clean-up all agree.
 
@@ -20,12 +20,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, delete, select
+from sqlalchemy import ColumnElement, Select, and_, delete, exists, select
 from sqlalchemy.orm import InstrumentedAttribute
 
-from laulima.core.protocol import RoundStatus
+from laulima.core.protocol import ExperimentStatus, RoundStatus, TaskKind
 from laulima.hub.blobstore import BlobStore
-from laulima.hub.db import Experiment, Round, Session, SessionFactory, Task, Update, Upload
+from laulima.hub.db import Experiment, Round, RoundHandoff, Session, SessionFactory, Task, Update, Upload
 
 __all__ = [
     "COLLECT_INTERVAL_S",
@@ -52,11 +52,14 @@ def _holders(*, spent_updates: bool, uploads: bool) -> list[_Holder]:
     """Every column that refers to a blob, with the query of its non-null values.
 
     ``spent_updates``: whether updates of closed rounds count (their blobs are deleted after
-    the checkpoint unless the hub keeps updates). ``uploads``: whether people's upload
-    records count (they do for blobs; not when asking whether an experiment uses an upload).
+    the checkpoint unless the hub keeps updates), and with them FedDC's handoffs that are
+    used up: a handoff of round r (``round_handoffs``) is alive while its experiment runs and
+    has not checkpointed round r + 1; a training task's weights, while its round is open (a
+    closed round's global input stays held by ``rounds.global_in_digest``). ``uploads``:
+    whether people's upload records count (they do for blobs; not when asking whether an
+    experiment uses an upload).
     """
     columns: list[InstrumentedAttribute[Any]] = [
-        Task.weights_digest,
         Experiment.initial_digest,
         Experiment.global_digest,
         Experiment.strategy_state_digest,
@@ -67,12 +70,34 @@ def _holders(*, spent_updates: bool, uploads: bool) -> list[_Holder]:
     ]
     holders: list[_Holder] = [(c, select(c).where(c.is_not(None))) for c in columns]
     if spent_updates:
+        holders.append((Task.weights_digest, select(Task.weights_digest)))
+        holders.append((RoundHandoff.digest, select(RoundHandoff.digest)))
         holders.append((Update.digest, select(Update.digest)))
     else:
+        closed_training = exists().where(
+            Task.kind == TaskKind.TRAIN,
+            Round.experiment_id == Task.experiment_id,
+            Round.index == Task.round,
+            Round.status != RoundStatus.OPEN,
+        )
+        holders.append((Task.weights_digest, select(Task.weights_digest).where(~closed_training)))
+        pending = (Experiment.id == RoundHandoff.experiment_id) & (Experiment.rounds_done == RoundHandoff.round)
+        holders.append(
+            (
+                RoundHandoff.digest,
+                select(RoundHandoff.digest)
+                .join(Experiment, pending)
+                .where(Experiment.status == ExperimentStatus.RUNNING),
+            )
+        )
         open_round = (Round.experiment_id == Update.experiment_id) & (Round.index == Update.round)
         holders.append(
             (Update.digest, select(Update.digest).join(Round, open_round).where(Round.status == RoundStatus.OPEN))
         )
+        # Local-only models (labelled training tasks, no round) are results, not spent updates:
+        # kept, and downloadable, for as long as their experiment exists.
+        local_model = (Task.id == Update.task_id) & Task.model.is_not(None)
+        holders.append((Update.digest, select(Update.digest).join(Task, local_model)))
     if uploads:
         holders.append((Upload.digest, select(Upload.digest)))
     return holders

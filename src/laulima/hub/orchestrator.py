@@ -21,10 +21,11 @@ from typing import BinaryIO
 import numpy as np
 from sqlalchemy.exc import OperationalError
 
+from laulima.core.crosssite import GLOBAL, MODEL, local_label
 from laulima.core.protocol import ExperimentStatus, TaskKind, TaskStatus
 from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due, failure_note
-from laulima.core.spec import ExperimentSpec
-from laulima.core.strategies import FitResult, Strategy, build_strategy
+from laulima.core.spec import MAX_LOCAL_MODELS, MAX_TIMEOUT_S, ExperimentSpec
+from laulima.core.strategies import FitResult, NotEnoughResults, Strategy, build_strategy
 from laulima.core.weights import Weights, WeightsSchema, check_weights_finite, safetensors_chunks
 from laulima.errors import WeightsError
 from laulima.hub.blobstore import BlobStore, experiment_key
@@ -35,6 +36,9 @@ from laulima.hub.validation import Source, approval_deadline, open_source, read_
 __all__ = ["LazyWeights", "NonFiniteAggregate", "Orchestrator", "store_weights"]
 
 log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 4000
+"""Longest failure text an experiment keeps (every site's reason, cut)."""
 
 
 class LazyWeights(Mapping[str, np.ndarray]):
@@ -193,6 +197,8 @@ class Orchestrator:
             return self._close_if_due(exp, spec, rnd, tasks, updates)
         if exp.rounds_done < exp.rounds:
             return self._open_next(exp, spec)
+        if spec.has_finale:  # evaluate mode, or the cross-site matrix after training
+            return self._finale(exp, spec)
         if not svc.evaluations_pending(experiment_id):
             return svc.finish_experiment(experiment_id, ExperimentStatus.COMPLETED)
         return False
@@ -220,8 +226,18 @@ class Orchestrator:
             **strategy.fit_config(index),
         }
         deadline = self.clock() + spec.round_timeout_s
+        # FedDC: a site continues from the model handed to it at the last checkpoint; every other
+        # site (any strategy, a new site, one that failed last round) from the global model.
+        handed = self.service.handoffs(exp.id, index - 1) if index > 1 else {}
         tasks = [
-            NewTask(site, TaskKind.TRAIN, exp.global_digest, config, deadline, spec.effective_task_timeout_s)
+            NewTask(
+                site,
+                TaskKind.TRAIN,
+                handed.get(site, exp.global_digest),
+                config,
+                deadline,
+                spec.effective_task_timeout_s,
+            )
             for site in sites
         ]
         if not self.service.open_round(exp.id, index, sites, tasks, deadline, left_out=left_out):
@@ -268,7 +284,8 @@ class Orchestrator:
         chosen = [u for u in updates if u.site in decision.sites]
         try:
             new_digest, state_digest = self._aggregate(spec, rnd, chosen)
-        except NonFiniteAggregate as exc:
+            handoffs = self._handoffs(exp, spec, rnd, chosen)
+        except (NonFiniteAggregate, NotEnoughResults) as exc:
             return self._fail(exp, rnd, f"round {rnd.index}: {exc}; the previous global model is kept", updates)
         evaluation: list[NewTask] = []
         if evaluation_due(spec, rnd.index):
@@ -284,6 +301,7 @@ class Orchestrator:
             global_digest=new_digest,
             state_digest=state_digest,
             evaluation=evaluation,
+            handoffs=handoffs,
         )
         if ok:
             log.info("experiment %s: round %d aggregated from %s", exp.id, rnd.index, ", ".join(decision.sites))
@@ -291,6 +309,133 @@ class Orchestrator:
                 self._notify(selected)
             self.discard_spent_updates(exp.id)
         return ok
+
+    # -- after training: local-only models, the cross-site matrix; or evaluate mode --------
+    def _finale(self, exp: Experiment, spec: ExperimentSpec) -> bool:
+        """One transition of what follows the rounds, re-derived from the labelled tasks of
+        round ``rounds + 1`` (so a restarted hub continues where it stopped):
+
+        1. no labelled task yet: create the first step's tasks — evaluate mode: one EVALUATE
+           task per selected site on the given model; ``local_models``: one TRAIN task per
+           participating site from the initial weights; otherwise the cross-site evaluations;
+        2. local models all settled, no evaluation yet: evaluate the global model and every
+           local model that arrived at every participating site;
+        3. nothing open any more: complete — or, in evaluate mode with no result at all, fail
+           with the sites' reasons.
+        """
+        svc, index = self.service, spec.final_index
+        svc.expire_overdue_finale(exp.id, index)
+        tasks = svc.finale_tasks(exp.id, index)
+        if not tasks:
+            return self._open_finale(exp, spec, index)
+        local = [t for t in tasks if t.kind == TaskKind.TRAIN]
+        evaluations = [t for t in tasks if t.kind == TaskKind.EVALUATE]
+        if any(t.open for t in local):
+            return False
+        if not evaluations:
+            models = {t.model: t.update_digest for t in local if t.status == TaskStatus.COMPLETED and t.update_digest}
+            return self._open_cross_site(exp, spec, index, sorted({t.site for t in local}), models)
+        if svc.evaluations_pending(exp.id):
+            return False
+        if spec.mode == "evaluate" and not any(t.status == TaskStatus.COMPLETED for t in evaluations):
+            reasons = _listed({t.site: t.failure or str(t.status) for t in evaluations})
+            return svc.finish_experiment(
+                exp.id, ExperimentStatus.FAILED, f"no site evaluated the model: {reasons}"[:MAX_ERROR_CHARS]
+            )
+        missing = [t for t in tasks if t.failure]
+        if missing:
+            log.warning(
+                "experiment %s: completed without %s", exp.id, "; ".join(f"{t.model}@{t.site}" for t in missing)
+            )
+        return svc.finish_experiment(exp.id, ExperimentStatus.COMPLETED)
+
+    def _open_finale(self, exp: Experiment, spec: ExperimentSpec, index: int) -> bool:
+        if spec.mode == "evaluate":
+            sites, left_out = self.service.select_sites(spec.sites)
+            if not self._enough(exp, sites, left_out, spec.min_sites, "evaluate the model"):
+                return False
+            return self._create(
+                exp, index, TaskKind.EVALUATE, self._evaluations(spec, index, sites, {MODEL: exp.global_digest})
+            )
+        rounds_of = self.service.participating_sites(exp.id)
+        participants = sorted(rounds_of)
+        if not spec.evaluation.local_models or len(participants) > MAX_LOCAL_MODELS:
+            if spec.evaluation.local_models:
+                log.warning(
+                    "experiment %s: %d participating sites, more than the %d local models a matrix may hold; "
+                    "only the global model is evaluated",
+                    exp.id,
+                    len(participants),
+                    MAX_LOCAL_MODELS,
+                )
+            return self._open_cross_site(exp, spec, index, participants, {})
+        sites, left_out = self.service.select_sites(participants)
+        quorum = min(spec.min_sites, len(participants))
+        if not self._enough(exp, sites, left_out, quorum, "train the local-only models"):
+            return False
+        now = self.clock()
+        tasks = []
+        for site in sites:
+            n = max(1, rounds_of[site])
+            config = {
+                "round": index,
+                "local_epochs": n * spec.local_epochs,
+                "local_steps": n * spec.local_steps,
+                "seed": spec.seed,
+                "params": spec.config,
+                "local_model": True,  # the site's policy decides whether such a model may leave it
+            }
+            deadline = now + min(n * spec.round_timeout_s, MAX_TIMEOUT_S)
+            limit = min(n * spec.effective_task_timeout_s, MAX_TIMEOUT_S)
+            tasks.append(NewTask(site, TaskKind.TRAIN, exp.initial_digest, config, deadline, limit, local_label(site)))
+        return self._create(exp, index, TaskKind.TRAIN, tasks)
+
+    def _open_cross_site(
+        self, exp: Experiment, spec: ExperimentSpec, index: int, participants: list[str], local: Mapping[str, str]
+    ) -> bool:
+        """Every model (the final global one, and the local-only ones that arrived) at every
+        participating site that is online now."""
+        if not participants:  # nothing was aggregated (cannot happen after a successful round)
+            return self.service.finish_experiment(exp.id, ExperimentStatus.COMPLETED)
+        sites, left_out = self.service.select_sites(participants)
+        quorum = min(spec.min_sites, len(participants))
+        if not self._enough(exp, sites, left_out, quorum, "run the cross-site evaluation"):
+            return False
+        models = {GLOBAL: exp.global_digest, **{m: local[m] for m in sorted(local)}}
+        return self._create(exp, index, TaskKind.EVALUATE, self._evaluations(spec, index, sites, models))
+
+    def _evaluations(
+        self, spec: ExperimentSpec, index: int, sites: list[str], models: Mapping[str, str]
+    ) -> list[NewTask]:
+        """One EVALUATE task per model and site. The config is the same for every model: which
+        hospital's local model a site evaluates is known to the hub only (``Task.model``)."""
+        deadline = self.clock() + spec.round_timeout_s
+        config = {"round": index, "seed": spec.seed, "params": spec.config}
+        return [
+            NewTask(site, TaskKind.EVALUATE, digest, config, deadline, spec.effective_task_timeout_s, model)
+            for model, digest in models.items()
+            for site in sites
+        ]
+
+    def _enough(self, exp: Experiment, sites: list[str], left_out: Mapping[str, str], quorum: int, what: str) -> bool:
+        if len(sites) >= quorum and sites:
+            self._waiting.pop(exp.id, None)
+            return True
+        why = _listed(left_out) or "no site registered"
+        note = f"waiting to {what}: {len(sites)} site(s) online, {max(quorum, 1)} needed ({why})"
+        if self.service.set_waiting(exp.id, note):
+            log.info("experiment %s: %s", exp.id, note)
+        self._waiting[exp.id] = time.monotonic() + self.recheck_waiting_s
+        return False
+
+    def _create(self, exp: Experiment, index: int, kind: TaskKind, tasks: list[NewTask]) -> bool:
+        if not self.service.open_finale(exp.id, index, kind, tasks):
+            return False
+        sites = sorted({t.site for t in tasks})
+        models = sorted({t.model or "" for t in tasks})
+        log.info("experiment %s: %s tasks for %s at %s", exp.id, kind, ", ".join(models), ", ".join(sites))
+        self._notify(sites)
+        return True
 
     def _fail(self, exp: Experiment, rnd: Round, reason: str, updates: list[Update]) -> bool:
         """Fail the round (and its experiment) unless an update arrived since ``updates``
@@ -336,8 +481,40 @@ class Orchestrator:
         state_digest = store_weights(self.blobs, state, key_id=key) if state else None
         return digest, state_digest
 
+    def _handoffs(
+        self, exp: Experiment, spec: ExperimentSpec, rnd: Round, updates: list[Update]
+    ) -> dict[str, tuple[str, str]]:
+        """FedDC: receiver -> (sender, digest of the sender's model) for the next round; empty
+        when everyone continues from the new global model, or no round follows.
+
+        The sender's update is stored again without its metadata (the sender's sample count,
+        metrics and task id are not the receiver's business); the copy is content-addressed,
+        so a hub that redoes this after a crash writes the same blob. Memory: one model."""
+        if rnd.index >= exp.rounds:
+            return {}
+        by_site = {u.site: u for u in updates}
+        plan = build_strategy(spec.strategy, seed=spec.seed).handoff(rnd.index, sorted(by_site))
+        if not plan:
+            return {}
+        strays = sorted({*plan, *plan.values()} - set(by_site))
+        if strays:
+            raise WeightsError(
+                f"handoff: the strategy named sites without an update this round: {strays[:5]}", where="handoff"
+            )
+        copies: dict[str, str] = {}
+        for sender in sorted(set(plan.values())):
+            weights = LazyWeights.from_store(self.blobs, by_site[sender].digest)
+            try:
+                copies[sender] = store_weights(self.blobs, weights, key_id=experiment_key(rnd.experiment_id))
+            finally:
+                weights.close()
+        moves = ", ".join(f"{receiver} <- {sender}" for receiver, sender in sorted(plan.items()) if receiver != sender)
+        if moves:
+            log.info("experiment %s: after round %d models pass on: %s", exp.id, rnd.index, moves)
+        return {receiver: (sender, copies[sender]) for receiver, sender in plan.items()}
+
     def _strategy(self, spec: ExperimentSpec, state_digest: str | None) -> Strategy:
-        strategy = build_strategy(spec.strategy)
+        strategy = build_strategy(spec.strategy, seed=spec.seed)
         if state_digest is not None:
             state = LazyWeights.from_store(self.blobs, state_digest)
             try:

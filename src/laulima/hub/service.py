@@ -13,7 +13,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +22,13 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from laulima.core.bundle import MAX_ARCHIVE_BYTES, builtin_digest, is_builtin_name, verify_bytes
+from laulima.core.crosssite import GLOBAL, MODEL, cross_site_matrix, site_of_local
 from laulima.core.protocol import (
+    CrossSiteFailure,
+    CrossSiteMatrix,
     EvaluationResult,
     ExperimentCreate,
+    ExperimentPhase,
     ExperimentPublic,
     ExperimentStatus,
     FailureKind,
@@ -52,13 +56,35 @@ from laulima.core.strategies import build_strategy
 from laulima.errors import Conflict, DataError, LaulimaError, NotFound, SpecError
 from laulima.hub import ownership
 from laulima.hub.blobstore import BlobStore
-from laulima.hub.db import ApiToken, Experiment, Metric, Refusal, Round, Session, SessionFactory, Site, Task, Update
+from laulima.hub.db import (
+    ApiToken,
+    Experiment,
+    Metric,
+    Refusal,
+    Round,
+    RoundHandoff,
+    Session,
+    SessionFactory,
+    Site,
+    Task,
+    Update,
+)
 from laulima.hub.housekeeping import referenced
 from laulima.hub.ownership import Person, UploadQuota
 from laulima.hub.validation import approval_deadline, check_result_allowed, check_weights_file
 from laulima.pki.ca import RevocationList
 
-__all__ = ["HubService", "NewTask", "algorithm_digest", "hash_token", "site_notes", "spec_of"]
+__all__ = [
+    "FinaleTask",
+    "HubService",
+    "NewTask",
+    "algorithm_digest",
+    "experiment_phase",
+    "finale_started",
+    "hash_token",
+    "site_notes",
+    "spec_of",
+]
 
 OPEN_TASK = (TaskStatus.PENDING, TaskStatus.DELIVERED)
 
@@ -88,6 +114,27 @@ class NewTask:
     config: dict[str, Any]
     deadline: float
     time_limit_s: float
+    model: str | None = None
+    """Which model a task after training trains or evaluates (``Task.model``); hub-side only."""
+
+
+@dataclass(frozen=True)
+class FinaleTask:
+    """A task after training (labelled with its model), as the orchestrator reads it."""
+
+    id: str
+    site: str
+    kind: TaskKind
+    model: str
+    status: TaskStatus
+    failure: str | None
+    """Why it gave no result (failed, expired, cancelled); None while open or once completed."""
+    update_digest: str | None
+    """For a local model's training: the accepted model's blob."""
+
+    @property
+    def open(self) -> bool:
+        return self.status in OPEN_TASK
 
 
 class HubService:
@@ -337,7 +384,7 @@ class HubService:
             if spec.bundle is not None:
                 self._check_bundle(spec, spec.bundle, person)
             try:
-                build_strategy(spec.strategy)
+                build_strategy(spec.strategy, seed=spec.seed)
             except LaulimaError:
                 raise
             except Exception as exc:
@@ -427,12 +474,18 @@ class HubService:
             rows = list(s.scalars(select(Experiment).where(ownership.visible_to(person)).order_by(Experiment.id)))
             shares = ownership.shares_of(s, [e.id for e in rows])
             notes = site_notes(s, rows)
-            return [_experiment_public(e, shares[e.id], notes[e.id]) for e in rows]
+            started = finale_started(s, rows)
+            return [_experiment_public(e, shares[e.id], notes[e.id], finale=e.id in started) for e in rows]
 
     def get_experiment(self, experiment_id: int, person: Person) -> ExperimentPublic:
         with self.sessions() as s:
             exp = ownership.readable_experiment(s, experiment_id, person)
-            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id], site_notes(s, [exp])[exp.id])
+            return _experiment_public(
+                exp,
+                ownership.shares_of(s, [exp.id])[exp.id],
+                site_notes(s, [exp])[exp.id],
+                finale=bool(finale_started(s, [exp])),
+            )
 
     def cancel_experiment(self, experiment_id: int, person: Person) -> ExperimentPublic:
         """Stop it: the experiment, its open round and its open tasks become cancelled/failed.
@@ -453,13 +506,15 @@ class HubService:
             exp = ownership.managed_experiment(s, experiment_id, person, "share")
             ownership.add_share(s, exp, name, self.clock())
             s.flush()
-            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id])
+            started = bool(finale_started(s, [exp]))
+            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id], finale=started)
 
     def unshare_experiment(self, experiment_id: int, person: Person, name: str) -> ExperimentPublic:
         with self.sessions.begin() as s:
             exp = ownership.managed_experiment(s, experiment_id, person, "change the sharing of")
             ownership.remove_share(s, exp, name)
-            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id])
+            started = bool(finale_started(s, [exp]))
+            return _experiment_public(exp, ownership.shares_of(s, [exp.id])[exp.id], finale=started)
 
     def rounds(self, experiment_id: int, person: Person) -> list[RoundPublic]:
         with self.sessions() as s:
@@ -502,6 +557,7 @@ class HubService:
                     kind=TaskKind(m.kind),
                     n_samples=m.n_samples,
                     metrics=json.loads(m.metrics_json),
+                    model=m.model,
                 )
                 for m in rows
             ]
@@ -593,7 +649,7 @@ class HubService:
             bundle_size=self.blobs.size(bundle) if bundle else None,
             signatures=spec.get("signatures") or [],
             requester=ownership.owner_of(exp),
-            rounds=exp.rounds,
+            rounds=max(exp.rounds, 1),  # an evaluate-mode experiment (0 rounds) is one pass; agents require >= 1
             approval_seconds_left=max(0.0, approval_deadline(exp) - now),
         )
 
@@ -633,7 +689,8 @@ class HubService:
             except Conflict as exc:
                 raise Conflict(f"{exc.message} — the task cannot resume; drop it", **exc.context) from exc
             if task.waiting_since is not None:
-                budget = spec_of(exp).round_timeout_s
+                # a local-only model gets its own (scaled) budget again, anything else a round's
+                budget = task.deadline - task.created_at if task.model is not None else spec_of(exp).round_timeout_s
                 task.deadline = max(task.deadline, now + budget)
                 if task.kind == TaskKind.TRAIN:
                     rnd = s.scalar(
@@ -682,6 +739,7 @@ class HubService:
                         kind=TaskKind.TRAIN,
                         n_samples=n_samples,
                         metrics_json=metrics_json,
+                        model=task.model,
                     )
                 )
         except IntegrityError as exc:  # a concurrent upload for the same task won the race
@@ -707,6 +765,7 @@ class HubService:
                     kind=TaskKind.EVALUATE,
                     n_samples=result.n_samples,
                     metrics_json=json.dumps(result.metrics),
+                    model=task.model,
                 )
             )
 
@@ -822,10 +881,12 @@ class HubService:
         global_digest: str,
         state_digest: str | None,
         evaluation: Sequence[NewTask],
+        handoffs: Mapping[str, tuple[str, str]] | None = None,
     ) -> bool:
         """The checkpoint: round aggregated, experiment advanced, leftovers expired, evaluation
-        tasks created, all in one transaction. False (nothing written) if the round changed
-        since it was read: closed by someone else, or an update arrived meanwhile."""
+        tasks created, FedDC's ``handoffs`` (receiver -> (sender, digest of the model it
+        continues from)) recorded, all in one transaction. False (nothing written) if the
+        round changed since it was read: closed by someone else, or an update arrived meanwhile."""
         now = self.clock()
         with self.sessions.begin() as s:
             rnd = s.get(Round, round_id)
@@ -842,10 +903,24 @@ class HubService:
             exp.rounds_done = rnd.index
             self._close_open_tasks(s, exp.id, TaskStatus.EXPIRED, now, "round closed", round_index=rnd.index)
             self._add_tasks(s, exp.id, rnd.index, evaluation, now)
+            for site, (sender, digest) in sorted((handoffs or {}).items()):
+                s.add(RoundHandoff(experiment_id=exp.id, round=rnd.index, site=site, sender=sender, digest=digest))
         return True
 
+    def handoffs(self, experiment_id: int, round_index: int) -> dict[str, str]:
+        """FedDC: receiver site -> digest of the weights it continues from after ``round_index``
+        (recorded by that round's checkpoint; empty when everyone continues from the global model)."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(RoundHandoff.site, RoundHandoff.digest).where(
+                    RoundHandoff.experiment_id == experiment_id, RoundHandoff.round == round_index
+                )
+            )
+            return {site: digest for site, digest in rows}
+
     def spent_update_digests(self, experiment_id: int) -> list[str]:
-        """Blobs of updates whose round is closed and that nothing else points at.
+        """Blobs of updates whose round is closed, and of FedDC handoffs used up, that nothing
+        else points at.
 
         A closed round's updates are never read again (its checkpoint holds the result),
         so keeping them would only grow the hub's disk by model size x sites every round.
@@ -857,6 +932,9 @@ class HubService:
             candidates = set(
                 s.scalars(select(Update.digest).where(Update.experiment_id == experiment_id, Update.round.in_(closed)))
             )
+            # FedDC's handed-off models, once the round that trained from them is closed (or the
+            # experiment stopped): the reference check below keeps the ones still to be used.
+            candidates.update(s.scalars(select(RoundHandoff.digest).where(RoundHandoff.experiment_id == experiment_id)))
             if not candidates:
                 return []
             in_use = referenced(s, candidates, spent_updates=False, uploads=True)  # people's uploads count
@@ -941,6 +1019,183 @@ class HubService:
             self._stop(s, exp, status, error, self.clock())
         return True
 
+    # -- after training: local-only models and the cross-site evaluation (or evaluate mode) --
+    def finale_tasks(self, experiment_id: int, index: int) -> list[FinaleTask]:
+        """The labelled tasks of round ``index`` (``rounds + 1``), in model then site order."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(Task, Site.name, Update.digest)
+                .join(Site, Task.site_id == Site.id)
+                .outerjoin(Update, Update.task_id == Task.id)
+                .where(Task.experiment_id == experiment_id, Task.round == index, Task.model.is_not(None))
+                .order_by(Task.model, Site.name, Task.created_at)
+            ).all()
+        out = []
+        for task, site, digest in rows:
+            status = TaskStatus(task.status)
+            failure = None
+            if status == TaskStatus.FAILED:
+                failure = failure_note(task.failure_kind, task.failure_reason)
+            elif status in (TaskStatus.EXPIRED, TaskStatus.CANCELLED):
+                failure = f"{status} ({task.failure_reason or 'no result'})"
+            out.append(FinaleTask(task.id, site, TaskKind(task.kind), str(task.model), status, failure, digest))
+        return out
+
+    def participating_sites(self, experiment_id: int) -> dict[str, int]:
+        """Sites whose updates went into an aggregated round, with how many rounds each: the
+        cross-site matrix's sites, and each local-only model's budget in rounds."""
+        aggregated = (
+            (Round.experiment_id == Update.experiment_id)
+            & (Round.index == Update.round)
+            & (Round.status == RoundStatus.AGGREGATED)
+        )
+        with self.sessions() as s:
+            rows = s.execute(
+                select(Update.site, func.count(Update.id))
+                .join(Round, aggregated)
+                .where(Update.experiment_id == experiment_id)
+                .group_by(Update.site)
+            ).all()
+        return {site: int(n) for site, n in sorted(rows)}
+
+    def open_finale(self, experiment_id: int, index: int, kind: TaskKind, tasks: Sequence[NewTask]) -> bool:
+        """Create the labelled ``kind`` tasks of round ``index`` in one transaction; False (nothing
+        written) if the experiment stopped, is not past its rounds, or has such tasks already —
+        so a restarted orchestrator, or a second tick, can never create them twice."""
+        now = self.clock()
+        with self.sessions.begin() as s:
+            exp = s.scalar(select(Experiment).where(Experiment.id == experiment_id).with_for_update())
+            if exp is None or exp.status != ExperimentStatus.RUNNING or exp.rounds_done != exp.rounds:
+                return False
+            exists = s.scalar(
+                select(Task.id)
+                .where(
+                    Task.experiment_id == experiment_id,
+                    Task.round == index,
+                    Task.model.is_not(None),
+                    Task.kind == kind,
+                )
+                .limit(1)
+            )
+            if exists is not None:
+                return False
+            exp.waiting = None
+            self._add_tasks(s, exp.id, index, tasks, now)
+        return True
+
+    def expire_overdue_finale(self, experiment_id: int, index: int) -> None:
+        """Local-model training tasks past their deadline (held for approval: past the
+        experiment's approval deadline), or of sites that can no longer answer, will not be
+        answered: they expire. (Evaluation tasks expire in :meth:`expire_overdue`.)"""
+        now = self.clock()
+        cond = (
+            Task.experiment_id == experiment_id,
+            Task.round == index,
+            Task.model.is_not(None),
+            Task.kind == TaskKind.TRAIN,
+            Task.status.in_(OPEN_TASK),
+        )
+        with self.sessions() as s:
+            rows = s.execute(
+                select(Task.id, Task.deadline, Task.waiting_since, Site.name)
+                .join(Site, Task.site_id == Site.id)
+                .where(*cond)
+            ).all()
+            exp = s.get(Experiment, experiment_id)
+        if not rows or exp is None:
+            return
+        gone = self.gone(sorted({name for *_, name in rows}))
+        ends = approval_deadline(exp)
+        expired: dict[str, str] = {}
+        for task_id, deadline, waiting_since, name in rows:
+            if name in gone:
+                expired[task_id] = gone[name]
+            elif waiting_since is not None and now >= max(deadline, ends):
+                expired[task_id] = NO_APPROVAL
+            elif waiting_since is None and now >= deadline:
+                expired[task_id] = "no local model before the deadline"
+        if not expired:
+            return
+        with self.sessions.begin() as s:
+            for task_id, reason in expired.items():
+                s.execute(
+                    update(Task)
+                    .where(Task.id == task_id, Task.status.in_(OPEN_TASK))
+                    .values(status=TaskStatus.EXPIRED, finished_at=now, failure_reason=reason)
+                )
+
+    def cross_site(self, experiment_id: int, person: Person) -> CrossSiteMatrix:
+        """The models x sites matrix of the evaluation after training (see core/crosssite.py),
+        with what is missing and why. 404 for an experiment that has none."""
+        with self.sessions() as s:
+            exp = ownership.readable_experiment(s, experiment_id, person)
+            spec = json.loads(exp.spec_json)
+            evaluation = spec.get("evaluation") if isinstance(spec.get("evaluation"), dict) else {}
+            if spec.get("mode") != "evaluate" and not evaluation.get("cross_site"):
+                raise NotFound(
+                    f"experiment {exp.id} ('{exp.name}') has no cross-site evaluation: its spec does not set "
+                    "[evaluation] cross_site = true (nor mode = 'evaluate'); its per-round evaluations are at "
+                    f"GET /api/v1/experiments/{exp.id}/metrics",
+                    experiment=exp.id,
+                )
+            index, running = exp.rounds + 1, exp.status == ExperimentStatus.RUNNING
+            rows = s.scalars(
+                select(Metric).where(
+                    Metric.experiment_id == exp.id,
+                    Metric.round == index,
+                    Metric.kind == TaskKind.EVALUATE,
+                    Metric.model.is_not(None),
+                )
+            )
+            records = [
+                MetricRecord(
+                    round=m.round,
+                    site=m.site,
+                    kind=TaskKind(m.kind),
+                    n_samples=m.n_samples,
+                    metrics=json.loads(m.metrics_json),
+                    model=m.model,
+                )
+                for m in rows
+            ]
+        tasks = self.finale_tasks(experiment_id, index)
+        failures = [
+            CrossSiteFailure(model=t.model, site=t.site, kind=t.kind, reason=t.failure) for t in tasks if t.failure
+        ]
+        complete = not running or (any(t.kind == TaskKind.EVALUATE for t in tasks) and not any(t.open for t in tasks))
+        sites = sorted({t.site for t in tasks})
+        return cross_site_matrix(experiment_id, index, records, failures=failures, sites=sites, complete=complete)
+
+    def model_of(self, experiment_id: int, person: Person, model: str | None) -> tuple[ExperimentPublic, str, str]:
+        """(experiment, digest, label) of a model a reader may download: the newest global
+        model (``None``, ``global``, or ``model`` for evaluate mode) or a local-only model
+        (``local:<site>``). 404 naming the experiment's models for any other label."""
+        experiment = self.get_experiment(experiment_id, person)
+        if model is None or model == GLOBAL or (model == MODEL and experiment.mode == "evaluate"):
+            return experiment, experiment.global_digest, model or GLOBAL
+        with self.sessions() as s:
+            rows = dict(
+                s.execute(
+                    select(Task.model, Update.digest)
+                    .join(Update, Update.task_id == Task.id)
+                    .where(
+                        Task.experiment_id == experiment_id,
+                        Task.kind == TaskKind.TRAIN,
+                        Task.model.is_not(None),
+                    )
+                ).all()
+            )
+        if model in rows and site_of_local(model) is not None:
+            return experiment, rows[model], model
+        available = [MODEL if experiment.mode == "evaluate" else GLOBAL, *sorted(str(m) for m in rows)]
+        raise NotFound(
+            f"experiment {experiment_id} ('{experiment.name}') has no model {model!r}; its models are "
+            f"{', '.join(available)}",
+            experiment=experiment_id,
+            model=model,
+            available=available,
+        )
+
     # -- helpers ----------------------------------------------------------------------
     def _updates_changed(self, s: Session, rnd: Round, update_ids: Sequence[int]) -> bool:
         """Whether the round's accepted updates differ from those a decision was taken on."""
@@ -973,6 +1228,7 @@ class HubService:
                     finished_at=None,
                     failure_kind=None,
                     failure_reason=None,
+                    model=t.model,
                 )
             )
 
@@ -1088,9 +1344,43 @@ def _token_public(t: ApiToken) -> TokenPublic:
     return TokenPublic(id=t.id, name=t.name, role=Role(t.role), created_at=t.created_at, revoked_at=t.revoked_at)
 
 
+def finale_started(s: Session, experiments: Sequence[Experiment]) -> set[int]:
+    """Ids of ``experiments`` whose evaluation after training (labelled tasks of an evaluate
+    mode run, or the cross-site matrix) has its evaluation tasks: one query for all."""
+    ids = [e.id for e in experiments if e.status == ExperimentStatus.RUNNING and e.rounds_done >= e.rounds]
+    if not ids:
+        return set()
+    return set(
+        s.scalars(
+            select(Task.experiment_id)
+            .where(Task.experiment_id.in_(ids), Task.model.is_not(None), Task.kind == TaskKind.EVALUATE)
+            .distinct()
+        )
+    )
+
+
+def experiment_phase(e: Experiment, spec: dict[str, Any], *, finale: bool) -> ExperimentPhase | None:
+    """What a running experiment is doing, from its row and its stored spec; ``finale``:
+    whether the evaluation tasks after training exist (:func:`finale_started`)."""
+    if e.status != ExperimentStatus.RUNNING:
+        return None
+    if spec.get("mode") == "evaluate":
+        return ExperimentPhase.EVALUATION
+    if e.rounds_done < e.rounds:
+        return ExperimentPhase.TRAINING
+    raw = spec.get("evaluation")
+    evaluation: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    if not evaluation.get("cross_site"):
+        return ExperimentPhase.FINAL_EVALUATION
+    if evaluation.get("local_models") and not finale:
+        return ExperimentPhase.LOCAL_MODELS
+    return ExperimentPhase.CROSS_SITE
+
+
 def _experiment_public(
-    e: Experiment, shared_with: Sequence[str] = (), notes: dict[str, str] | None = None
+    e: Experiment, shared_with: Sequence[str] = (), notes: dict[str, str] | None = None, *, finale: bool = False
 ) -> ExperimentPublic:
+    spec = json.loads(e.spec_json)
     return ExperimentPublic(
         id=e.id,
         name=e.name,
@@ -1101,10 +1391,12 @@ def _experiment_public(
         finished_at=e.finished_at,
         global_digest=e.global_digest,
         error=e.error,
-        spec=json.loads(e.spec_json),
+        spec=spec,
         waiting=e.waiting if e.status == ExperimentStatus.RUNNING else None,
         owner=ownership.owner_of(e),
         shared_with=list(shared_with),
         algorithm_digest=algorithm_digest(e),
         site_notes=notes or {},
+        mode="evaluate" if spec.get("mode") == "evaluate" else "train",
+        phase=experiment_phase(e, spec, finale=finale),
     )

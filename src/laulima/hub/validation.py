@@ -156,7 +156,7 @@ def check_result_allowed(
             task=task_id,
             round=task.round,
         )
-    if task.kind == TaskKind.TRAIN:
+    if task.kind == TaskKind.TRAIN and task.model is None:  # a local-only model (``model``) belongs to no round
         q2 = select(Round).where(Round.experiment_id == task.experiment_id, Round.index == task.round)
         rnd = s.scalar(q2.with_for_update() if lock else q2)
         if rnd is None or rnd.status != RoundStatus.OPEN or now >= max(rnd.deadline, approval_ends or 0.0):
@@ -322,6 +322,10 @@ def validate_update_file(
 ) -> ValidUpdate:
     """Metadata, keys/shapes/dtypes against the global model, finite values, norm bound.
 
+    ``global_path`` is the weights *this task* was given (``Task.weights_digest``): the
+    round's global model, or for FedDC the model handed to the site, so ``max_update_norm``
+    bounds the site's own training step, not the distance between two sites' models.
+
     The update's header may be at most the global model's plus UPDATE_HEADER_SLACK_BYTES,
     refused before it is read. ``n_samples`` must be at most ``max_n_samples`` (if given;
     ``bound_reason`` says where that bound comes from, for the message) and N_SAMPLES_MAX.
@@ -365,7 +369,7 @@ def validate_update_file(
         norm = math.sqrt(total)
         if norm > max_update_norm:
             raise WeightsError(
-                f"{where}: L2 distance to the global model is {norm:.6g}, above the experiment's "
+                f"{where}: L2 distance to the weights the task was given is {norm:.6g}, above the experiment's "
                 f"max_update_norm = {max_update_norm:g}; clip the update before sending it",
                 where=where,
                 norm=norm,

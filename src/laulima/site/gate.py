@@ -22,7 +22,7 @@ from typing import Any
 
 from laulima.algorithms.bundle import Manifest, builtin_digest, check_requirements, unpack, verify, verify_signature
 from laulima.core.bundle import MAX_ARCHIVE_BYTES
-from laulima.core.protocol import FailureKind, TaskPublic
+from laulima.core.protocol import FailureKind, TaskKind, TaskPublic
 from laulima.errors import ConfigurationError, DataError, LaulimaError, NotFound, ProtocolError
 from laulima.private_files import private_dir
 from laulima.site.approvals import ApprovalStore
@@ -130,6 +130,7 @@ class Gate:
                 n_cases=cohort.n_cases,
                 rounds=task.rounds,
                 task_time_limit_s=task.time_limit_s,
+                local_model=task.kind == TaskKind.TRAIN and task.config.get("local_model") is True,
             )
         except ProtocolError as exc:
             return Refused(FailureKind.ERROR, str(exc), redact(str(exc)))

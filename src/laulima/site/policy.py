@@ -281,6 +281,11 @@ class SitePolicy(_Strict):
     """Refuse experiments that ask for more rounds; unset: no site cap."""
     max_task_seconds: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] | None = None
     """Refuse tasks whose time limit is longer; unset: no site cap."""
+    local_models: Literal["allow", "refuse"] = "allow"
+    """Whether the site trains a *local-only* model for an experiment's cross-site evaluation
+    (``[evaluation] local_models = true``): a model trained on this site's data alone, which
+    leaves the site and is evaluated at the other sites. ``refuse``: such tasks are refused
+    (the experiment goes on; its matrix lacks this site's local model)."""
     max_memory_mb: Annotated[int, Field(ge=64, le=16 * 1024 * 1024)] | None = None
     """Address-space limit of a task's process, MiB (enforced by the sandbox); unset: none.
     Address space, not resident memory: it counts the interpreter and libraries already
@@ -394,6 +399,10 @@ min_cohort = 1
 # max_memory_mb = 16384   # address space, libraries included (torch: several GiB); unset on GPU sites
 # max_cpu_seconds = 7200
 
+# A cross-site evaluation may ask this site for a *local-only* model: trained on this site's
+# data alone, then sent to the hub and evaluated at the other sites ("allow"), or refused.
+local_models = "allow"
+
 [algorithms]
 # The algorithms shipped with Laulima (laulima.algorithms.*) run without asking.
 builtin = true
@@ -482,6 +491,9 @@ class JobFacts:
     rounds: int
     """Rounds the experiment asks for."""
     task_time_limit_s: float | None
+    local_model: bool = False
+    """A training job whose model is trained on this site's data alone and leaves the site
+    (a cross-site evaluation's local-only model), not a federated round's update."""
 
     def __post_init__(self) -> None:
         # These come from the hub: refuse a malformed task before any rule reads it.
@@ -498,6 +510,7 @@ class JobFacts:
             ("n_cases", self.n_cases is None or _is_int(self.n_cases, 0, _MAX_CASES)),
             ("rounds", _is_int(self.rounds, 0, _MAX_ROUNDS)),
             ("task_time_limit_s", self.task_time_limit_s is None or _is_seconds(self.task_time_limit_s)),
+            ("local_model", isinstance(self.local_model, bool) and (not self.local_model or self.kind == "train")),
         ]
         for field, ok in checks:
             if not ok:
@@ -599,6 +612,11 @@ def _refusal(policy: SitePolicy, job: JobFacts) -> str | None:
         return f"dataset {job.dataset!r} has {job.n_cases} cases, policy min_cohort is {policy.min_cohort}"
     if policy.max_rounds is not None and job.rounds > policy.max_rounds:
         return f"the experiment asks for {job.rounds} rounds, policy max_rounds is {policy.max_rounds}"
+    if job.local_model and policy.local_models == "refuse":
+        return (
+            'the site\'s policy (local_models = "refuse") does not let a model trained on its data alone leave it; '
+            "the experiment's cross-site matrix goes on without it"
+        )
     limit = policy.max_task_seconds
     if limit is not None and job.task_time_limit_s is not None and job.task_time_limit_s > limit:
         return f"the experiment's tasks may run {job.task_time_limit_s:g} s, policy max_task_seconds is {limit:g}"

@@ -13,9 +13,10 @@ from functools import partial
 from typing import Annotated
 
 import anyio
-from fastapi import APIRouter, Path, status
+from fastapi import APIRouter, Path, Query, status
 
 from laulima.core.protocol import (
+    CrossSiteMatrix,
     ExperimentCreate,
     ExperimentPublic,
     MetricRecord,
@@ -30,6 +31,15 @@ from laulima.hub.audit import HubAuditDep, HubAuditEvent, spec_facts
 __all__ = ["router"]
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
+
+ModelQuery = Annotated[
+    str | None,
+    Query(
+        pattern=r"^(global|model|local:[A-Za-z0-9][A-Za-z0-9._-]{0,63})$",
+        description="Which model: global (default), local:<site> (a local-only model of the cross-site "
+        "evaluation), or model (an evaluate-mode experiment's)",
+    ),
+]
 
 PersonName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$", description="A person's name")]
 
@@ -114,20 +124,38 @@ def list_refusals(experiment_id: RowId, caller: Scientist, service: ServiceDep) 
     return service.refusals(experiment_id, caller.person)
 
 
+@router.get("/{experiment_id}/cross-site")
+def cross_site(experiment_id: RowId, caller: Scientist, service: ServiceDep) -> CrossSiteMatrix:
+    """The evaluation after training as models x sites, pooled per model (404 for an experiment
+    whose spec asks for none). Readable while it runs: ``complete`` says when it is final."""
+    return service.cross_site(experiment_id, caller.person)
+
+
 @router.get(
     "/{experiment_id}/model",
     response_class=BlobFile,
     responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors"}},
 )
 async def download_model(
-    experiment_id: RowId, caller: Scientist, service: ServiceDep, blobs: BlobsDep, audit: HubAuditDep
+    experiment_id: RowId,
+    caller: Scientist,
+    service: ServiceDep,
+    blobs: BlobsDep,
+    audit: HubAuditDep,
+    model: ModelQuery = None,
 ) -> BlobFile:
-    experiment = await anyio.to_thread.run_sync(partial(service.get_experiment, experiment_id, caller.person))
-    digest = experiment.global_digest
-    filename = f"{experiment.name}-round{experiment.rounds_done}.safetensors"
+    """The newest global model, or with ``?model=local:<site>`` a site's local-only model (404
+    naming the experiment's models for any other)."""
+    found = await anyio.to_thread.run_sync(partial(service.model_of, experiment_id, caller.person, model))
+    experiment, digest, label = found
+    if label.startswith("local:"):
+        filename = f"{experiment.name}-{label.replace(':', '-')}.safetensors"
+    else:
+        filename = f"{experiment.name}-round{experiment.rounds_done}.safetensors"
     await anyio.to_thread.run_sync(audit.require, "hand out a model")
     response = await blob_response(blobs, digest, filename)
     size = int(response.headers["content-length"])
-    record = partial(audit.record, HubAuditEvent.DOWNLOADED, caller, experiment=experiment.id, what="model")
+    which = {"model": label} if model is not None else {}  # which model, when one was asked for
+    record = partial(audit.record, HubAuditEvent.DOWNLOADED, caller, experiment=experiment.id, what="model", **which)
     await anyio.to_thread.run_sync(partial(record, digest=digest, bytes=size, round=experiment.rounds_done))
     return response

@@ -192,7 +192,9 @@ async def _receive_update(task_id: str, request: Request, site: Site, hub: HubCo
                 writer.reader,
                 global_path=lambda: blobs.open(global_digest),
                 task_id=task_id,
-                max_update_norm=spec.max_update_norm,
+                # A local-only model is never aggregated, and trains for many rounds' budget at
+                # once: the per-round bound on a step away from the global model does not apply.
+                max_update_norm=spec.max_update_norm if task.model is None else None,
                 max_n_samples=max_n,
                 bound_reason=bound_reason,
             )
