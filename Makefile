@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lint bench clean orthanc
+.PHONY: demo test install lint bench clean orthanc chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/laulima demo --quick
 
-test: lint orthanc
+test: lint orthanc chromium
 	$(BIN)/python -m pytest
 
 # The PACS tests run a real Orthanc with its DICOMweb plugin (Debian packages `orthanc`,
@@ -36,6 +36,21 @@ orthanc:
 			orthanc orthanc-dicomweb; \
 	fi
 
+# The report's layout test opens it in headless Chromium (Debian packages `chromium`,
+# `chromium-driver`; selenium comes with the dev extra). Installed only when the browser or
+# its driver is missing, as for orthanc above.
+CHROMIUM_BIN     := /usr/bin/chromium
+CHROMEDRIVER_BIN := /usr/bin/chromedriver
+chromium:
+	@if [ ! -x $(CHROMIUM_BIN) ] || [ ! -x $(CHROMEDRIVER_BIN) ]; then \
+		set -e; \
+		echo "installing chromium and chromium-driver: the report's layout test runs a real browser"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src/laulima/core src/laulima/hub src/laulima/pki src/laulima/site \
@@ -43,7 +58,8 @@ lint: $(STAMP)
 		src/laulima/processes.py src/laulima/errors.py src/laulima/auditlog.py src/laulima/private_files.py \
 		src/laulima/cli_algorithm.py src/laulima/cli_site_admin.py src/laulima/submission.py \
 		src/laulima/algorithms src/laulima/imaging src/laulima/predict.py src/laulima/export.py \
-		src/laulima/demo.py src/laulima/baselines.py
+		src/laulima/demo.py src/laulima/demo_overlay.py src/laulima/baselines.py src/laulima/report.py \
+		src/laulima/terminal.py src/laulima/tracking.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregate.py

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from laulima.core.protocol import ExperimentPublic, MetricRecord, TaskKind
 
-__all__ = ["SimProgress", "metrics_table", "weighted_mean"]
+__all__ = [
+    "ArmLike",
+    "Comparison",
+    "ComparisonColumn",
+    "ComparisonRow",
+    "SimProgress",
+    "Verdict",
+    "budget_line",
+    "compare_arms",
+    "comparison_table",
+    "comparison_verdict",
+    "format_metric",
+    "headline_metrics",
+    "lower_is_better",
+    "metric_label",
+    "metrics_table",
+    "ordered_metrics",
+    "weighted_mean",
+]
 
 #: Bookkeeping values algorithms report that do not belong in a results table.
 HIDDEN_METRICS = frozenset({"held_out_test", "steps"})
@@ -30,8 +52,9 @@ def weighted_mean(records: list[MetricRecord]) -> dict[str, float]:
 
 
 def metrics_table(metrics: list[MetricRecord], *, last_round_only: bool = False) -> Table:
-    """Evaluation metrics per round and site, plus the sample-weighted mean."""
-    evals = [m for m in metrics if m.kind == TaskKind.EVALUATE]
+    """Evaluation metrics per round and site, plus the sample-weighted mean (records labelled
+    by model belong to the cross-site matrix, shown by ``laulima experiment cross-site``)."""
+    evals = [m for m in metrics if m.kind == TaskKind.EVALUATE and m.model is None]
     if last_round_only and evals:
         last = max(m.round for m in evals)
         evals = [m for m in evals if m.round == last]
@@ -60,8 +83,11 @@ class SimProgress:
 
     def __init__(self, console: Console, rounds: int) -> None:
         self._progress = Progress(
-            TextColumn("[bold]rounds"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-            TimeElapsedColumn(), console=console,
+            TextColumn("[bold]rounds"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=console,
         )
         self._task = self._progress.add_task("rounds", total=rounds)
         self._sites = Table.grid(padding=(0, 2))
@@ -77,10 +103,12 @@ class SimProgress:
     def update(self, exp: ExperimentPublic, metrics: list[MetricRecord]) -> None:
         self._progress.update(self._task, completed=exp.rounds_done)
         current = exp.rounds_done + 1 if exp.rounds_done < exp.rounds else exp.rounds
+        metrics = [m for m in metrics if m.model is None]  # the rounds' records, not the cross-site matrix
         done = {m.site: m for m in metrics if m.kind == TaskKind.TRAIN and m.round == current}
         evals = [m for m in metrics if m.kind == TaskKind.EVALUATE]
         grid = Table.grid(padding=(0, 2))
-        grid.add_row(f"[bold]round {current}[/]", f"status: {exp.status}")
+        phase = f", {exp.phase}" if exp.phase else ""
+        grid.add_row(f"[bold]round {current}[/]", f"status: {exp.status}{phase}")
         for site in sorted({m.site for m in metrics} | set(done)):
             rec = done.get(site)
             state = "[green]update received[/]" if rec else "[yellow]training…[/]"
@@ -91,3 +119,273 @@ class SimProgress:
             mean = weighted_mean([m for m in evals if m.round == last])
             grid.add_row(f"global model, round {last}", ", ".join(f"{k}={v:.3f}" for k, v in sorted(mean.items())))
         self._live.update(Group(self._progress, grid))
+
+
+# -- metric names --------------------------------------------------------------------------
+#: BraTS evaluation regions, nested: whole tumour ⊃ tumour core ⊃ enhancing tumour.
+REGIONS: dict[str, str] = {"wt": "whole tumour", "tc": "tumour core", "et": "enhancing tumour"}
+REGION_KEYS: tuple[str, ...] = tuple(f"dice_{r}" for r in REGIONS)
+HEADLINE_METRIC = "dice_mean"
+
+
+def metric_label(key: str) -> str:
+    """The name a reader sees for a metric field: "Dice whole tumour", "HD95 tumour core (mm)".
+
+    Field names (``dice_wt``) are for machines; tables and plots show these instead.
+    """
+    if key == "dice_mean":
+        return "mean Dice"
+    if key == "hd95_mean":
+        return "mean HD95 (mm)"
+    prefix, _, rest = key.partition("_")
+    name = REGIONS.get(rest, rest.replace("_", " "))
+    if prefix == "dice" and rest:
+        return f"Dice {name}"
+    if prefix == "hd95" and rest:
+        return f"HD95 {name} (mm)"
+    return key.replace("_", " ")
+
+
+def lower_is_better(key: str) -> bool:
+    """Distances and losses improve downwards; Dice (and anything else) upwards."""
+    return key.startswith("hd95") or key == "loss" or key.endswith("_loss")
+
+
+def _metric_rank(key: str) -> tuple[int, str]:
+    fixed = ["dice_mean", *REGION_KEYS, "hd95_mean", *(f"hd95_{r}" for r in REGIONS)]
+    if key in fixed:
+        return fixed.index(key), ""
+    if key.startswith("dice_"):
+        return len(fixed), key
+    if key.startswith("hd95_"):
+        return len(fixed) + 1, key
+    return (len(fixed) + 2, "") if key == "loss" else (len(fixed) + 3, key)
+
+
+def ordered_metrics(keys: Iterable[str]) -> list[str]:
+    """Metrics in reading order: mean Dice, the BraTS regions, HD95, per-label Dice, loss, the rest.
+
+    Bookkeeping values (:data:`HIDDEN_METRICS`) are dropped.
+    """
+    return sorted(set(keys) - HIDDEN_METRICS, key=_metric_rank)
+
+
+def headline_metrics(keys: Iterable[str]) -> list[str]:
+    """The pooled columns of the comparison: mean Dice, Dice per BraTS region and mean HD95 where
+    reported; a run without tumour regions (brain tissue) shows its per-label Dice instead."""
+    available = set(keys)
+    regions = [k for k in REGION_KEYS if k in available]
+    if not regions:
+        regions = [k for k in ordered_metrics(available) if k.startswith("dice_") and k != "dice_mean"]
+    head = ["dice_mean"] if "dice_mean" in available else []
+    tail = ["hd95_mean"] if "hd95_mean" in available else []
+    return [*head, *regions, *tail]
+
+
+# -- the comparison of models --------------------------------------------------------------
+class ArmLike(Protocol):
+    """What the comparison needs of a trained model's evaluation (``report.ArmEvaluation``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def per_site(self) -> Mapping[str, Mapping[str, float]]: ...
+    @property
+    def pooled(self) -> Mapping[str, float]: ...
+    @property
+    def steps(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class ComparisonColumn:
+    """One number per model: ``metric`` pooled over all sites' test subjects (``site`` None) or on
+    one site's own test subjects."""
+
+    metric: str
+    site: str | None = None
+
+    @property
+    def label(self) -> str:
+        return metric_label(self.metric)
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    name: str
+    steps: int
+    values: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The table a reader came for, independent of how it is drawn (terminal or HTML), so both
+    show the same numbers and the same winners."""
+
+    columns: tuple[ComparisonColumn, ...]
+    rows: tuple[ComparisonRow, ...]
+
+    def best(self, column: int) -> float | None:
+        """The best value in a column (highest Dice, lowest HD95 or loss); None when it is empty."""
+        values = [v for r in self.rows if (v := r.values[column]) is not None and not math.isnan(v)]
+        if not values:
+            return None
+        return min(values) if lower_is_better(self.columns[column].metric) else max(values)
+
+    def is_best(self, row: int, column: int) -> bool:
+        value = self.rows[row].values[column]
+        return value is not None and value == self.best(column)
+
+    def pooled_columns(self) -> list[ComparisonColumn]:
+        return [c for c in self.columns if c.site is None]
+
+    def site_columns(self) -> list[ComparisonColumn]:
+        return [c for c in self.columns if c.site is not None]
+
+
+def _arm_order(name: str) -> tuple[int, str]:
+    """Federated first, then centralized, then the local-only models by site, then anything else."""
+    if name == "federated":
+        return 0, ""
+    if name == "centralized":
+        return 1, ""
+    return (2, name) if name.startswith("local:") else (3, name)
+
+
+def compare_arms(arms: Sequence[ArmLike], *, sites: Sequence[str], metric: str = HEADLINE_METRIC) -> Comparison:
+    """Pooled headline metrics, then ``metric`` on each site's own test subjects, one row per model."""
+    pooled_keys = headline_metrics(k for a in arms for k in a.pooled)
+    if metric not in pooled_keys and any(metric in a.pooled for a in arms):
+        pooled_keys.insert(0, metric)
+    columns = (*(ComparisonColumn(k) for k in pooled_keys), *(ComparisonColumn(metric, s) for s in sites))
+    rows = tuple(
+        ComparisonRow(a.name, a.steps, tuple(_value(a, c) for c in columns))
+        for a in sorted(arms, key=lambda a: _arm_order(a.name))
+    )
+    return Comparison(tuple(columns), rows)
+
+
+def _value(arm: ArmLike, column: ComparisonColumn) -> float | None:
+    metrics = arm.pooled if column.site is None else arm.per_site.get(column.site, {})
+    value = metrics.get(column.metric)
+    return None if value is None else float(value)
+
+
+def comparison_table(
+    arms: Sequence[ArmLike], *, budget_line: str, sites: Sequence[str], metric: str = HEADLINE_METRIC
+) -> Table:
+    """One row per model, federated first: pooled metrics, then ``metric`` per site; the best value
+    of each column in bold green; the budget in the caption so the comparison is read as fair."""
+    comparison = compare_arms(arms, sites=sites, metric=metric)
+    table = Table(title="every model on every site's held-out test subjects", caption=escape(budget_line))
+    table.add_column("model", no_wrap=True)
+    table.add_column("steps", justify="right")
+    for column in comparison.columns:
+        where = "pooled" if column.site is None else f"{escape(column.site)} test"
+        table.add_column(f"{column.label}\n[dim]{where}[/]", justify="right")
+    for i, row in enumerate(comparison.rows):
+        cells = [_cell(comparison, i, j) for j in range(len(comparison.columns))]
+        name = f"[bold]{escape(row.name)}[/]" if row.name == "federated" else escape(row.name)
+        table.add_row(name, str(row.steps), *cells)
+    return table
+
+
+def _cell(comparison: Comparison, row: int, column: int) -> str:
+    text = format_metric(comparison.columns[column].metric, comparison.rows[row].values[column])
+    return f"[bold green]{text}[/]" if comparison.is_best(row, column) else text
+
+
+def format_metric(key: str, value: float | None) -> str:
+    """Dice and losses to 4 decimals, distances in mm to 2; "n/a" where a model has no value
+    (a HD95 is undefined when a region is absent from the prediction or the truth)."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if math.isinf(value):
+        return "inf"
+    return f"{value:.2f}" if key.startswith("hd95") else f"{value:.4f}"
+
+
+def budget_line(budget: Mapping[str, Any]) -> str:
+    """The demo's budget in one sentence, e.g. "budget: 40 rounds x 10 local steps x 3 sites = 1200
+    optimizer steps for federated and centralized; 400 per local-only model"."""
+    keys = ("rounds", "local_steps", "sites", "optimizer_steps_federated_and_centralized")
+    if not all(k in budget for k in keys):
+        return "budget: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in budget.items())
+    line = (
+        f"budget: {budget['rounds']} rounds x {budget['local_steps']} local steps x {budget['sites']} sites = "
+        f"{budget['optimizer_steps_federated_and_centralized']} optimizer steps for federated and centralized"
+    )
+    per_local = budget.get("optimizer_steps_per_local_model")
+    return line if per_local is None else f"{line}; {per_local} per local-only model"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Whether federation paid off, in the three numbers a reader asks for."""
+
+    metric: str
+    federated: float | None
+    centralized: float | None
+    best_local: str | None
+    best_local_value: float | None
+    sites_won: tuple[str, ...]
+    """Sites whose own test subjects the federated model segments better than the site's local model."""
+    sites_compared: tuple[str, ...]
+
+    @property
+    def ratio_to_centralized(self) -> float | None:
+        if self.federated is None or not self.centralized:
+            return None
+        return self.federated / self.centralized
+
+    @property
+    def margin_over_best_local(self) -> float | None:
+        """Positive when federated is better, whichever direction the metric improves in."""
+        if self.federated is None or self.best_local_value is None:
+            return None
+        margin = self.federated - self.best_local_value
+        return -margin if lower_is_better(self.metric) else margin
+
+    def line(self) -> str:
+        if self.federated is None:
+            return f"no federated {metric_label(self.metric)} to compare"
+        parts = [f"federated {metric_label(self.metric)} {self.federated:.4f}"]
+        if (ratio := self.ratio_to_centralized) is not None:
+            parts[0] += f" = {ratio:.2f} x centralized ({self.centralized:.4f})"
+        if (margin := self.margin_over_best_local) is not None:
+            best = f"{self.best_local}, {self.best_local_value:.4f}"
+            parts.append(f"{margin:+.4f} over the best local-only model ({best})")
+        if self.sites_compared:
+            won = f" ({', '.join(self.sites_won)})" if self.sites_won else ""
+            parts.append(
+                f"beats the site's own local model at {len(self.sites_won)} of {len(self.sites_compared)} sites{won}"
+            )
+        return "; ".join(parts)
+
+
+def comparison_verdict(arms: Sequence[ArmLike], *, sites: Sequence[str], metric: str = HEADLINE_METRIC) -> Verdict:
+    """Federated vs centralized (ratio), vs the best local-only model (margin, pooled), and per site vs
+    that site's own local-only model on the site's own test subjects."""
+    by_name = {a.name: a for a in arms}
+    fed, central = by_name.get("federated"), by_name.get("centralized")
+    sign = -1.0 if lower_is_better(metric) else 1.0
+    locals_ = [a for a in arms if a.name.startswith("local:") and metric in a.pooled]
+    best = max(locals_, key=lambda a: sign * a.pooled[metric], default=None)
+    won, compared = [], []
+    for site in sites:
+        own = by_name.get(f"local:{site}")
+        fed_value = fed.per_site.get(site, {}).get(metric) if fed else None
+        own_value = own.per_site.get(site, {}).get(metric) if own else None
+        if fed_value is None or own_value is None:
+            continue
+        compared.append(site)
+        if sign * fed_value > sign * own_value:
+            won.append(site)
+    return Verdict(
+        metric=metric,
+        federated=fed.pooled.get(metric) if fed else None,
+        centralized=central.pooled.get(metric) if central else None,
+        best_local=best.name if best else None,
+        best_local_value=best.pooled[metric] if best else None,
+        sites_won=tuple(won),
+        sites_compared=tuple(compared),
+    )

@@ -26,6 +26,8 @@ def write_tensorboard(logdir: Path, metrics: list[MetricRecord], *, extra: dict[
     try:
         by_round: dict[tuple[TaskKind, int], list[MetricRecord]] = defaultdict(list)
         for m in metrics:
+            if m.model is not None:  # the cross-site matrix (round rounds + 1), not a round of training
+                continue
             by_round[(m.kind, m.round)].append(m)
             for key, value in m.metrics.items():
                 writer.add_scalar(f"{m.kind}/{m.site}/{key}", value, global_step=m.round)
