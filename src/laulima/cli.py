@@ -317,17 +317,21 @@ def dataset_verify(name: str, home: Annotated[Path, typer.Option(help="The site'
 
 
 # -- experiments ----------------------------------------------------------------
+BundleFile = Annotated[
+    Path | None, typer.Option("--bundle", help="The file of the bundle the spec names (default: DIGEST.bundle).")
+]
+SigningKeys = Annotated[
+    list[Path] | None, typer.Option("--sign", help="Sign the bundle with this key (laulima algorithm keygen).")
+]
+
+
 @experiment_app.command("submit")
 def experiment_submit(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],
     hub_url: HubUrl,
     token: Token,
-    bundle: Annotated[
-        Path | None, typer.Option("--bundle", help="The file of the bundle the spec names (default: DIGEST.bundle).")
-    ] = None,
-    sign_with: Annotated[
-        list[Path] | None, typer.Option("--sign", help="Sign the bundle with this key (laulima algorithm keygen).")
-    ] = None,
+    bundle: BundleFile = None,
+    sign_with: SigningKeys = None,
 ) -> None:
     """Validate SPEC, pack its algorithm's `source` into a bundle, build the initial model, submit."""
     from laulima.client import Client
@@ -359,12 +363,8 @@ def experiment_evaluate(
         Path | None,
         typer.Option("--spec", help="A TOML spec (algorithm, dataset, [config]); needed for a bare .safetensors."),
     ] = None,
-    bundle: Annotated[
-        Path | None, typer.Option("--bundle", help="The file of the bundle the spec names (default: DIGEST.bundle).")
-    ] = None,
-    sign_with: Annotated[
-        list[Path] | None, typer.Option("--sign", help="Sign the bundle with this key (laulima algorithm keygen).")
-    ] = None,
+    bundle: BundleFile = None,
+    sign_with: SigningKeys = None,
 ) -> None:
     """Evaluate MODEL at the sites, without training: an experiment of mode "evaluate" whose
     per-site results `laulima experiment cross-site ID` shows."""

@@ -550,17 +550,7 @@ class HubService:
                 .where(Metric.experiment_id == experiment_id)
                 .order_by(Metric.round, Metric.kind, Metric.site)
             )
-            return [
-                MetricRecord(
-                    round=m.round,
-                    site=m.site,
-                    kind=TaskKind(m.kind),
-                    n_samples=m.n_samples,
-                    metrics=json.loads(m.metrics_json),
-                    model=m.model,
-                )
-                for m in rows
-            ]
+            return [_metric_record(m) for m in rows]
 
     def refusals(self, experiment_id: int, person: Person) -> list[RefusalRecord]:
         with self.sessions() as s:
@@ -776,9 +766,7 @@ class HubService:
             task.status, task.finished_at = TaskStatus.FAILED, now
             task.failure_kind, task.failure_reason = failure.kind.value, failure.reason
 
-    def record_refusal(
-        self, *, site: Site, task_id: str, status: int, reason: str, ends_task: bool = False
-    ) -> bool:
+    def record_refusal(self, *, site: Site, task_id: str, status: int, reason: str, ends_task: bool = False) -> bool:
         """Record a refused result (at most ``MAX_REFUSALS_PER_TASK`` rows per task, reasons
         cut to ``MAX_REASON_CHARS``). With ``ends_task`` (the result itself was unacceptable)
         the site's open task fails at once, so its round need not wait for the deadline.
@@ -1147,17 +1135,7 @@ class HubService:
                     Metric.model.is_not(None),
                 )
             )
-            records = [
-                MetricRecord(
-                    round=m.round,
-                    site=m.site,
-                    kind=TaskKind(m.kind),
-                    n_samples=m.n_samples,
-                    metrics=json.loads(m.metrics_json),
-                    model=m.model,
-                )
-                for m in rows
-            ]
+            records = [_metric_record(m) for m in rows]
         tasks = self.finale_tasks(experiment_id, index)
         failures = [
             CrossSiteFailure(model=t.model, site=t.site, kind=t.kind, reason=t.failure) for t in tasks if t.failure
@@ -1258,6 +1236,17 @@ class HubService:
         if round_index is not None:
             cond += [Task.round == round_index, Task.kind == TaskKind.TRAIN]
         s.execute(update(Task).where(*cond).values(status=status, finished_at=now, failure_reason=reason))
+
+
+def _metric_record(m: Metric) -> MetricRecord:
+    return MetricRecord(
+        round=m.round,
+        site=m.site,
+        kind=TaskKind(m.kind),
+        n_samples=m.n_samples,
+        metrics=json.loads(m.metrics_json),
+        model=m.model,
+    )
 
 
 def spec_of(exp: Experiment) -> ExperimentSpec:
