@@ -65,6 +65,7 @@ def train_round(hub: Hub, exp_id: int, sites: dict[str, int]) -> None:
     for site, n in sites.items():
         (task,) = tasks_of(hub, site, 1)
         assert task.kind == TaskKind.TRAIN and task.round == 1
+        assert task.config["progress"] == [0.0, 1.0]  # round 1 of 1: the whole training
         assert hub.upload(site, task, update_bytes(make_weights(n), n_samples=n)).status_code == 200
     hub.wait_for(lambda: hub.experiment(exp_id)["rounds_done"] == 1, "round 1 to aggregate")
 
@@ -169,6 +170,7 @@ def test_cross_site_with_local_models_builds_the_matrix_and_keeps_the_local_mode
     for task in (la, lb):
         assert task.kind == TaskKind.TRAIN and task.round == 2
         assert task.config["local_model"] is True and task.config["local_epochs"] == 3  # 1 round x 3 epochs
+        assert task.config["progress"] == [0.0, 1.0]  # a whole training in one task: schedules run in full
         assert task.weights_digest == exp["global_digest"]  # the initial weights, not the federated model
     local_a = make_weights(11)
     r = hub.upload("site-a", la, update_bytes(local_a, n_samples=2))

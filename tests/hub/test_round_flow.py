@@ -91,6 +91,7 @@ def test_every_site_answering_closes_the_round_at_once_and_evaluation_follows(hu
         for site in ("site-a", "site-b"):
             task = hub.next_task(site)
             assert task and task.kind == "train" and task.round == r and task.config["params"] == {"lr": 0.1}
+            assert task.config["progress"] == [(r - 1) / 2, r / 2]  # the part of the training it covers
             assert hub.upload(site, task, update_bytes(make_weights(r), n_samples=5)).status_code == 200
         for site in ("site-a", "site-b"):
             ev = hub.next_task(site)

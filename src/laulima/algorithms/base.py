@@ -45,6 +45,11 @@ class TrainConfig:
     """When > 0, the number of optimizer steps; it replaces local_epochs."""
     proximal_mu: float = 0.0
     seed: int = 0
+    progress: tuple[float, float] = (0.0, 1.0)
+    """The part of the model's whole training this task covers, as fractions: round r of R is
+    ((r - 1) / R, r / R), a local-only model trained in one task (0, 1). Learning-rate
+    schedules follow it, so a federated model decays over its rounds as a centrally trained
+    one does over its steps."""
 
 
 @dataclass(frozen=True)

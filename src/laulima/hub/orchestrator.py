@@ -223,6 +223,7 @@ class Orchestrator:
             "local_steps": spec.local_steps,
             "seed": spec.seed,
             "params": spec.config,
+            "progress": [(index - 1) / exp.rounds, index / exp.rounds],  # for learning-rate schedules
             **strategy.fit_config(index),
         }
         deadline = self.clock() + spec.round_timeout_s
@@ -383,6 +384,7 @@ class Orchestrator:
                 "local_steps": n * spec.local_steps,
                 "seed": spec.seed,
                 "params": spec.config,
+                "progress": [0.0, 1.0],  # a whole training in one task
                 "local_model": True,  # the site's policy decides whether such a model may leave it
             }
             deadline = now + min(n * spec.round_timeout_s, MAX_TIMEOUT_S)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from laulima.core.protocol import MetaKey, TaskKind, TaskPublic
+from laulima.errors import DataError
 from laulima.site.sandbox import SandboxPolicy, explain_exit
 from laulima.site.worker import ERROR_FILE, RESULT_FILE, RESULT_WEIGHTS_FILE, STDERR_LOG
 
@@ -29,7 +30,7 @@ __all__ = [
     "train_settings",
 ]
 
-TRAIN_KEYS = ("local_epochs", "local_steps", "proximal_mu", "seed")
+TRAIN_KEYS = ("local_epochs", "local_steps", "proximal_mu", "seed", "progress")
 """Keys of ``TaskPublic.config`` that become :class:`~laulima.TrainConfig` fields."""
 _REASON_MAX = 1000
 
@@ -77,6 +78,21 @@ def train_settings(config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str,
     return train, params
 
 
+def training_progress(value: Any) -> list[float]:
+    """The task's ``progress`` window from the hub, checked: two finite fractions, start <= end
+    (absent: the whole training, ``[0, 1]``). A malformed one fails the task, naming it."""
+    if value is None:
+        return [0.0, 1.0]
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 2
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+        or not 0.0 <= value[0] <= value[1] <= 1.0
+    ):
+        raise DataError(f"the task's progress {str(value)[:60]} is not two fractions 0 <= start <= end <= 1")
+    return [float(value[0]), float(value[1])]
+
+
 def task_spec(
     task: TaskPublic,
     *,
@@ -107,6 +123,7 @@ def task_spec(
         "local_steps": int(train.get("local_steps", 0)),
         "proximal_mu": float(train.get("proximal_mu", 0.0)),
         "seed": int(train.get("seed", 0)),
+        "progress": training_progress(train.get("progress")),
         "meta_keys": {
             "n_samples": MetaKey.N_SAMPLES.value,
             "metrics": MetaKey.METRICS.value,

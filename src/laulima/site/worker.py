@@ -265,6 +265,7 @@ def run(task_dir: Path, spec: dict[str, Any]) -> None:
                 local_steps=int(spec.get("local_steps", 0)),
                 proximal_mu=float(spec.get("proximal_mu", 0.0)),
                 seed=int(spec.get("seed", 0)),
+                progress=_progress(spec.get("progress")),
             )
             update = algorithm.train(weights, config)
             n_samples, metrics = validate_update(update, weights, where=f"algorithm {entry}")
@@ -464,6 +465,13 @@ def _redirect_output(task_dir: Path) -> None:
         target = open_private(task_dir / name)
         os.dup2(target, fd)
         os.close(target)
+
+
+def _progress(value: Any) -> tuple[float, float]:
+    """``task.json``'s progress window (checked by taskdir.training_progress when it was written)."""
+    if not isinstance(value, list) or len(value) != 2:
+        return (0.0, 1.0)
+    return (float(value[0]), float(value[1]))
 
 
 if __name__ == "__main__":

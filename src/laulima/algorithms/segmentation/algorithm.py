@@ -23,6 +23,7 @@ from laulima.algorithms.segmentation import data, engine
 from laulima.algorithms.segmentation.model import (
     SegmentationParams,
     initial_model,
+    learning_rate,
     load_numpy_weights,
     parse_params,
     pick_device,
@@ -79,6 +80,7 @@ class UNetSegmentation(Algorithm):
                 steps,
                 loss_fn=self.loss_fn,
                 proximal_mu=config.proximal_mu,
+                lr_at=lambda i: learning_rate(p, config.progress, i, steps),
             )
         out = state_dict_to_numpy(self.model)
         out = {k: v if v.dtype == weights[k].dtype else v.astype(weights[k].dtype) for k, v in out.items()}

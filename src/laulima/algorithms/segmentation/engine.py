@@ -60,11 +60,13 @@ def train_steps(
     proximal_mu: float = 0.0,
     global_params: Mapping[str, torch.Tensor] | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    lr_at: Callable[[int], float] | None = None,
 ) -> dict[str, float]:
     """``steps`` optimizer steps; FedProx adds mu/2 · ||w - w_global||² (w_global: the weights at the start).
 
     Returns ``loss`` (mean task loss over the steps, without the proximal term), ``last_loss``
-    and ``steps``. ``on_step(i, loss)`` is called after step i (1-based).
+    and ``steps``. ``on_step(i, loss)`` is called after step i (1-based); ``lr_at(i)`` sets the
+    learning rate of step i (0-based) before it is taken.
     """
     device = next(model.parameters()).device
     params = dict(model.named_parameters())
@@ -78,6 +80,9 @@ def train_steps(
     for step in range(1, steps + 1):
         image, label = next(iterator)
         image, label = image.to(device, non_blocking=True), label.to(device, non_blocking=True)
+        if lr_at is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step - 1)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(image), label)
         objective = loss

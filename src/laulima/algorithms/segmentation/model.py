@@ -20,10 +20,12 @@ from laulima.errors import ConfigurationError, WeightsError
 __all__ = [
     "BRATS_REGIONS",
     "DEFAULT_CHANNELS",
+    "LR_SCHEDULES",
     "TASK_REGIONS",
     "TASKS",
     "SegmentationParams",
     "build_unet",
+    "learning_rate",
     "initial_model",
     "load_numpy_weights",
     "parse_params",
@@ -42,6 +44,8 @@ TASK_REGIONS: dict[str, Regions] = {"brain-tumour": BRATS_REGIONS}
 """Each task's default ``regions``; a task not listed is scored per label only."""
 MAX_REGIONS = 16
 """Each region adds two metrics (Dice, HD95); a site may report at most 64 metrics."""
+LR_SCHEDULES = ("constant", "poly")
+"""Learning-rate schedules: constant, or nnU-Net's polynomial decay (exponent 0.9)."""
 DEFAULT_CHANNELS = (16, 32, 64, 128)
 """Feature maps per level; the thesis used (16, 32, 64, 128, 256)."""
 _NORMS = {"instance": "INSTANCE", "batch": "BATCH"}
@@ -63,6 +67,9 @@ class SegmentationParams:
     roi_size: tuple[int, int, int] = (48, 48, 48)
     """Training crop and sliding-window size; each side a multiple of the product of the strides."""
     lr: float = 1e-3
+    lr_schedule: str = "constant"
+    """``constant``, or ``poly``: nnU-Net's decay lr x (1 - progress)^0.9 over the model's whole
+    training (its rounds, through :attr:`~laulima.TrainConfig.progress`, or a baseline's steps)."""
     batch_size: int = 2
     threads: int = 1
     device: str = "auto"
@@ -126,6 +133,9 @@ def parse_params(params: Mapping[str, Any] | SegmentationParams) -> Segmentation
     norm = params.get("norm", "instance")
     if norm not in _NORMS:
         _fail("norm", norm, f"must be one of {sorted(_NORMS)}")
+    lr_schedule = params.get("lr_schedule", "constant")
+    if lr_schedule not in LR_SCHEDULES:
+        _fail("lr_schedule", lr_schedule, f"must be one of {list(LR_SCHEDULES)}")
     device = params.get("device", "auto")
     if device not in _DEVICES:
         _fail("device", device, f"must be one of {list(_DEVICES)}")
@@ -139,6 +149,7 @@ def parse_params(params: Mapping[str, Any] | SegmentationParams) -> Segmentation
         norm=norm,
         roi_size=(roi[0], roi[1], roi[2]),
         lr=_float(params, "lr", 1e-3, low=0.0, high=math.inf),
+        lr_schedule=lr_schedule,
         batch_size=_int(params, "batch_size", 2, minimum=1),
         threads=_int(params, "threads", 1, minimum=1),
         device=device,
@@ -273,3 +284,13 @@ def _float(
         bounds = f"{'[' if closed_low else '('}{low}, {high})"
         _fail(name, value, f"must be a number in {bounds}")
     return float(value)
+
+
+def learning_rate(p: SegmentationParams, progress: tuple[float, float], step: int, steps: int) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) of ``steps`` in a task that covers
+    ``progress`` of the model's training: one schedule for federated rounds and baselines alike."""
+    if p.lr_schedule == "constant" or steps <= 0:
+        return p.lr
+    start, end = progress
+    done = start + (end - start) * step / steps
+    return p.lr * max(0.0, 1.0 - done) ** 0.9
