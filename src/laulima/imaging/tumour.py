@@ -88,8 +88,8 @@ class TumourProfile:
 TYPICAL = TumourProfile("typical")
 TUMOUR_PROFILES: tuple[TumourProfile, ...] = (
     TumourProfile("small", small_fraction=0.85),  # mostly small tumours: a screening-heavy hospital
-    TumourProfile("large-weak-flair", small_fraction=0.15, flair_contrast=0.5),  # referral centre, older FLAIR
-    TumourProfile("mixed"),
+    TumourProfile("large", small_fraction=0.15),  # mostly large tumours: a referral centre
+    TumourProfile("mixed-weak-flair", flair_contrast=0.5),  # a general hospital with an older FLAIR protocol
 )
 """Per site, in site order (cycling); sites 0-2 meet the demo's scanner profiles A, B, C."""
 
