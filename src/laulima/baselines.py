@@ -32,6 +32,7 @@ from laulima.algorithms.segmentation.algorithm import check_dataset
 from laulima.algorithms.segmentation.model import (
     SegmentationParams,
     initial_model,
+    learning_rate,
     load_numpy_weights,
     parse_params,
     pick_device,
@@ -108,8 +109,12 @@ def run_baseline(
     steps: int,
     seed: int,
     on_progress: Progress | None = None,
+    score: bool = True,
 ) -> BaselineResult:
-    """Train the ``central`` model or one ``local`` model per site for ``steps`` steps each, score all."""
+    """Train the ``central`` model or one ``local`` model per site for ``steps`` steps each, score all.
+
+    ``score=False`` leaves the scoring to someone else (the demo has the sites score the
+    centralized model through the hub); the models' ``evaluation`` is then empty."""
     if mode not in ("central", "local"):
         raise ConfigurationError(f"baseline mode {mode!r}: expected 'central' or 'local'", field="mode")
     if steps < 1:
@@ -117,12 +122,12 @@ def run_baseline(
     p = parse_params(params)
     started = time.perf_counter()
     with _threads(p.threads):
-        sites = _load_sites(site_datasets, p, scoring_only=False)
+        sites = _load_sites(site_datasets, p, scoring_only=False, training_only=not score)
         plan = {"central": list(sites)} if mode == "central" else {name: [name] for name in sites}
         models = {}
         for name, members in plan.items():
             samples = [s for member in members for s in sites[member].train]
-            models[name] = _train_one(name, members, samples, sites, p, steps, seed, on_progress)
+            models[name] = _train_one(name, members, samples, sites if score else {}, p, steps, seed, on_progress)
     return BaselineResult(mode=mode, steps=steps, seed=seed, models=models, seconds=time.perf_counter() - started)
 
 
@@ -162,6 +167,7 @@ def _train_one(
             steps,
             loss_fn=engine.make_loss(),
             on_step=on_step,
+            lr_at=lambda i: learning_rate(p, (0.0, 1.0), i, steps),
         )
     seconds = time.perf_counter() - started
     return BaselineModel(
@@ -171,7 +177,7 @@ def _train_one(
         steps=steps,
         train_loss=stats["loss"],
         seconds=seconds,
-        evaluation=_score(model, sites, p),
+        evaluation=_score(model, sites, p) if sites else {},
         weights=state_dict_to_numpy(model),  # the model is dropped: its storage is the weights'
     )
 
@@ -179,7 +185,15 @@ def _train_one(
 def _score(model: torch.nn.Module, sites: dict[str, _Site], p: SegmentationParams) -> dict[str, Any]:
     labels = next(iter(sites.values())).labels
     per_site: dict[str, engine.Scores] = {
-        name: engine.evaluate(model, site.held_out, p.roi_size, labels, overlap=p.sw_overlap)
+        name: engine.evaluate(
+            model,
+            site.held_out,
+            p.roi_size,
+            labels,
+            overlap=p.sw_overlap,
+            regions=p.regions,
+            spacing_mm=p.preprocessing.spacing_mm,
+        )
         for name, site in sites.items()
     }
     pooled = engine.Scores.concat(list(per_site.values()))
@@ -189,7 +203,9 @@ def _score(model: torch.nn.Module, sites: dict[str, _Site], p: SegmentationParam
     }
 
 
-def _load_sites(site_datasets: Mapping[str, Path], p: SegmentationParams, *, scoring_only: bool) -> dict[str, _Site]:
+def _load_sites(
+    site_datasets: Mapping[str, Path], p: SegmentationParams, *, scoring_only: bool, training_only: bool = False
+) -> dict[str, _Site]:
     if not site_datasets:
         raise ConfigurationError("no site datasets given", field="site_datasets")
     sites: dict[str, _Site] = {}
@@ -208,7 +224,7 @@ def _load_sites(site_datasets: Mapping[str, Path], p: SegmentationParams, *, sco
         split = data.split_cases(dataset, p.val_fraction)
         sites[name] = _Site(
             train=[] if scoring_only else data.load_samples(split.train, p.in_channels, p.preprocessing),
-            held_out=data.load_samples(split.held_out, p.in_channels, p.preprocessing),
+            held_out=[] if training_only else data.load_samples(split.held_out, p.in_channels, p.preprocessing),
             labels=labels,
         )
     return sites

@@ -81,8 +81,9 @@ class SimulationResult:
 
     @property
     def final_evaluation(self) -> dict[str, dict[str, float]]:
-        """Metrics of the last evaluated round, per site."""
-        evals = [m for m in self.metrics if m.kind == TaskKind.EVALUATE]
+        """Metrics of the last evaluated round, per site (the cross-site matrix's records,
+        labelled by model, are not a round's evaluation)."""
+        evals = [m for m in self.metrics if m.kind == TaskKind.EVALUATE and m.model is None]
         if not evals:
             return {}
         last = max(m.round for m in evals)
