@@ -117,17 +117,29 @@ def test_the_table_prints_every_number_the_budget_and_marks_the_best():
     assert lines.index(rows["federated"]) < lines.index(rows["centralized"])
     fed = next(a for a in arms if a.name == "federated")
     for key in ("dice_mean", "dice_wt", "dice_tc", "dice_et"):
-        assert f"{fed.pooled[key]:.4f}" in rows["federated"]
+        assert f"{fed.pooled[key]:.3f}" in rows["federated"]
     assert f"{fed.pooled['hd95_mean']:.2f}" in rows["federated"]
     for site in rd.SITES:
-        assert f"{fed.per_site[site]['dice_mean']:.4f}" in rows["federated"]
+        assert f"{fed.per_site[site]['dice_mean']:.3f}" in rows["federated"]
     assert line in " ".join(text.split())
     assert "Dice whole tumour" in text and "mean HD95 (mm)" in text and "dice_" not in text
     # Best values are styled: the centralized pooled mean Dice is the column's best.
     central = next(a for a in arms if a.name == "centralized")
     cells = [c for col in table.columns for c in col.cells]
-    assert f"[bold green]{central.pooled['dice_mean']:.4f}[/]" in cells
-    assert f"{fed.pooled['dice_mean']:.4f}" in cells  # not marked: not the best
+    assert f"[bold green]{central.pooled['dice_mean']:.3f}[/]" in cells
+    assert f"{fed.pooled['dice_mean']:.3f}" in cells  # not marked: not the best
+
+
+def test_the_table_fits_an_80_column_terminal_without_cutting_a_number():
+    arms = rd.arms()
+    table = comparison_table(arms, budget_line=budget_line(rd.report_data().budget), sites=rd.SITES)
+    console = Console(width=80, record=True, color_system=None)
+    assert console.measure(table).maximum <= 80
+    console.print(table)
+    text = console.export_text()
+    assert "…" not in text
+    for arm in arms:
+        assert arm.name in text
 
 
 def test_arm_names_are_not_read_as_markup():

@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.markup import escape
@@ -274,23 +275,55 @@ def comparison_table(
     arms: Sequence[ArmLike], *, budget_line: str, sites: Sequence[str], metric: str = HEADLINE_METRIC
 ) -> Table:
     """One row per model, federated first: pooled metrics, then ``metric`` per site; the best value
-    of each column in bold green; the budget in the caption so the comparison is read as fair."""
+    of each column in bold green; the budget in the caption so the comparison is read as fair.
+
+    Compact (short headers explained in the caption, three decimals, no vertical rules) so the
+    whole table fits an 80-column terminal; the report shows the same numbers in full."""
     comparison = compare_arms(arms, sites=sites, metric=metric)
-    table = Table(title="every model on every site's held-out test subjects", caption=escape(budget_line))
+    legend = [f"{_short_label(c.metric)}: {metric_label(c.metric)}" for c in comparison.pooled_columns()]
+    legend.append("all: every site's test subjects pooled")
+    legend.append(f"per site: {metric_label(metric)} on that site's own test subjects")
+    caption = escape(budget_line) + "\n" + escape("; ".join(legend))
+    table = Table(
+        title="every model on every site's held-out test subjects",
+        caption=caption,
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+        collapse_padding=True,
+    )
     table.add_column("model", no_wrap=True)
-    table.add_column("steps", justify="right")
     for column in comparison.columns:
-        where = "pooled" if column.site is None else f"{escape(column.site)} test"
-        table.add_column(f"{column.label}\n[dim]{where}[/]", justify="right")
+        if column.site is None:
+            header = f"{escape(_short_label(column.metric))}\n[dim]all[/]"
+        else:
+            header = f"{escape(column.site)}\n[dim]{escape(_short_label(metric))}[/]"
+        table.add_column(header, justify="right", no_wrap=True)
     for i, row in enumerate(comparison.rows):
         cells = [_cell(comparison, i, j) for j in range(len(comparison.columns))]
         name = f"[bold]{escape(row.name)}[/]" if row.name == "federated" else escape(row.name)
-        table.add_row(name, str(row.steps), *cells)
+        table.add_row(name, *cells)
     return table
 
 
+def _short_label(key: str) -> str:
+    """A column header for the terminal: "Dice", "WT", "HD95", "grey matter"."""
+    if key == "dice_mean":
+        return "Dice"
+    if key == "hd95_mean":
+        return "HD95"
+    prefix, _, rest = key.partition("_")
+    if rest in REGIONS:
+        return rest.upper() if prefix == "dice" else f"HD95 {rest.upper()}"
+    return rest.replace("_", " ") if prefix == "dice" and rest else metric_label(key)
+
+
 def _cell(comparison: Comparison, row: int, column: int) -> str:
-    text = format_metric(comparison.columns[column].metric, comparison.rows[row].values[column])
+    """A terminal cell: Dice to three decimals (the report keeps four), distances in mm to two."""
+    value = comparison.rows[row].values[column]
+    metric = comparison.columns[column].metric
+    finite = value is not None and math.isfinite(value)
+    text = f"{value:.3f}" if finite and not metric.startswith("hd95") else format_metric(metric, value)
     return f"[bold green]{text}[/]" if comparison.is_best(row, column) else text
 
 
