@@ -15,7 +15,7 @@ def test_the_headline_presets_are_the_tumour_demo_with_cross_site_evaluation():
         preset = PRESETS[name]
         spec = preset.spec(cross_site=True)
         assert spec.dataset == "brain-tumour" and spec.config["task"] == "brain-tumour"
-        assert preset.cohorts == (4, 10, 30)
+        assert sorted(preset.cohorts or ()) == [4, 10, 30]  # a small, a middle and a large hospital
         assert spec.evaluation.cross_site and spec.evaluation.local_models
         assert spec.rounds * spec.local_steps == preset.steps_per_site
     assert presets("brain-tissue") is TISSUE_PRESETS

@@ -146,7 +146,7 @@ def _tumour(name: str, rounds: int, evaluate_every: int) -> DemoPreset:
     model; short local work (10 steps) and many rounds keep the sites' models from drifting
     apart, and the decaying learning rate lets the average settle (benchmarks/brain_federated.py)."""
     return DemoPreset(
-        name, rounds=rounds, local_steps=10, evaluate_every=evaluate_every, cohorts=(4, 10, 30), n_test=6,
+        name, rounds=rounds, local_steps=10, evaluate_every=evaluate_every, cohorts=(10, 4, 30), n_test=6,
         unet_channels=(8, 16, 32, 64), num_res_units=1, lr=2e-3, lr_schedule="poly",
     )  # fmt: skip
 
