@@ -30,7 +30,7 @@ from laulima.demo import PRESETS, run_demo
 STRATEGIES: dict[str, dict[str, Any]] = {
     "fedavg": {"name": "fedavg"},
     "fedprox": {"name": "fedprox", "proximal_mu": 0.01},
-    "fedadam": {"name": "fedadam", "server_lr": 0.003, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
+    "fedadam": {"name": "fedadam", "server_lr": 0.02, "beta_1": 0.9, "beta_2": 0.99, "tau": 1e-3},
     "feddc": {"name": "feddc", "daisy_period": 1, "aggregation_period": 4},
     "krum": {"name": "krum", "krum_f": 0, "krum_m": 3},
 }
