@@ -26,10 +26,11 @@ from typing import Any
 
 from rich.console import Console
 
-from laulima.core.crosssite import GLOBAL, MODEL, local_label, pooled
+from laulima.core.crosssite import GLOBAL, MODEL, local_label, pooled, round_records
 from laulima.core.protocol import (
     CrossSiteCell,
     CrossSiteMatrix,
+    ExperimentPhase,
     ExperimentPublic,
     ExperimentStatus,
     MetricRecord,
@@ -252,25 +253,25 @@ def run_demo(
     t = time.monotonic()
     with LocalFederation(workdir, preset.n_sites, preset.task, seed=preset.seed) as fed:
         exp = fed.submit(spec)
-        phases: dict[str, float] = {}
+        phase_seen: dict[ExperimentPhase | None, float] = {}
+        """When each phase was first seen: the local models' share of the wall time."""
         with SimProgress(console, spec.rounds) as progress:
 
             def on_progress(e: ExperimentPublic, m: list[MetricRecord]) -> None:
-                phases.setdefault(str(e.phase), time.monotonic())
+                phase_seen.setdefault(e.phase, time.monotonic())
                 progress.update(e, m)
 
             exp = fed.wait(exp.id, timeout=_timeout(preset, spec.rounds), on_progress=on_progress)
         _check_completed(exp, workdir)
         # The per-round records; those of round rounds + 1 (labelled by model) are the cross-site matrix.
-        metrics = [m for m in fed.client.metrics(exp.id) if m.model is None]
+        metrics = round_records(fed.client.metrics(exp.id))
         weights = {"federated": _download(fed, exp.id, None, workdir / "global.safetensors")}
         times["federated"] = time.monotonic() - t
         arms: list[ArmEvaluation] = []
         if baselines:
             matrix = fed.client.cross_site(exp.id)
-            times["local_models_and_cross_site"] = time.monotonic() - min(
-                phases.get("local models", t), time.monotonic()
-            )
+            if ExperimentPhase.LOCAL_MODELS in phase_seen:
+                times["local_models_and_cross_site"] = time.monotonic() - phase_seen[ExperimentPhase.LOCAL_MODELS]
             arms.append(_arm("federated", _row(matrix, GLOBAL), preset.steps_per_arm, times["federated"]))
             for site in names:
                 label = local_label(site)
@@ -375,8 +376,8 @@ def _final_evaluation(metrics: list[MetricRecord], round_index: int) -> tuple[di
     """The global model's last per-round evaluation at each site (when there is no cross-site matrix)."""
     cells = {
         m.site: CrossSiteCell(n_samples=m.n_samples, metrics=dict(m.metrics))
-        for m in metrics
-        if m.kind == TaskKind.EVALUATE and m.round == round_index and not m.model
+        for m in round_records(metrics)
+        if m.kind == TaskKind.EVALUATE and m.round == round_index
     }
     if not cells:
         raise LaulimaError(f"no site evaluated the final model of round {round_index}")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from laulima.core.crosssite import round_records
 from laulima.core.protocol import MetricRecord, TaskKind
 from laulima.terminal import (
     Comparison,
@@ -150,8 +151,8 @@ class ReportData:
     def federated_curve(self) -> dict[int, dict[str, float]]:
         """Per round, the global model's metrics pooled over all sites' test subjects."""
         by_round: dict[int, list[MetricRecord]] = defaultdict(list)
-        for m in self.rounds:
-            if m.kind == TaskKind.EVALUATE and m.model is None:  # labelled records are the cross-site matrix
+        for m in round_records(self.rounds):
+            if m.kind == TaskKind.EVALUATE:
                 by_round[m.round].append(m)
         return {r: weighted_mean(ms) for r, ms in sorted(by_round.items())}
 
@@ -289,7 +290,7 @@ def _plot_rounds(data: ReportData, path: Path) -> bool:
 
 
 def _plot_sites(data: ReportData, path: Path) -> bool:
-    evals = [m for m in data.rounds if m.kind == TaskKind.EVALUATE and m.model is None and HEADLINE in m.metrics]
+    evals = [m for m in round_records(data.rounds) if m.kind == TaskKind.EVALUATE and HEADLINE in m.metrics]
     if not evals:
         return False
     with _figure() as (fig, axes):

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from laulima.client import Client
+from laulima.core.crosssite import round_records
 from laulima.core.protocol import ExperimentPublic, ExperimentStatus, MetricRecord, SiteStatus, TaskKind
 from laulima.core.spec import ExperimentSpec
 from laulima.errors import ConfigurationError, LaulimaError
@@ -83,7 +84,7 @@ class SimulationResult:
     def final_evaluation(self) -> dict[str, dict[str, float]]:
         """Metrics of the last evaluated round, per site (the cross-site matrix's records,
         labelled by model, are not a round's evaluation)."""
-        evals = [m for m in self.metrics if m.kind == TaskKind.EVALUATE and m.model is None]
+        evals = [m for m in round_records(self.metrics) if m.kind == TaskKind.EVALUATE]
         if not evals:
             return {}
         last = max(m.round for m in evals)

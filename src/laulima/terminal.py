@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from laulima.core.crosssite import round_records
 from laulima.core.protocol import ExperimentPublic, MetricRecord, TaskKind
 
 __all__ = [
@@ -55,7 +56,7 @@ def weighted_mean(records: list[MetricRecord]) -> dict[str, float]:
 def metrics_table(metrics: list[MetricRecord], *, last_round_only: bool = False) -> Table:
     """Evaluation metrics per round and site, plus the sample-weighted mean (records labelled
     by model belong to the cross-site matrix, shown by ``laulima experiment cross-site``)."""
-    evals = [m for m in metrics if m.kind == TaskKind.EVALUATE and m.model is None]
+    evals = [m for m in round_records(metrics) if m.kind == TaskKind.EVALUATE]
     if last_round_only and evals:
         last = max(m.round for m in evals)
         evals = [m for m in evals if m.round == last]
@@ -104,7 +105,7 @@ class SimProgress:
     def update(self, exp: ExperimentPublic, metrics: list[MetricRecord]) -> None:
         self._progress.update(self._task, completed=exp.rounds_done)
         current = exp.rounds_done + 1 if exp.rounds_done < exp.rounds else exp.rounds
-        metrics = [m for m in metrics if m.model is None]  # the rounds' records, not the cross-site matrix
+        metrics = round_records(metrics)
         done = {m.site: m for m in metrics if m.kind == TaskKind.TRAIN and m.round == current}
         evals = [m for m in metrics if m.kind == TaskKind.EVALUATE]
         grid = Table.grid(padding=(0, 2))

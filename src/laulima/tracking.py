@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from laulima.core.crosssite import round_records
 from laulima.core.protocol import MetricRecord, TaskKind
 from laulima.terminal import weighted_mean
 
@@ -25,9 +26,7 @@ def write_tensorboard(logdir: Path, metrics: list[MetricRecord], *, extra: dict[
     writer = SummaryWriter(log_dir=str(logdir))
     try:
         by_round: dict[tuple[TaskKind, int], list[MetricRecord]] = defaultdict(list)
-        for m in metrics:
-            if m.model is not None:  # the cross-site matrix (round rounds + 1), not a round of training
-                continue
+        for m in round_records(metrics):
             by_round[(m.kind, m.round)].append(m)
             for key, value in m.metrics.items():
                 writer.add_scalar(f"{m.kind}/{m.site}/{key}", value, global_step=m.round)

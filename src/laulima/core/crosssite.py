@@ -12,7 +12,16 @@ from collections.abc import Iterable, Sequence
 
 from laulima.core.protocol import CrossSiteCell, CrossSiteFailure, CrossSiteMatrix, MetricRecord, TaskKind
 
-__all__ = ["GLOBAL", "LOCAL_PREFIX", "MODEL", "cross_site_matrix", "local_label", "pooled", "site_of_local"]
+__all__ = [
+    "GLOBAL",
+    "LOCAL_PREFIX",
+    "MODEL",
+    "cross_site_matrix",
+    "local_label",
+    "pooled",
+    "round_records",
+    "site_of_local",
+]
 
 GLOBAL = "global"
 """Label of the experiment's final global model."""
@@ -29,6 +38,13 @@ def local_label(site: str) -> str:
 def site_of_local(label: str) -> str | None:
     """The site whose local-only model ``label`` names, or None for another label."""
     return label[len(LOCAL_PREFIX) :] if label.startswith(LOCAL_PREFIX) else None
+
+
+def round_records(records: Iterable[MetricRecord]) -> list[MetricRecord]:
+    """The records of the training rounds and their per-round evaluations: every record not
+    labelled by a model. Labelled ones (round ``rounds + 1``, or an evaluate-mode experiment's)
+    form the cross-site matrix and belong in no per-round curve, table or log."""
+    return [r for r in records if r.model is None]
 
 
 def _model_order(label: str) -> tuple[int, str]:
