@@ -23,6 +23,7 @@ from laulima.core.protocol import (
     ErrorBody,
     ExperimentCreate,
     ExperimentPublic,
+    FingerprintPublic,
     Header,
     MetricRecord,
     RefusalRecord,
@@ -163,6 +164,12 @@ class Client:
         """The experiment's evaluation after training as models x sites, pooled per model
         (``complete`` is False while tasks are still out)."""
         return CrossSiteMatrix.model_validate(self._request("GET", f"/experiments/{experiment_id}/cross-site"))
+
+    def fingerprint(self, experiment_id: int) -> FingerprintPublic:
+        """The merged dataset fingerprint of a completed fingerprint-mode experiment (nnU-Net's
+        dataset_fingerprint.json and dataset.json, the sites in it, why any is missing).
+        ``Conflict`` while it runs, once it failed, or for an experiment of another mode."""
+        return FingerprintPublic.model_validate(self._request("GET", f"/experiments/{experiment_id}/fingerprint"))
 
     def experiments(self) -> list[ExperimentPublic]:
         return [ExperimentPublic.model_validate(x) for x in self._request("GET", "/experiments")]

@@ -14,10 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from laulima.core.weights import Weights
 from laulima.errors import ConfigurationError
+
+if TYPE_CHECKING:  # pydantic: imported only where a fingerprint is computed (the worker stays lean)
+    from laulima.core.fingerprint import SiteFingerprint
 
 __all__ = ["Algorithm", "Evaluation", "SiteContext", "TrainConfig", "Update", "load_algorithm"]
 
@@ -33,6 +36,12 @@ class SiteContext:
     params: Mapping[str, Any] = field(default_factory=dict)
     """The experiment's free-form ``config`` table."""
     seed: int = 0
+    cache_dir: Path | None = None
+    """A private folder of this experiment at this site (``<site home>/cache/experiment-<id>``),
+    kept across the experiment's tasks (and writable in the sandbox), e.g. for preprocessed
+    data; ``work_dir`` is the task's own and goes with it. The agent removes a cache folder
+    not modified for ``CACHE_MAX_AGE_S`` (a week) when it starts. None where the site gives
+    none (a run outside an agent)."""
 
 
 @dataclass(frozen=True)
@@ -73,8 +82,9 @@ class Algorithm(ABC):
     """Base class of every federated algorithm.
 
     An instance lives in one child process for one task: ``setup`` once, then ``train``
-    or ``evaluate`` once, then ``finalize``. ``initial_weights`` runs where the experiment
-    is submitted and sees no data.
+    or ``evaluate`` once, then ``finalize``; for a dataset fingerprint task, ``fingerprint``
+    once (without ``setup``: there is no model yet), then ``finalize``. ``initial_weights``
+    runs where the experiment is submitted and sees no data.
     """
 
     @abstractmethod
@@ -92,6 +102,19 @@ class Algorithm(ABC):
     @abstractmethod
     def evaluate(self, weights: Weights) -> Evaluation:
         """Validate ``weights`` on the local validation split."""
+
+    def fingerprint(self, ctx: SiteContext) -> SiteFingerprint:
+        """Summarise the site's cohort as a dataset fingerprint (``mode = "fingerprint"``
+        experiments; see :mod:`laulima.core.fingerprint`). Called without ``setup``. Only
+        aggregates leave the site: never per-case values beyond the geometry table.
+
+        The default computes none: an algorithm that plans from a fingerprint overrides it."""
+        raise ConfigurationError(
+            f"algorithm {type(self).__module__}:{type(self).__qualname__} computes no dataset fingerprint; "
+            "fingerprint-mode experiments need an algorithm that implements Algorithm.fingerprint "
+            "(such as laulima.nnunet:NnUNet)",
+            field="algorithm",
+        )
 
     def abort(self) -> None:  # noqa: B027 - optional hook
         """Stop work early; called when the task is cancelled."""

@@ -29,6 +29,7 @@ __all__ = [
     "ExperimentPublic",
     "ExperimentStatus",
     "FailureKind",
+    "FingerprintPublic",
     "Header",
     "MetaKey",
     "MetricRecord",
@@ -94,6 +95,9 @@ class Role(StrEnum):
 class TaskKind(StrEnum):
     TRAIN = "train"
     EVALUATE = "evaluate"
+    FINGERPRINT = "fingerprint"
+    """Summarise the site's cohort as a dataset fingerprint (``laulima.core.fingerprint``);
+    the site answers with ``POST /tasks/{id}/fingerprint``. No model is trained or scored."""
 
 
 class TaskStatus(StrEnum):
@@ -134,6 +138,8 @@ class ExperimentPhase(StrEnum):
     """The final global (and local-only) models are evaluated at every participating site."""
     EVALUATION = "evaluation"
     """An evaluate-mode experiment: the given model is evaluated at its sites."""
+    FINGERPRINT = "fingerprint"
+    """A fingerprint-mode experiment: the sites summarise their cohorts."""
 
 
 ModelLabel = Annotated[str, Field(pattern=r"^(global|model|local:[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")]
@@ -349,10 +355,29 @@ class ExperimentPublic(_Msg):
     site_notes: dict[str, str] = {}
     """What sites of the open round (or of the last evaluation) are doing, when it is news:
     waiting for approval, refused, failed — so the scientist learns it before the round ends."""
-    mode: Literal["train", "evaluate"] = "train"
-    """The spec's ``mode``: a training run, or the evaluation of a given model."""
+    mode: Literal["train", "evaluate", "fingerprint"] = "train"
+    """The spec's ``mode``: a training run, the evaluation of a given model, or the sites'
+    dataset fingerprint."""
     phase: ExperimentPhase | None = None
     """What a running experiment is doing; None once it has finished."""
+
+
+class FingerprintPublic(_Msg):
+    """The merged dataset fingerprint of a completed fingerprint-mode experiment
+    (``GET /experiments/{id}/fingerprint``), in nnU-Net v2's own formats."""
+
+    experiment_id: int
+    fingerprint: dict[str, Any]
+    """nnU-Net's ``dataset_fingerprint.json`` over every site in ``sites``."""
+    dataset_json: dict[str, Any]
+    """The ``dataset.json`` it goes with (channel names, labels, numTraining, file ending)."""
+    n_cases: int
+    """Cases over all of ``sites``."""
+    sites: list[str]
+    """The sites whose fingerprint is in the merge, in name order."""
+    failures: dict[str, str] = {}
+    """Sites that were asked but whose fingerprint is missing, with why (refused by the
+    site's policy, failed, expired)."""
 
 
 class ShareCreate(_Msg):

@@ -26,9 +26,13 @@ __all__ = [
     "MAX_SIGNATURES",
     "MAX_SITES",
     "MAX_TIMEOUT_S",
+    "TRAINING_ONLY_FIELDS",
+    "UNTRAINED_MODES",
     "EvaluationSpec",
     "ExperimentSpec",
     "StrategySpec",
+    "as_fingerprint_spec",
+    "fingerprint_name",
     "load_spec",
     "parse_spec",
 ]
@@ -137,17 +141,32 @@ participating site, so the matrix costs sites squared tasks. Past this many part
 sites only the global model is evaluated (and the experiment says so)."""
 
 _TRAINING_ONLY = ("local_epochs", "local_steps", "max_update_norm", "max_samples_per_site", "strategy", "evaluation")
-"""Fields an evaluate-mode spec must leave at their defaults: nothing is trained."""
+"""Fields an evaluate- or fingerprint-mode spec must leave at their defaults: nothing is trained."""
+
+TRAINING_ONLY_FIELDS = (*_TRAINING_ONLY, "rounds")
+"""What a training spec carries that an untrained mode must not (``rounds`` included)."""
+
+UNTRAINED_MODES = ("evaluate", "fingerprint")
+"""Modes that train nothing: ``rounds`` is 0 and one step of tasks (round 1) follows."""
+
+_WHAT_INSTEAD = {
+    "evaluate": "or submit a training experiment, whose [evaluation] cross_site = true evaluates its final model "
+    "everywhere",
+    "fingerprint": "`laulima experiment fingerprint` drops them from a training spec for you",
+}
 
 
 class ExperimentSpec(_Strict):
     """A federated experiment. Loaded from TOML; every error names the field."""
 
     name: Annotated[str, Field(pattern=_NAME)]
-    mode: Literal["train", "evaluate"] = "train"
+    mode: Literal["train", "evaluate", "fingerprint"] = "train"
     """``train``: a federated training run of ``rounds`` rounds. ``evaluate``: no training; the
     initial weights (the model to score) are evaluated once at each selected site, as tasks
-    of round 1 labelled ``model``. ``rounds`` is then 0 (or omitted) and training-only fields
+    of round 1 labelled ``model``. ``fingerprint``: no model at all; each selected site
+    summarises its cohort as a dataset fingerprint (:mod:`laulima.core.fingerprint`), as tasks
+    of round 1, and the hub merges them (the initial weights are the empty model). With
+    ``evaluate`` and ``fingerprint``, ``rounds`` is 0 (or omitted) and training-only fields
     (``local_epochs``, ``local_steps``, ``strategy``, ``evaluation``, ``max_update_norm``,
     ``max_samples_per_site``) must be left out."""
     algorithm: Annotated[str, Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", max_length=200)]
@@ -179,7 +198,8 @@ class ExperimentSpec(_Strict):
     sites: Annotated[list[Annotated[str, Field(pattern=_NAME)]], Field(max_length=MAX_SITES)] = []
     """Sites that take part; empty means every site registered when the experiment starts."""
     rounds: Annotated[int, Field(ge=0, le=100_000)]
-    """Training rounds: at least 1 with ``mode = "train"``, 0 (or omitted) with ``"evaluate"``."""
+    """Training rounds: at least 1 with ``mode = "train"``, 0 (or omitted) with ``"evaluate"``
+    and ``"fingerprint"``."""
     local_epochs: Annotated[int, Field(ge=0, le=100_000)] = 1
     local_steps: Annotated[int, Field(ge=0, le=100_000_000)] = 0
     """Optimizer steps per round; when > 0 it replaces local_epochs."""
@@ -210,14 +230,15 @@ class ExperimentSpec(_Strict):
         # needs at least one round. Anything not a table is left to pydantic's own error.
         if not isinstance(data, dict):
             return data
-        if data.get("mode") == "evaluate":
+        mode = data.get("mode")
+        if mode in UNTRAINED_MODES:
             rounds = data.get("rounds", 0)
             if rounds != 0 or isinstance(rounds, bool):
                 reason = (
-                    f"is {rounds!r}, but mode = 'evaluate' trains nothing; leave `rounds` out (or 0), or use "
+                    f"is {rounds!r}, but mode = '{mode}' trains nothing; leave `rounds` out (or 0), or use "
                     "mode = 'train'"
                 )
-                raise PydanticCustomError("evaluate_rounds", "{reason}", {"path": "rounds", "reason": reason})
+                raise PydanticCustomError(f"{mode}_rounds", "{reason}", {"path": "rounds", "reason": reason})
             return {**data, "rounds": 0}
         rounds = data.get("rounds")
         if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds < 1:
@@ -229,29 +250,30 @@ class ExperimentSpec(_Strict):
         return data
 
     @model_validator(mode="after")
-    def _evaluate_mode_trains_nothing(self) -> ExperimentSpec:
-        if self.mode != "evaluate":
+    def _untrained_mode_trains_nothing(self) -> ExperimentSpec:
+        if self.mode not in UNTRAINED_MODES:
             return self
         defaults = ExperimentSpec.model_fields
         for name in _TRAINING_ONLY:
             if getattr(self, name) != defaults[name].get_default(call_default_factory=True):
                 reason = (
-                    "is a training setting, but mode = 'evaluate' trains nothing; leave it out (or submit a "
-                    "training experiment, whose [evaluation] cross_site = true evaluates its final model everywhere)"
+                    f"is a training setting, but mode = '{self.mode}' trains nothing; leave it out "
+                    f"({_WHAT_INSTEAD[self.mode]})"
                 )
-                raise PydanticCustomError("evaluate_training_field", "{reason}", {"path": name, "reason": reason})
+                raise PydanticCustomError(f"{self.mode}_training_field", "{reason}", {"path": name, "reason": reason})
         return self
 
     @property
     def final_index(self) -> int:
         """The round index of the tasks that follow training: the cross-site evaluation (and
-        its local-only models) of a training run, the one evaluation of an evaluate-mode run."""
+        its local-only models) of a training run, the one evaluation of an evaluate-mode run,
+        the fingerprint tasks of a fingerprint-mode run."""
         return self.rounds + 1
 
     @property
     def has_finale(self) -> bool:
-        """Whether tasks labelled with a model (round ``final_index``) follow the rounds."""
-        return self.mode == "evaluate" or self.evaluation.cross_site
+        """Whether labelled tasks (round ``final_index``) follow the rounds."""
+        return self.mode in UNTRAINED_MODES or self.evaluation.cross_site
 
     @field_validator("sites")
     @classmethod
@@ -290,8 +312,8 @@ class ExperimentSpec(_Strict):
         accepted = bool(info.context and info.context.get("accepted"))
         if self.bundle is None and self.source is None and not accepted and not is_builtin_name(self.algorithm):
             reason = (
-                f"{self.algorithm!r} is neither a built-in (laulima.algorithms.*) nor packed: name a `source` "
-                "folder or file to pack, or a `bundle` digest"
+                f"{self.algorithm!r} is neither a built-in (laulima.algorithms.*, laulima.nnunet) nor packed: name a "
+                "`source` folder or file to pack, or a `bundle` digest"
             )
             raise PydanticCustomError("algorithm_not_packed", "{reason}", {"path": "algorithm", "reason": reason})
         return self
@@ -372,6 +394,22 @@ def config_problem(config: Any) -> tuple[str, str] | None:
     if encoded > CONFIG_MAX_BYTES:
         return "config", f"is larger than {CONFIG_MAX_BYTES // 1024} KiB as JSON; pass large data as a file"
     return None
+
+
+def fingerprint_name(name: str) -> str:
+    """``<name>-fingerprint``, within a spec name's 64 characters (unchanged if it ends so)."""
+    suffix = "-fingerprint"
+    return name if name.endswith(suffix) else f"{name[: 64 - len(suffix)]}{suffix}"
+
+
+def as_fingerprint_spec(spec: ExperimentSpec, *, name: str | None = None) -> ExperimentSpec:
+    """The fingerprint-mode experiment of a (training) spec: the same algorithm, dataset,
+    cohort, sites, seed, time limits and ``config``, ``mode = "fingerprint"``, without what
+    only training reads (:data:`TRAINING_ONLY_FIELDS`), named ``name`` (default
+    ``<name>-fingerprint``)."""
+    data = spec.model_dump(mode="json", exclude=set(TRAINING_ONLY_FIELDS))
+    data.update(mode="fingerprint", name=name or fingerprint_name(spec.name))
+    return parse_spec(data, source=f"fingerprint of {spec.name}")
 
 
 def parse_spec(data: dict[str, Any], *, source: str = "<spec>", accepted: bool = False) -> ExperimentSpec:

@@ -32,6 +32,8 @@ __all__ = [
     "Base",
     "Experiment",
     "ExperimentShare",
+    "FingerprintResult",
+    "MergedFingerprintRow",
     "Metric",
     "Refusal",
     "Round",
@@ -233,6 +235,40 @@ class RoundHandoff(Base):
     sender: Mapped[str] = mapped_column(String(64))
     """The site whose update this was (for the hub's own records; never sent to a site)."""
     digest: Mapped[str] = mapped_column(_DIGEST, index=True)
+
+
+class FingerprintResult(Base):
+    """A site's dataset fingerprint for one FINGERPRINT task (``POST /tasks/{id}/fingerprint``),
+    as the validated JSON of a :class:`laulima.core.fingerprint.SiteFingerprint`. Written in
+    the transaction that completes the task."""
+
+    __tablename__ = "fingerprints"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), unique=True)
+    """UNIQUE: one fingerprint per task, whatever races the site runs."""
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
+    site: Mapped[str] = mapped_column(String(64))
+    n_cases: Mapped[int]
+    fingerprint_json: Mapped[str] = mapped_column(Text)
+    received_at: Mapped[float]
+
+
+class MergedFingerprintRow(Base):
+    """The merge of an experiment's site fingerprints, stored when the experiment completes
+    (so what a reader gets never changes, whatever version of the merge runs later)."""
+
+    __tablename__ = "merged_fingerprints"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), unique=True)
+    sites_json: Mapped[str] = mapped_column(Text)
+    """The sites whose fingerprint is in the merge (JSON list, name order)."""
+    n_cases: Mapped[int]
+    fingerprint_json: Mapped[str] = mapped_column(Text)
+    """nnU-Net's dataset_fingerprint.json."""
+    dataset_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[float]
 
 
 class Metric(Base):

@@ -22,6 +22,7 @@ import numpy as np
 from sqlalchemy.exc import OperationalError
 
 from laulima.core.crosssite import GLOBAL, MODEL, local_label
+from laulima.core.fingerprint import FingerprintMismatch, merge_fingerprints
 from laulima.core.protocol import ExperimentStatus, TaskKind, TaskStatus
 from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due, failure_note
 from laulima.core.spec import MAX_LOCAL_MODELS, MAX_TIMEOUT_S, ExperimentSpec
@@ -30,7 +31,7 @@ from laulima.core.weights import Weights, WeightsSchema, check_weights_finite, s
 from laulima.errors import WeightsError
 from laulima.hub.blobstore import BlobStore, experiment_key
 from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
-from laulima.hub.service import HubService, NewTask, spec_of
+from laulima.hub.service import FINGERPRINT_LABEL, FinaleTask, HubService, NewTask, spec_of
 from laulima.hub.validation import Source, approval_deadline, open_source, read_into, schema_from, tensor_index
 
 __all__ = ["LazyWeights", "NonFiniteAggregate", "Orchestrator", "store_weights"]
@@ -208,9 +209,7 @@ class Orchestrator:
         sites, left_out = self.service.select_sites(spec.sites)
         if len(sites) < spec.min_sites:
             why = _listed(left_out) or "no site registered"
-            note = (
-                f"waiting to open round {index}: {len(sites)} site(s) online, min_sites = {spec.min_sites} ({why})"
-            )
+            note = f"waiting to open round {index}: {len(sites)} site(s) online, min_sites = {spec.min_sites} ({why})"
             if self.service.set_waiting(exp.id, note):
                 log.info("experiment %s: %s", exp.id, note)
             self._waiting[exp.id] = time.monotonic() + self.recheck_waiting_s
@@ -327,6 +326,8 @@ class Orchestrator:
         svc, index = self.service, spec.final_index
         svc.expire_overdue_finale(exp.id, index)
         tasks = svc.finale_tasks(exp.id, index)
+        if spec.mode == "fingerprint":
+            return self._fingerprint(exp, spec, index, tasks)
         if not tasks:
             return self._open_finale(exp, spec, index)
         local = [t for t in tasks if t.kind == TaskKind.TRAIN]
@@ -349,6 +350,54 @@ class Orchestrator:
                 "experiment %s: completed without %s", exp.id, "; ".join(f"{t.model}@{t.site}" for t in missing)
             )
         return svc.finish_experiment(exp.id, ExperimentStatus.COMPLETED)
+
+    def _fingerprint(self, exp: Experiment, spec: ExperimentSpec, index: int, tasks: list[FinaleTask]) -> bool:
+        """One transition of a fingerprint-mode experiment, re-derived from its tasks:
+
+        1. no task yet: one FINGERPRINT task per selected site (on the empty model);
+        2. any still open: wait (they expire at their deadline);
+        3. then merge the fingerprints that arrived and complete, storing the merge — or fail:
+           with every site's reason when none arrived, with the mismatch when the sites'
+           datasets differ in channels, labels or dimensions.
+        """
+        svc = self.service
+        if not tasks:
+            sites, left_out = svc.select_sites(spec.sites)
+            if not self._enough(exp, sites, left_out, spec.min_sites, "compute the dataset fingerprint"):
+                return False
+            deadline = self.clock() + spec.round_timeout_s
+            config = {"round": index, "seed": spec.seed, "params": spec.config}
+            limit = spec.effective_task_timeout_s
+            new = [
+                NewTask(site, TaskKind.FINGERPRINT, exp.global_digest, config, deadline, limit, FINGERPRINT_LABEL)
+                for site in sites
+            ]
+            return self._create(exp, index, TaskKind.FINGERPRINT, new)
+        if svc.evaluations_pending(exp.id):
+            return False
+        parts = svc.fingerprint_parts(exp.id)
+        missing = {t.site: t.failure or str(t.status) for t in tasks if t.site not in parts}
+        if not parts:
+            return svc.finish_experiment(
+                exp.id,
+                ExperimentStatus.FAILED,
+                f"no site computed its dataset fingerprint: {_listed(missing)}"[:MAX_ERROR_CHARS],
+            )
+        try:
+            merged = merge_fingerprints(parts)
+        except FingerprintMismatch as exc:
+            also = f" (no fingerprint from {_listed(missing)})" if missing else ""
+            return svc.finish_experiment(
+                exp.id,
+                ExperimentStatus.FAILED,
+                f"the sites' fingerprints cannot be merged: {exc}{also}"[:MAX_ERROR_CHARS],
+            )
+        if missing:
+            log.warning("experiment %s: fingerprint merged without %s", exp.id, _listed(missing))
+        done = svc.complete_fingerprint(exp.id, merged, sorted(parts))
+        if done:
+            log.info("experiment %s: fingerprint of %d cases merged from %s", exp.id, merged.n_cases, ", ".join(parts))
+        return done
 
     def _open_finale(self, exp: Experiment, spec: ExperimentSpec, index: int) -> bool:
         if spec.mode == "evaluate":

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 
 from laulima.core.bundle import MAX_ARCHIVE_BYTES, builtin_digest, is_builtin_name, verify_bytes
 from laulima.core.crosssite import GLOBAL, MODEL, cross_site_matrix, site_of_local
+from laulima.core.fingerprint import MergedFingerprint, SiteFingerprint
 from laulima.core.protocol import (
     CrossSiteFailure,
     CrossSiteMatrix,
@@ -32,6 +33,7 @@ from laulima.core.protocol import (
     ExperimentPublic,
     ExperimentStatus,
     FailureKind,
+    FingerprintPublic,
     MetricRecord,
     RefusalRecord,
     Role,
@@ -51,7 +53,7 @@ from laulima.core.protocol import (
     UploadAccepted,
 )
 from laulima.core.rounds import NO_APPROVAL, failure_note
-from laulima.core.spec import ExperimentSpec, parse_spec
+from laulima.core.spec import UNTRAINED_MODES, ExperimentSpec, parse_spec
 from laulima.core.strategies import build_strategy
 from laulima.errors import Conflict, DataError, LaulimaError, NotFound, SpecError
 from laulima.hub import ownership
@@ -59,6 +61,8 @@ from laulima.hub.blobstore import BlobStore
 from laulima.hub.db import (
     ApiToken,
     Experiment,
+    FingerprintResult,
+    MergedFingerprintRow,
     Metric,
     Refusal,
     Round,
@@ -75,6 +79,7 @@ from laulima.hub.validation import approval_deadline, check_result_allowed, chec
 from laulima.pki.ca import RevocationList
 
 __all__ = [
+    "FINGERPRINT_LABEL",
     "FinaleTask",
     "HubService",
     "NewTask",
@@ -87,6 +92,11 @@ __all__ = [
 ]
 
 OPEN_TASK = (TaskStatus.PENDING, TaskStatus.DELIVERED)
+RESULT_KINDS = (TaskKind.EVALUATE, TaskKind.FINGERPRINT)
+"""Tasks answered with a JSON result (no upload), which no round closes: they expire at their
+own deadline (:meth:`HubService.expire_overdue`) and the experiment waits for them."""
+FINGERPRINT_LABEL = "fingerprint"
+"""``Task.model`` of a fingerprint-mode experiment's tasks (round 1): what they compute."""
 
 MAX_REFUSALS_PER_TASK = 50
 """Refusals stored per task; a site repeating itself cannot grow the database without bound."""
@@ -380,7 +390,17 @@ class HubService:
                     "may read; upload the weights first (PUT /api/v1/blobs) and submit the digest it returns",
                     field="initial_weights",
                 )
-            check_weights_file(lambda: self.blobs.open(body.initial_weights), where="initial_weights")
+            schema = check_weights_file(lambda: self.blobs.open(body.initial_weights), where="initial_weights")
+            if spec.mode == "fingerprint" and schema:
+                # Tasks point at a weights blob in this protocol, so a fingerprint experiment
+                # carries the empty model (to_safetensors({})); anything else would only be
+                # shipped to every site for nothing.
+                raise SpecError(
+                    f"field 'initial_weights': mode = 'fingerprint' uses no model, but blob "
+                    f"{body.initial_weights[:12]} holds {len(schema)} tensors; submit the empty model "
+                    "(laulima.core.weights.to_safetensors({}), as `laulima experiment fingerprint` does)",
+                    field="initial_weights",
+                )
             if spec.bundle is not None:
                 self._check_bundle(spec, spec.bundle, person)
             try:
@@ -759,6 +779,108 @@ class HubService:
                 )
             )
 
+    def record_fingerprint(self, task_id: str, site: Site, fingerprint: SiteFingerprint) -> None:
+        """Keep the site's fingerprint and complete its task, in one transaction. Its cases may
+        not exceed what the site reported for the experiment's dataset (when it said)."""
+        _, exp = self.check_result(task_id, site, kind=TaskKind.FINGERPRINT, nonce=None)
+        dataset = json.loads(exp.spec_json).get("dataset")
+        reported = self.reported_cases(site.name, dataset) if isinstance(dataset, str) else None
+        if reported is not None and fingerprint.n_cases > reported:
+            raise DataError(
+                f"fingerprint of task {task_id}: n_cases is {fingerprint.n_cases}, above the {reported} cases "
+                f"site {site.name!r} reported for dataset {dataset!r}",
+                task=task_id,
+            )
+        now = self.clock()
+        try:
+            with self.sessions.begin() as s:
+                task, _ = check_result_allowed(
+                    s, task_id, site, kind=TaskKind.FINGERPRINT, nonce=None, now=now, lock=True
+                )
+                task.status, task.finished_at = TaskStatus.COMPLETED, now
+                s.add(
+                    FingerprintResult(
+                        task_id=task.id,
+                        experiment_id=task.experiment_id,
+                        site=site.name,
+                        n_cases=fingerprint.n_cases,
+                        fingerprint_json=fingerprint.model_dump_json(),
+                        received_at=now,
+                    )
+                )
+        except IntegrityError as exc:  # a concurrent post for the same task won the race
+            raise Conflict(
+                f"task {task_id} already has an accepted fingerprint; a second result is not counted", task=task_id
+            ) from exc
+
+    def fingerprint_parts(self, experiment_id: int) -> dict[str, SiteFingerprint]:
+        """The sites' accepted fingerprints of a fingerprint-mode experiment, by site name."""
+        with self.sessions() as s:
+            rows = s.execute(
+                select(FingerprintResult.site, FingerprintResult.fingerprint_json)
+                .where(FingerprintResult.experiment_id == experiment_id)
+                .order_by(FingerprintResult.site)
+            ).all()
+        return {site: SiteFingerprint.model_validate_json(raw) for site, raw in rows}
+
+    def complete_fingerprint(self, experiment_id: int, merged: MergedFingerprint, sites: Sequence[str]) -> bool:
+        """Store the merged fingerprint and complete the experiment, in one transaction; False
+        if it is no longer running (nothing written)."""
+        now = self.clock()
+        with self.sessions.begin() as s:
+            exp = _experiment(s, experiment_id)
+            if exp.status != ExperimentStatus.RUNNING:
+                return False
+            s.add(
+                MergedFingerprintRow(
+                    experiment_id=exp.id,
+                    sites_json=json.dumps(list(sites)),
+                    n_cases=merged.n_cases,
+                    fingerprint_json=json.dumps(merged.fingerprint),
+                    dataset_json=json.dumps(merged.dataset_json),
+                    created_at=now,
+                )
+            )
+            self._stop(s, exp, ExperimentStatus.COMPLETED, None, now)
+        return True
+
+    def fingerprint(self, experiment_id: int, person: Person) -> FingerprintPublic:
+        """The merged fingerprint of a completed fingerprint-mode experiment; 409 saying why
+        for any other (running, failed, cancelled, or not of that mode)."""
+        with self.sessions() as s:
+            exp = ownership.readable_experiment(s, experiment_id, person)
+            mode = json.loads(exp.spec_json).get("mode", "train")
+            which = f"experiment {exp.id} ('{exp.name}')"
+            if mode != "fingerprint":
+                raise Conflict(
+                    f"{which} is a {mode}-mode experiment and has no dataset fingerprint; submit one with "
+                    "`laulima experiment fingerprint SPEC` (mode = 'fingerprint')",
+                    experiment=exp.id,
+                )
+            if exp.status == ExperimentStatus.RUNNING:
+                raise Conflict(
+                    f"{which} is still running: its sites are computing their fingerprints; ask again once it "
+                    "has completed",
+                    experiment=exp.id,
+                    status=exp.status,
+                )
+            row = s.scalar(select(MergedFingerprintRow).where(MergedFingerprintRow.experiment_id == exp.id))
+            if row is None:
+                raise Conflict(
+                    f"{which} is {exp.status} and has no merged fingerprint: {exp.error or 'no reason recorded'}",
+                    experiment=exp.id,
+                    status=exp.status,
+                )
+        failures = {t.site: t.failure for t in self.finale_tasks(experiment_id, exp.rounds + 1) if t.failure}
+        return FingerprintPublic(
+            experiment_id=experiment_id,
+            fingerprint=json.loads(row.fingerprint_json),
+            dataset_json=json.loads(row.dataset_json),
+            n_cases=row.n_cases,
+            sites=json.loads(row.sites_json),
+            failures=failures,
+        )
+
     def record_failure(self, task_id: str, site: Site, failure: TaskFailure) -> None:
         now = self.clock()
         with self.sessions.begin() as s:
@@ -946,11 +1068,11 @@ class HubService:
         return True
 
     def expire_overdue(self) -> None:
-        """Evaluation tasks whose deadline passed will not be answered any more (one
-        statement for every experiment; it writes only when there is something to expire).
+        """Evaluation and fingerprint tasks whose deadline passed will not be answered any more
+        (one statement for every experiment; it writes only when there is something to expire).
         One held for approval expires only at its experiment's approval deadline."""
         now = self.clock()
-        overdue = (Task.kind == TaskKind.EVALUATE, Task.status.in_(OPEN_TASK), Task.deadline <= now)
+        overdue = (Task.kind.in_(RESULT_KINDS), Task.status.in_(OPEN_TASK), Task.deadline <= now)
         with self.sessions() as s:
             if s.scalar(select(Task.id).where(*overdue).limit(1)) is None:
                 return
@@ -974,12 +1096,12 @@ class HubService:
                 )
 
     def evaluations_pending(self, experiment_id: int) -> bool:
-        """Whether evaluation tasks are still open; those of sites that can no longer answer
-        (revoked, removed) expire now instead of at their deadline."""
+        """Whether evaluation (or fingerprint) tasks are still open; those of sites that can no
+        longer answer (revoked, removed) expire now instead of at their deadline."""
         open_evaluations = (
             select(Task.id, Site.name)
             .join(Site, Task.site_id == Site.id)
-            .where(Task.experiment_id == experiment_id, Task.kind == TaskKind.EVALUATE, Task.status.in_(OPEN_TASK))
+            .where(Task.experiment_id == experiment_id, Task.kind.in_(RESULT_KINDS), Task.status.in_(OPEN_TASK))
         )
         with self.sessions() as s:
             pending = list(s.execute(open_evaluations))
@@ -1355,6 +1477,8 @@ def experiment_phase(e: Experiment, spec: dict[str, Any], *, finale: bool) -> Ex
         return None
     if spec.get("mode") == "evaluate":
         return ExperimentPhase.EVALUATION
+    if spec.get("mode") == "fingerprint":
+        return ExperimentPhase.FINGERPRINT
     if e.rounds_done < e.rounds:
         return ExperimentPhase.TRAINING
     raw = spec.get("evaluation")
@@ -1386,6 +1510,6 @@ def _experiment_public(
         shared_with=list(shared_with),
         algorithm_digest=algorithm_digest(e),
         site_notes=notes or {},
-        mode="evaluate" if spec.get("mode") == "evaluate" else "train",
+        mode=spec["mode"] if spec.get("mode") in UNTRAINED_MODES else "train",
         phase=experiment_phase(e, spec, finale=finale),
     )

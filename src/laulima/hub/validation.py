@@ -117,7 +117,10 @@ def check_result_allowed(
             site=site.name,
         )
     if kind is not None and task.kind != kind:
-        hint = "PUT /tasks/{id}/update" if task.kind == TaskKind.TRAIN else "POST /tasks/{id}/evaluation"
+        hint = {
+            TaskKind.TRAIN: "PUT /tasks/{id}/update",
+            TaskKind.FINGERPRINT: "POST /tasks/{id}/fingerprint",
+        }.get(TaskKind(task.kind), "POST /tasks/{id}/evaluation")
         raise Conflict(f"task {task_id} is a {task.kind} task; send its result with {hint}", task=task_id)
     if nonce is not None and not hmac.compare_digest(nonce.encode(), task.upload_nonce.encode()):
         raise Forbidden(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from laulima.core.cohort import dataset_tag
+from laulima.core.fingerprint import SiteFingerprint
 from laulima.core.protocol import EvaluationResult, FailureKind, TaskFailure, TaskKind, TaskPublic
 from laulima.errors import (
     AlgorithmError,
@@ -35,7 +36,7 @@ from laulima.errors import (
     ProtocolError,
     TransportError,
 )
-from laulima.private_files import PRIVATE_FILE, private_dir, tighten
+from laulima.private_files import PRIVATE_FILE, private_dir, tighten, write_atomic
 from laulima.site.approvals import ApprovalStore
 from laulima.site.audit import AuditEntry, AuditEvent, AuditLog, reference
 from laulima.site.catalog import Catalog
@@ -51,7 +52,7 @@ from laulima.site.settings import SiteSettings
 from laulima.site.state import Phase, SiteState, TaskRecord
 from laulima.site.worker import RESULT_FILE, RESULT_WEIGHTS_FILE, SCRATCH_DIR, WEIGHTS_FILE
 
-__all__ = ["LOCK_FILE", "Agent", "run_agent"]
+__all__ = ["CACHE_DIR", "CACHE_MAX_AGE_S", "LOCK_FILE", "Agent", "prune_caches", "run_agent"]
 
 log = logging.getLogger("laulima.site")
 LOCK_FILE = "agent.lock"
@@ -61,6 +62,13 @@ _REASON_MAX = 300
 """Characters of the hub's own refusal quoted back to it when the agent closes a task."""
 _NEVER = object()
 """The catalog signature before the first report: differs from every real one."""
+CACHE_DIR = "cache"
+"""``home/cache/experiment-<id>``: each experiment's persistent folder at this site
+(``SiteContext.cache_dir``), kept across its tasks, owner-only (0700)."""
+CACHE_MAX_AGE_S = 7 * 24 * 3600.0
+"""A cache folder whose experiment has run no task here for this long (a week) is removed
+when the agent starts: an experiment's rounds are hours or days apart, not weeks, and a
+cache of preprocessed images is as large as the dataset."""
 _HELD_POLL_S = 2.0
 """Longest poll while a job waits for approval here: an approval is acted on within seconds."""
 _AUDIT_BROKEN = (
@@ -168,7 +176,7 @@ class Agent:
         self._started = True
         home = self.settings.home
         private_dir(home)
-        for folder in (home, self.settings.work_dir):
+        for folder in (home, self.settings.work_dir, home / CACHE_DIR):
             if folder.is_dir() and (old := tighten(folder)) is not None:
                 log.warning(
                     "site %s: %s was accessible to other users (mode %o); made it owner-only (700)",
@@ -176,6 +184,14 @@ class Agent:
                     folder,
                     old,
                 )
+        removed = prune_caches(home / CACHE_DIR, CACHE_MAX_AGE_S)
+        if removed:
+            log.info(
+                "site %s: removed %d experiment cache folder(s) unused for over %.0f days",
+                self.settings.name,
+                removed,
+                CACHE_MAX_AGE_S / 86400,
+            )
 
     def _report_if_changed(self) -> None:
         """Send the hub this agent's version and case counts at start and after the catalog
@@ -349,12 +365,14 @@ class Agent:
         started = time.monotonic()
         try:
             dataset_path = materialize(admission.cohort, self.catalog, task_dir)
+            cache_dir = self.cache_dir(task)
             confinement = sandbox_for(
                 admission.policy,
                 task_dir,
                 dataset_path,
                 admission.bundle_dir,
                 dataset_readable=admission.cohort.readable,
+                cache_dir=cache_dir,
             )
             result = self.runner.run(
                 task,
@@ -364,6 +382,7 @@ class Agent:
                 received_at=received_at,
                 bundle_dir=admission.bundle_dir,
                 sandbox=confinement,
+                cache_dir=cache_dir,
             )
         except (AlgorithmError, ConfigurationError, DataError) as exc:
             kind = str(exc.context.get("kind", FailureKind.ERROR.value))
@@ -376,7 +395,7 @@ class Agent:
             log.warning("task %s failed (%s): %s", task.id, kind, exc)
             self._report(task, self._failed(task, kind, str(exc)))
             return
-        verb = "trained" if task.kind == TaskKind.TRAIN else "evaluated"
+        verb = {TaskKind.TRAIN: "trained", TaskKind.FINGERPRINT: "fingerprinted"}.get(task.kind, "evaluated")
         log.info(
             "task %s %s in %.2f s (algorithm %.2f s): n_samples=%d %s",
             task.id,
@@ -505,6 +524,13 @@ class Agent:
                 accepted.n_samples,
                 accepted.digest[:12],
             )
+        elif task.kind == TaskKind.FINGERPRINT:
+            data = json.loads(Path(str(record.result_path)).read_text(encoding="utf-8"))
+            fingerprint = SiteFingerprint.model_validate(data["fingerprint"])
+            self.client.send_fingerprint(task.id, fingerprint)
+            body = fingerprint.model_dump_json().encode()
+            self._audit(AuditEvent.SENT, task, what="fingerprint", bytes=len(body), sha256=_sha(body))
+            log.info("task %s: dataset fingerprint reported (%d cases)", task.id, fingerprint.n_cases)
         else:
             data = json.loads(Path(str(record.result_path)).read_text(encoding="utf-8"))
             evaluation = EvaluationResult(n_samples=data["n_samples"], metrics=data["metrics"])
@@ -514,6 +540,32 @@ class Agent:
             log.info("task %s: evaluation reported", task.id)
         self.state.set(task.id, Phase.REPORTED)
         self._clean(task.id)
+
+    def cache_dir(self, task: TaskPublic) -> Path:
+        """``home/cache/experiment-<id>``, created owner-only, its time of use refreshed (what
+        :func:`prune_caches` goes by). A folder left by another experiment of the same id (a
+        hub that started afresh) is emptied first: an algorithm must never read another
+        experiment's data."""
+        root = private_dir(self.settings.home / CACHE_DIR)
+        folder = root / f"experiment-{int(task.experiment_id)}"
+        owner_file = root / f"experiment-{int(task.experiment_id)}.json"
+        hub = str(getattr(self.client, "base_url", ""))
+        owner = {"hub": hub, "experiment": task.experiment_id, "name": task.experiment_name}
+        try:
+            known = json.loads(owner_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            known = None
+        if known != owner:
+            if folder.exists():
+                log.info("task %s: experiment %s's cache folder was another's; emptied", task.id, task.experiment_id)
+                shutil.rmtree(folder, ignore_errors=True)
+            private_dir(folder)
+            write_atomic(owner_file, json.dumps(owner, sort_keys=True))
+        private_dir(folder)
+        now = time.time()
+        os.utime(folder, (now, now))
+        os.utime(owner_file, (now, now))
+        return folder
 
     def task_dir(self, task_id: str) -> Path:
         """``home/work/<task id>``; ids unfit for a file name (``..``, ``/``) are hashed."""
@@ -526,6 +578,32 @@ class Agent:
         for name in (WEIGHTS_FILE, RESULT_WEIGHTS_FILE):
             (task_dir / name).unlink(missing_ok=True)
         shutil.rmtree(task_dir / SCRATCH_DIR, ignore_errors=True)
+
+
+def prune_caches(root: Path, max_age_s: float = CACHE_MAX_AGE_S, *, now: float | None = None) -> int:
+    """Remove the experiment cache folders under ``root`` (and their owner files) whose
+    experiment ran no task here for ``max_age_s`` (the folder's own modification time, which
+    :meth:`Agent.cache_dir` refreshes at every task); returns how many were removed."""
+    now = time.time() if now is None else now
+    if not root.is_dir():
+        return 0
+    removed = 0
+    for entry in root.iterdir():
+        if not entry.name.startswith("experiment-") or entry.is_symlink():
+            continue
+        try:
+            age = now - entry.stat().st_mtime
+        except OSError:
+            continue
+        if age <= max_age_s:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+            (root / f"{entry.name}.json").unlink(missing_ok=True)
+            removed += 1
+        elif entry.suffix == ".json" and not (root / entry.stem).exists():
+            entry.unlink(missing_ok=True)
+    return removed
 
 
 def run_agent(settings: SiteSettings) -> None:

@@ -21,6 +21,7 @@ import httpx
 from pydantic import ValidationError
 
 from laulima import __version__
+from laulima.core.fingerprint import SiteFingerprint
 from laulima.core.protocol import (
     API_PREFIX,
     ErrorBody,
@@ -252,6 +253,14 @@ class HubClient:
             f"/tasks/{task_id}/evaluation",
             result.model_dump(mode="json"),
             f"reporting the evaluation of task {task_id}",
+        )
+
+    def send_fingerprint(self, task_id: str, fingerprint: SiteFingerprint) -> None:
+        """Report a FINGERPRINT task's result: the site's dataset fingerprint (JSON)."""
+        self._post_json(
+            f"/tasks/{task_id}/fingerprint",
+            fingerprint.model_dump(mode="json"),
+            f"reporting the dataset fingerprint of task {task_id}",
         )
 
     def send_failure(self, task_id: str, failure: TaskFailure) -> None:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
+from laulima.core.bundle import is_builtin_name
 from laulima.core.spec import MAX_TIMEOUT_S
 from laulima.errors import ConfigurationError, ProtocolError
 
@@ -68,7 +69,6 @@ _PATTERN = r"^[A-Za-z0-9._*?-]{1,64}$"
 """A name or an fnmatch pattern over names (``*`` any run of characters, ``?`` one)."""
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
 _ENTRY_POINT = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
-_BUILTIN = re.compile(r"^laulima\.algorithms(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*$")
 _MAX_LIST = 10_000
 _INT64 = 2**63 - 1
 _MAX_ROUNDS = 100_000
@@ -478,7 +478,10 @@ class JobFacts:
     requester: str
     """The data scientist who submitted the experiment, as the hub names them."""
     round: int
-    kind: Literal["train", "evaluate"]
+    kind: Literal["train", "evaluate", "fingerprint"]
+    """``fingerprint``: summarise the cohort as a dataset fingerprint (no model; see
+    :mod:`laulima.core.fingerprint`). Decided like training, not like an evaluation: it sends
+    each case's geometry (spacing and cropped shape, as a table) and intensity quantiles."""
     entry_point: str
     """``package.module:Class``: a built-in's, or the one in the bundle's manifest."""
     bundle_digest: str | None
@@ -502,7 +505,7 @@ class JobFacts:
             ("experiment_name", _is_text(self.experiment_name, 128)),
             ("requester", _is_text(self.requester, 256)),
             ("round", _is_int(self.round, 0, _MAX_ROUNDS)),
-            ("kind", self.kind in ("train", "evaluate")),
+            ("kind", self.kind in ("train", "evaluate", "fingerprint")),
             ("entry_point", isinstance(self.entry_point, str) and bool(_ENTRY_POINT.fullmatch(self.entry_point))),
             ("bundle_digest", self.bundle_digest is None or _is_digest(self.bundle_digest)),
             ("bundle_signer", self.bundle_signer is None or _is_text(self.bundle_signer, 64)),
@@ -526,8 +529,9 @@ class JobFacts:
 
 
 def is_builtin(entry_point: str) -> bool:
-    """Whether ``entry_point`` names an algorithm shipped with Laulima (``laulima.algorithms.*``)."""
-    return bool(_BUILTIN.fullmatch(entry_point))
+    """Whether ``entry_point`` names an algorithm shipped with Laulima (``laulima.algorithms.*``,
+    ``laulima.nnunet``)."""
+    return is_builtin_name(entry_point)
 
 
 def _is_int(value: object, low: int, high: int) -> bool:
@@ -561,12 +565,16 @@ def decide(policy: SitePolicy, job: JobFacts, *, approval: Decision | None = Non
     1. **Refusals** (no approval overrides them): an algorithm that is neither a built-in nor
        a bundle; a dataset the policy does not allow for this experiment; a cohort below
        ``min_cohort`` (or uncountable, when ``min_cohort`` > 1); more rounds than
-       ``max_rounds``; a task time limit above ``max_task_seconds``.
+       ``max_rounds``; a task time limit above ``max_task_seconds``. They apply to every kind
+       of job: training, evaluation and dataset fingerprint alike.
     2. **A recorded rejection** refuses, whatever the algorithm.
     3. **Admission** runs the job without asking — a built-in (``algorithms.builtin``), a
        listed digest, a bundle signed by a listed signer — under ``approval = "auto"``,
        except an evaluation job when ``evaluation_auto`` is false. An evaluation job of an
-       admitted algorithm runs under ``manual`` too when ``evaluation_auto`` is true.
+       admitted algorithm runs under ``manual`` too when ``evaluation_auto`` is true. A
+       fingerprint job is decided as a training job is (``evaluation_auto`` does not cover
+       it): it tells the hub the geometry of the site's cases and their intensity quantiles,
+       more than a model's scores, so under ``manual`` an administrator approves it.
     4. **Manual mode** and unadmitted algorithms: a recorded approval runs the job;
        otherwise it waits (ASK) with the reason.
     """
@@ -600,8 +608,8 @@ def decide(policy: SitePolicy, job: JobFacts, *, approval: Decision | None = Non
 def _refusal(policy: SitePolicy, job: JobFacts) -> str | None:
     if job.bundle_digest is None and not is_builtin(job.entry_point):
         return (
-            f"algorithm {job.entry_point!r} is neither a built-in (laulima.algorithms.*) nor a bundle; "
-            "the site runs only those"
+            f"algorithm {job.entry_point!r} is neither a built-in (laulima.algorithms.*, laulima.nnunet) nor a "
+            "bundle; the site runs only those"
         )
     if not policy.datasets.allows(job.experiment_name, job.dataset):
         return f"dataset {job.dataset!r} is not allowed by the site's policy"

@@ -97,6 +97,7 @@ class TaskRunner:
         received_at: float | None = None,
         bundle_dir: Path | None = None,
         sandbox: SandboxPolicy | None = None,
+        cache_dir: Path | None = None,
     ) -> RunResult:
         """Run ``task`` on the weights in ``task_dir/weights.safetensors``; raise AlgorithmError on failure.
 
@@ -109,6 +110,8 @@ class TaskRunner:
         (:func:`laulima.site.sandbox.sandbox_for`; its ``task_dir`` must be this one); None:
         unconfined. A failure the sandbox caused carries the violation in the error's
         ``sandbox_violation`` (for the audit log); its reason names the violation, not the path.
+        ``cache_dir``: the experiment's persistent folder (``SiteContext.cache_dir``); it must
+        exist, and be among the sandbox's writable folders (``sandbox_for(cache_dir=...)``).
         """
         task_dir = Path(task_dir).resolve()
         if not (task_dir / WEIGHTS_FILE).exists():
@@ -132,7 +135,18 @@ class TaskRunner:
             )
         for name in (RESULT_FILE, RESULT_WEIGHTS_FILE, ERROR_FILE, STDERR_LOG, STDOUT_LOG):
             (task_dir / name).unlink(missing_ok=True)
-        spec = task_spec(task, site=site, dataset_path=dataset_path, bundle_dir=bundle_dir, sandbox=sandbox)
+        if cache_dir is not None:
+            cache_dir = Path(os.path.realpath(cache_dir))
+            if sandbox is not None and cache_dir not in sandbox.writable:
+                raise ConfigurationError(
+                    f"task {task.id}: the experiment's cache folder is not writable in the task's sandbox; build "
+                    "the sandbox with it (laulima.site.sandbox.sandbox_for(..., cache_dir=...))",
+                    task=task.id,
+                    field="sandbox",
+                )
+        spec = task_spec(
+            task, site=site, dataset_path=dataset_path, bundle_dir=bundle_dir, sandbox=sandbox, cache_dir=cache_dir
+        )
         write_atomic(task_dir / TASK_FILE, json.dumps(spec))
         started = time.monotonic()
         try:

@@ -410,6 +410,7 @@ def sandbox_for(
     *,
     dataset_readable: Sequence[Path] = (),
     gpu: bool | None = None,
+    cache_dir: Path | None = None,
 ) -> SandboxPolicy:
     """The sandbox of one task under the site's ``policy.toml``, for ``TaskRunner.run(sandbox=...)``.
 
@@ -419,7 +420,8 @@ def sandbox_for(
     readable, not its siblings (other datasets); ``dataset_readable``: what else the dataset's
     cases live in (a DICOM source tree, label files: the catalog's ``readable``). ``gpu``:
     grant the NVIDIA devices; None grants them when this machine has any (a GPU-less site
-    gives none away).
+    gives none away). ``cache_dir``: the experiment's persistent folder at the site
+    (``SiteContext.cache_dir``), writable as the task folder is; it must exist.
 
     An extra folder of the policy that does not exist is a ``ConfigurationError`` naming
     the policy entry: the site's administrator fixes ``policy.toml`` or creates the folder.
@@ -453,7 +455,7 @@ def sandbox_for(
             *extra["readable"],
             *(Path(os.path.realpath(p)) for p in dataset_readable if os.path.exists(p)),
         ],
-        extra_writable=extra["writable"],
+        extra_writable=[*extra["writable"], *([Path(os.path.realpath(cache_dir))] if cache_dir is not None else [])],
     )
 
 

@@ -100,12 +100,14 @@ def task_spec(
     dataset_path: Path,
     bundle_dir: Path | None = None,
     sandbox: SandboxPolicy | None = None,
+    cache_dir: Path | None = None,
 ) -> dict[str, Any]:
     """The ``task.json`` the worker reads.
 
     ``bundle_dir``: the unpacked bundle the entry point is loaded from (None: a built-in).
     ``sandbox``: the policy the task's process confines itself to before it imports the
-    algorithm (None: unconfined).
+    algorithm (None: unconfined). ``cache_dir``: the experiment's persistent folder at this
+    site (``SiteContext.cache_dir``; None: none).
     """
     train, params = train_settings(task.config)
     return {
@@ -114,6 +116,7 @@ def task_spec(
         "algorithm": task.algorithm,
         "bundle_dir": str(bundle_dir) if bundle_dir is not None else None,
         "sandbox": sandbox.to_json() if sandbox is not None else None,
+        "cache_dir": str(cache_dir) if cache_dir is not None else None,
         "site": site,
         "dataset": task.dataset,
         "dataset_path": str(dataset_path),

@@ -60,6 +60,7 @@ __all__ = [
     "agent_pid",
     "check_entry_point",
     "exit_child",
+    "fingerprint_result",
     "load_task_algorithm",
     "main",
     "orphaned",
@@ -241,12 +242,15 @@ def exit_child(code: int) -> NoReturn:
 
 
 def run(task_dir: Path, spec: dict[str, Any]) -> None:
-    """Set up the algorithm, train or evaluate once, write the result, always finalize."""
+    """Set up the algorithm, train or evaluate once (or, without setup, compute the dataset
+    fingerprint), write the result, always finalize."""
     entry = spec["algorithm"]
-    weights = _load_weights(task_dir / WEIGHTS_FILE)
+    fingerprinting = spec["kind"] == "fingerprint"
+    weights = {} if fingerprinting else _load_weights(task_dir / WEIGHTS_FILE)  # a fingerprint has no model
     algorithm: Algorithm = load_task_algorithm(entry, spec.get("bundle_dir"))()
     scratch = task_dir / SCRATCH_DIR
     scratch.mkdir(mode=PRIVATE_DIR, exist_ok=True)
+    cache = spec.get("cache_dir")
     ctx = SiteContext(
         site=spec["site"],
         dataset=spec["dataset"],
@@ -254,9 +258,15 @@ def run(task_dir: Path, spec: dict[str, Any]) -> None:
         work_dir=scratch,
         params=spec.get("params") or {},
         seed=int(spec.get("seed", 0)),
+        cache_dir=Path(cache) if cache else None,
     )
     started = time.perf_counter()
     try:
+        if fingerprinting:
+            result = fingerprint_result(algorithm.fingerprint(ctx), where=f"algorithm {entry}")
+            result["seconds"] = time.perf_counter() - started
+            write_atomic(task_dir / RESULT_FILE, json.dumps(result))
+            return
         algorithm.setup(ctx)
         if spec["kind"] == "train":
             config = TrainConfig(
@@ -307,6 +317,37 @@ def validate_update(update: object, weights: Weights, *, where: str) -> tuple[in
         check_finite(name, array, where=f"{where}: update")
     n = _count(update.n_samples, where=f"{where}: Update.n_samples", minimum=1)
     return n, _metrics(update.metrics, where=f"{where}: Update.metrics")
+
+
+MAX_FINGERPRINT_BYTES = 1024 * 1024
+"""Largest fingerprint a site sends (the hub's bound, ``routes.tasks.MAX_FINGERPRINT_BYTES``)."""
+
+
+def fingerprint_result(fingerprint: object, *, where: str) -> dict[str, Any]:
+    """``result.json`` of a fingerprint task: the fingerprint, validated again from its JSON
+    (so what is sent is what the hub will accept), with ``n_samples`` its cases."""
+    from pydantic import ValidationError
+
+    from laulima.core.fingerprint import SiteFingerprint  # pydantic: for this kind of task only
+
+    if not isinstance(fingerprint, SiteFingerprint):
+        raise AlgorithmError(
+            f"{where}: fingerprint() returned {type(fingerprint).__name__}; return a "
+            "laulima.core.fingerprint.SiteFingerprint"
+        )
+    text = fingerprint.model_dump_json()
+    if len(text.encode()) > MAX_FINGERPRINT_BYTES:
+        raise AlgorithmError(
+            f"{where}: the fingerprint is {len(text.encode())} bytes of JSON, more than the "
+            f"{MAX_FINGERPRINT_BYTES} the hub accepts"
+        )
+    try:
+        checked = SiteFingerprint.model_validate_json(text)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "fingerprint"
+        raise AlgorithmError(f"{where}: the fingerprint is invalid: field '{field}': {err['msg']}") from None
+    return {"n_samples": checked.n_cases, "metrics": {}, "fingerprint": json.loads(text)}
 
 
 def validate_evaluation(evaluation: object, *, where: str) -> tuple[int, dict[str, float]]:

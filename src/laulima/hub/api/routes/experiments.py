@@ -19,6 +19,7 @@ from laulima.core.protocol import (
     CrossSiteMatrix,
     ExperimentCreate,
     ExperimentPublic,
+    FingerprintPublic,
     MetricRecord,
     RefusalRecord,
     RoundPublic,
@@ -129,6 +130,14 @@ def cross_site(experiment_id: RowId, caller: Scientist, service: ServiceDep) -> 
     """The evaluation after training as models x sites, pooled per model (404 for an experiment
     whose spec asks for none). Readable while it runs: ``complete`` says when it is final."""
     return service.cross_site(experiment_id, caller.person)
+
+
+@router.get("/{experiment_id}/fingerprint")
+def fingerprint(experiment_id: RowId, caller: Scientist, service: ServiceDep) -> FingerprintPublic:
+    """The merged dataset fingerprint of a completed fingerprint-mode experiment (nnU-Net's
+    dataset_fingerprint.json and dataset.json), with the sites in it and why any is missing.
+    409 while it runs, once it failed, or for an experiment of another mode."""
+    return service.fingerprint(experiment_id, caller.person)
 
 
 @router.get(

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from laulima.core.fingerprint import SiteFingerprint
 from laulima.core.protocol import (
     EvaluationResult,
     Header,
@@ -45,10 +46,14 @@ TaskId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="A task id a
 """Malformed ids are answered 422 before anything is looked up or recorded."""
 
 _VERSION = re.compile(r"^[\w.+-]{1,64}$")
-Body = TypeVar("Body", EvaluationResult, TaskFailure)
+Body = TypeVar("Body", EvaluationResult, TaskFailure, SiteFingerprint)
+
+MAX_FINGERPRINT_BYTES = 1024 * 1024
+"""Largest fingerprint body: 32 channels with their quantile sketches take about 150 KB;
+the geometry table grows with the number of distinct (spacing, shape) rows."""
 
 
-def _json_body(model: type[EvaluationResult] | type[TaskFailure]) -> dict[str, object]:
+def _json_body(model: type[EvaluationResult] | type[TaskFailure] | type[SiteFingerprint]) -> dict[str, object]:
     """OpenAPI for a JSON body a route parses itself (to record what it refuses)."""
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
@@ -109,6 +114,27 @@ async def post_evaluation(task_id: TaskId, request: Request, site: CurrentSite, 
     return await _json_result(task_id, request, site, hub, TaskKind.EVALUATE, EvaluationResult, record, what)
 
 
+@router.post(
+    "/tasks/{task_id}/fingerprint", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=_json_body(SiteFingerprint)
+)
+async def post_fingerprint(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> Response:
+    """The site's dataset fingerprint for a FINGERPRINT task (laulima.core.fingerprint), at most
+    MAX_FINGERPRINT_BYTES; anything malformed, non-finite or inconsistent is refused (422 or
+    413) and ends the task, as a bad evaluation does."""
+    record, what = hub.service.record_fingerprint, f"fingerprint of task {task_id}"
+    return await _json_result(
+        task_id,
+        request,
+        site,
+        hub,
+        TaskKind.FINGERPRINT,
+        SiteFingerprint,
+        record,
+        what,
+        max_bytes=MAX_FINGERPRINT_BYTES,
+    )
+
+
 @router.post("/tasks/{task_id}/failure", status_code=status.HTTP_204_NO_CONTENT, openapi_extra=_json_body(TaskFailure))
 async def post_failure(task_id: TaskId, request: Request, site: CurrentSite, hub: HubDep) -> Response:
     record, what = hub.service.record_failure, f"failure report of task {task_id}"
@@ -143,13 +169,21 @@ async def _json_result(
     model: type[Body],
     record: Callable[[str, Site, Body], None],
     what: str,
+    *,
+    max_bytes: int | None = None,
 ) -> Response:
     """Check the task first (a body sent to the wrong task must not end that task), then
-    parse and record the body; any refusal is recorded, and ends the task if the body was bad."""
+    parse and record the body; any refusal is recorded, and ends the task if the body was bad.
+    ``max_bytes``: a bound below the hub's ``max_json_bytes`` for this kind of body."""
     run = anyio.to_thread.run_sync
     try:
         await run(partial(hub.service.check_result, task_id, site, kind=kind, nonce=None))
-        body = _parse(model, await request.body(), what)
+        if max_bytes is not None:
+            check_content_length(request, max_bytes, what)
+        raw = await request.body()
+        if max_bytes is not None and len(raw) > max_bytes:
+            raise PayloadTooLarge(f"{what}: body of {len(raw)} bytes exceeds {max_bytes} bytes", where=what)
+        body = _parse(model, raw, what)
         await run(record, task_id, site, body)
     except LaulimaError as exc:
         await run(partial(_refuse, hub, site, task_id, exc))
