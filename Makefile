@@ -10,7 +10,10 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,imaging]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,imaging,nnunet]'
+	# torchvision comes with nnunetv2 (through timm) but cannot load beside the CPU torch
+	# pinned in constraints.txt; nothing Laulima runs imports it (see constraints.txt).
+	$(BIN)/pip uninstall --quiet -y torchvision
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -59,7 +62,7 @@ lint: $(STAMP)
 		src/laulima/cli_algorithm.py src/laulima/cli_site_admin.py src/laulima/submission.py \
 		src/laulima/algorithms src/laulima/imaging src/laulima/predict.py src/laulima/export.py \
 		src/laulima/demo.py src/laulima/demo_overlay.py src/laulima/baselines.py src/laulima/report.py \
-		src/laulima/terminal.py src/laulima/tracking.py
+		src/laulima/terminal.py src/laulima/tracking.py src/laulima/nnunet src/laulima/cli_nnunet.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregate.py

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from laulima.cli_algorithm import algorithm_app
+from laulima.cli_nnunet import nnunet_app
 from laulima.cli_security import ca_app, site_enroll, site_init, token_app
 from laulima.cli_security import hub as hub_command
 from laulima.cli_site_admin import hub_audit_app, jobs_app, policy_app, site_approve, site_audit_app, site_reject
@@ -69,6 +70,9 @@ app.add_typer(hub_audit_app, name="hub-audit")
 site_app.add_typer(policy_app, name="policy")
 site_app.add_typer(jobs_app, name="jobs")
 site_app.add_typer(site_audit_app, name="audit")
+
+# Federated nnU-Net: planning from the federation's fingerprint, on the submitting machine.
+app.add_typer(nnunet_app, name="nnunet")
 site_app.command("approve")(site_approve)
 site_app.command("reject")(site_reject)
 
@@ -388,6 +392,81 @@ def experiment_evaluate(
     console.print(f"results: `laulima experiment cross-site {exp.id}`")
 
 
+@experiment_app.command("fingerprint")
+def experiment_fingerprint(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC")],
+    hub_url: HubUrl,
+    token: Token,
+    out: Annotated[Path, typer.Option("--out", help="Folder for dataset_fingerprint.json and dataset.json.")] = Path(
+        "."
+    ),
+    sites: Annotated[
+        str | None, typer.Option("--sites", help="Comma-separated sites to ask (default: the spec's, or all).")
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", help="The experiment's name (default: NAME-fingerprint).")
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Seconds to wait for the sites before giving up.")
+    ] = 3600.0,
+    bundle: BundleFile = None,
+    sign_with: SigningKeys = None,
+) -> None:
+    """Have the sites of SPEC compute the dataset fingerprint of their cohorts, wait, and write
+    the merge as nnU-Net's dataset_fingerprint.json and dataset.json in --out.
+
+    SPEC may be the spec you train with: it is submitted with mode = "fingerprint", and its
+    training settings (rounds, local_steps, strategy, [evaluation], ...) are left out, so the
+    fingerprint covers the same algorithm, dataset, cohort and sites. No model is built."""
+    import time
+
+    from rich.markup import escape
+
+    from laulima.client import Client
+    from laulima.submission import prepare_fingerprint
+
+    site_list = [x.strip() for x in sites.split(",") if x.strip()] if sites is not None else None
+    ready, dropped = prepare_fingerprint(
+        spec_path, sites=site_list, name=name, bundle_file=bundle, signing_keys=sign_with or ()
+    )
+    if dropped:
+        console.print(f"left out of the fingerprint experiment (training settings): {', '.join(dropped)}")
+    with Client(hub_url, token) as client:
+        exp = client.submit(ready.spec, ready.initial_weights, bundle=ready.bundle.data if ready.bundle else None)
+        where = ", ".join(exp.spec.get("sites") or []) or "every site"
+        console.print(f"experiment [bold]{exp.id}[/] ({exp.name}) submitted: dataset fingerprint at {where}")
+        deadline = time.monotonic() + timeout
+        shown: dict[str, str] = {}
+        while exp.status == "running":
+            for site, note in sorted(exp.site_notes.items()):  # sites' own words: never read as markup
+                if shown.get(site) != note:
+                    shown[site] = note
+                    console.print(f"[yellow]{escape(site)}[/]: {escape(note)}")
+            if time.monotonic() >= deadline:
+                err_console.print(
+                    f"[bold red]error:[/] experiment {exp.id} still running after {timeout:g} s; follow it with "
+                    f"`laulima experiment status {exp.id}`"
+                )
+                raise typer.Exit(5)
+            time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
+            exp = client.experiment(exp.id)
+        if exp.status != "completed":
+            err_console.print(f"[bold red]error:[/] experiment {exp.id} {exp.status}: {escape(exp.error or '')}")
+            for site, note in sorted(exp.site_notes.items()):
+                err_console.print(f"  {escape(site)}: {escape(note)}")
+            raise typer.Exit(1)
+        merged = client.fingerprint(exp.id)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "dataset_fingerprint.json").write_text(json.dumps(merged.fingerprint, indent=2) + "\n", encoding="utf-8")
+    (out / "dataset.json").write_text(json.dumps(merged.dataset_json, indent=2) + "\n", encoding="utf-8")
+    console.print(
+        f"fingerprint of {merged.n_cases} cases from {', '.join(merged.sites)} → "
+        f"{out / 'dataset_fingerprint.json'}, {out / 'dataset.json'}"
+    )
+    for site, why in sorted(merged.failures.items()):  # sites' own words: never read as markup
+        console.print(f"[yellow]not included: {escape(site)}[/]: {escape(why)}")
+
+
 @experiment_app.command("cross-site")
 def experiment_cross_site(
     experiment_id: int,
@@ -458,6 +537,8 @@ def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None
         refusals = client.refusals(experiment_id)
     if exp.mode == "evaluate":
         console.print(f"[bold]{exp.name}[/] (#{exp.id}) {exp.status}, evaluation of a given model")
+    elif exp.mode == "fingerprint":
+        console.print(f"[bold]{exp.name}[/] (#{exp.id}) {exp.status}, dataset fingerprint of the sites' cohorts")
     else:
         console.print(f"[bold]{exp.name}[/] (#{exp.id}) {exp.status}, round {exp.rounds_done}/{exp.rounds}")
     if exp.phase is not None:
@@ -677,7 +758,7 @@ def predict(
 
 def _run_sim(spec: object, sites: int, workdir: Path, json_out: Path | None) -> None:
     from laulima.core.spec import ExperimentSpec
-    from laulima.sim import run_simulation
+    from laulima.sim import NNUNET_ALGORITHM, run_simulation
     from laulima.terminal import SimProgress, metrics_table
 
     assert isinstance(spec, ExperimentSpec)
@@ -685,6 +766,8 @@ def _run_sim(spec: object, sites: int, workdir: Path, json_out: Path | None) -> 
         f"[bold]{spec.name}[/]: {spec.rounds} rounds of {spec.strategy.name} on {sites} sites "
         f"(hub and agents as separate processes on loopback; logs in {workdir})"
     )
+    if spec.algorithm == NNUNET_ALGORITHM and "plans" not in spec.config:
+        console.print("nnU-Net: the sites fingerprint their cohorts first, then nnU-Net's planner plans here")
     with SimProgress(console, spec.rounds) as progress:
         result = run_simulation(spec, sites, workdir, on_progress=progress.update)
     exp = result.experiment
@@ -692,6 +775,12 @@ def _run_sim(spec: object, sites: int, workdir: Path, json_out: Path | None) -> 
     console.print(f"experiment {exp.status} after {exp.rounds_done} rounds in {result.wall_time_s:.1f} s")
     if exp.error:
         console.print(f"[red]{exp.error}[/]")
+    if result.model_dir is not None:  # nnU-Net: a results folder its own tools load
+        console.print(
+            f"nnU-Net model → {result.model_dir}\n"
+            f"  nnU-Net:  nnUNetv2_predict_from_modelfolder -i IN_DIR -o OUT_DIR -m {result.model_dir} -f all\n"
+            f"  Laulima:  laulima predict --model {result.model_dir} --input SCAN.nii.gz --output OUT.nii.gz"
+        )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         payload = {

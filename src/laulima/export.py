@@ -129,14 +129,15 @@ def export_experiment(client: Client, experiment_id: int, out_dir: Path) -> Path
     """
     from laulima.core.protocol import ExperimentStatus
     from laulima.core.weights import from_safetensors
+    from laulima.nnunet.workflow import NNUNET_ALGORITHM
 
     exp = client.experiment(experiment_id)
     algorithm = str(exp.spec.get("algorithm", ""))
-    if algorithm != SEGMENTATION_ALGORITHM:
+    if algorithm not in (SEGMENTATION_ALGORITHM, NNUNET_ALGORITHM):
         raise ConfigurationError(
             f"experiment {experiment_id} ({exp.name}) runs {algorithm or 'an unnamed algorithm'!r}; only "
-            f"{SEGMENTATION_ALGORITHM} models can be exported for `laulima predict`; use `laulima experiment "
-            "model` to download its raw weights",
+            f"{SEGMENTATION_ALGORITHM} and {NNUNET_ALGORITHM} models can be exported for `laulima predict`; use "
+            "`laulima experiment model` to download its raw weights",
             field="algorithm",
         )
     if exp.status == ExperimentStatus.RUNNING:
@@ -157,6 +158,10 @@ def export_experiment(client: Client, experiment_id: int, out_dir: Path) -> Path
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.download.", dir=out_dir.parent) as tmp:
         file = client.download_model(experiment_id, Path(tmp) / "global.safetensors")
         weights = from_safetensors(file.read_bytes(), where=f"experiment {experiment_id}'s global model")
+    if algorithm == NNUNET_ALGORITHM:  # nnU-Net's own results folder, for its predictor and `laulima predict`
+        from laulima.nnunet.export import export_nnunet
+
+        return export_nnunet(weights, config, out_dir)
     card = {
         "experiment": exp.name,
         "experiment_id": exp.id,

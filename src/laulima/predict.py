@@ -98,8 +98,13 @@ def _segment(
 def predict(model_dir: Path, input_path: Path, output: Path) -> Path:
     """Write the label map of ``input_path`` to ``output`` (a folder gets ``<input>_seg.nii.gz``); return its path.
 
-    The label map has the input's own grid and affine (see :func:`predict_volume`).
+    The label map has the input's own grid and affine (see :func:`predict_volume`). An exported
+    nnU-Net model (:mod:`laulima.nnunet.export`) is run by nnU-Net's own predictor instead.
     """
+    from laulima.nnunet.predict import is_nnunet_model, predict_nnunet  # (light: nnunetv2 loads only to predict)
+
+    if is_nnunet_model(Path(model_dir)):
+        return predict_nnunet(Path(model_dir), Path(input_path), Path(output))
     model, card = load_exported(model_dir)  # a bad model folder is reported before the image is read
     image, affine = read_image(Path(input_path))
     label = _segment(model, card, image, affine, where=str(input_path), model_dir=Path(model_dir))

@@ -24,6 +24,7 @@ from laulima.core.crosssite import round_records
 from laulima.core.protocol import ExperimentPublic, ExperimentStatus, MetricRecord, SiteStatus, TaskKind
 from laulima.core.spec import ExperimentSpec
 from laulima.errors import ConfigurationError, LaulimaError
+from laulima.nnunet.workflow import NNUNET_ALGORITHM
 from laulima.processes import HubProcess, SiteProcess, free_port
 
 __all__ = ["DEMO_DATASETS", "LocalFederation", "SimulationResult", "initial_weights_bytes", "site_names"]
@@ -79,6 +80,8 @@ class SimulationResult:
     metrics: list[MetricRecord]
     wall_time_s: float
     workdir: Path
+    model_dir: Path | None = None
+    """The exported model, where the simulation writes one (nnU-Net: its results folder)."""
 
     @property
     def final_evaluation(self) -> dict[str, dict[str, float]]:
@@ -249,8 +252,26 @@ def run_simulation(
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     started = time.monotonic()
+    model_dir: Path | None = None
     with LocalFederation(workdir, n_sites, spec.dataset, seed=spec.seed) as fed:
+        if spec.algorithm == NNUNET_ALGORITHM and spec.mode == "train":
+            spec = _planned_nnunet(fed, spec, workdir / "nnunet", timeout)
         exp = fed.submit(spec)
         exp = fed.wait(exp.id, timeout=timeout, on_progress=on_progress)
         metrics = fed.client.metrics(exp.id)
-    return SimulationResult(exp, metrics, time.monotonic() - started, workdir)
+        if spec.algorithm == NNUNET_ALGORITHM and exp.status == ExperimentStatus.COMPLETED:
+            from laulima.export import export_experiment
+
+            model_dir = export_experiment(fed.client, exp.id, workdir / "nnunet" / "results")
+    return SimulationResult(exp, metrics, time.monotonic() - started, workdir, model_dir)
+
+
+def _planned_nnunet(fed: LocalFederation, spec: ExperimentSpec, folder: Path, timeout: float) -> ExperimentSpec:
+    """nnU-Net without a plan: the federation's fingerprint first, then nnU-Net's planner (here)."""
+    from laulima.nnunet.workflow import needs_plan, plan_in_federation
+
+    if not needs_plan(spec):
+        return spec
+    return plan_in_federation(
+        spec, fed.submit, lambda i: fed.wait(i, timeout=timeout), fed.client.fingerprint, folder
+    )

@@ -6,7 +6,8 @@ folder or one ``.py`` file, relative to the spec file) is packed here, and the h
 the spec with ``bundle = <digest>`` instead of the path. A spec naming a ``bundle`` digest
 directly needs that bundle's file (``laulima algorithm pack`` writes ``<digest>.bundle``).
 The first global model is built here too, from the algorithm's own ``initial_weights``,
-imported from the bundle exactly as a site will import it.
+imported from the bundle exactly as a site will import it. A fingerprint-mode experiment has
+no model: it carries the empty one (:data:`EMPTY_MODEL`), and ``initial_weights`` is not called.
 """
 
 from __future__ import annotations
@@ -23,14 +24,19 @@ from typing import Any
 
 from laulima.algorithms.base import Algorithm, load_algorithm
 from laulima.algorithms.bundle import PackedBundle, is_builtin, load_entry_point, pack, sign, unpack, verify
-from laulima.core.spec import ExperimentSpec, parse_spec
+from laulima.core.spec import TRAINING_ONLY_FIELDS, ExperimentSpec, fingerprint_name, parse_spec
 from laulima.core.weights import check_matches, from_safetensors, schema_of, to_safetensors
 from laulima.errors import ConfigurationError, DataError, SpecError
 
-__all__ = ["CLIENT_ONLY_FIELDS", "Submission", "prepare", "prepare_evaluation"]
+__all__ = ["CLIENT_ONLY_FIELDS", "EMPTY_MODEL", "Submission", "prepare", "prepare_evaluation", "prepare_fingerprint"]
 
 CLIENT_ONLY_FIELDS = ("source", "requirements")
 """Spec fields that describe the scientist's machine; they never reach the hub."""
+
+EMPTY_MODEL = to_safetensors({})
+"""The weights of a fingerprint-mode experiment: none. Every task points at a weights blob in
+this protocol, so the experiment's is the empty safetensors file (16 bytes), which the hub
+validates as any other (a well-formed file of no tensors) and requires for this mode."""
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,11 @@ def prepare(
     sites admitting those signers run it without asking.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
+    spec = _plan_files_read(spec, base)
     bundle = _bundle_of(spec, base, bundle_file)
-    return Submission(
-        spec=_hub_spec(spec, bundle, signing_keys), bundle=bundle, initial_weights=initial_weights_bytes(spec, bundle)
-    )
+    # A fingerprint is computed before there is any model (nnU-Net plans its network from it).
+    weights = EMPTY_MODEL if spec.mode == "fingerprint" else initial_weights_bytes(spec, bundle)
+    return Submission(spec=_hub_spec(spec, bundle, signing_keys), bundle=bundle, initial_weights=weights)
 
 
 def _hub_spec(spec: ExperimentSpec, bundle: PackedBundle | None, signing_keys: Sequence[str | Path]) -> dict[str, Any]:
@@ -149,6 +156,58 @@ def prepare_evaluation(
     expected = schema_of(from_safetensors(initial_weights_bytes(spec, bundle), where="the algorithm's initial model"))
     check_matches(expected, schema_of(from_safetensors(weights, where=str(weights_path))), where=str(weights_path))
     return Submission(spec=_hub_spec(spec, bundle, signing_keys), bundle=bundle, initial_weights=weights)
+
+
+def _plan_files_read(spec: ExperimentSpec, base: Path) -> ExperimentSpec:
+    """nnU-Net's plan and dataset.json named by file in ``[config]`` (as `laulima nnunet plan`
+    wrote them) are read in here: the hub and the sites receive the documents, never a path."""
+    from laulima.nnunet.workflow import NNUNET_ALGORITHM, resolve_plan_files
+
+    if spec.algorithm != NNUNET_ALGORITHM or spec.mode == "fingerprint":
+        return spec
+    config = resolve_plan_files(spec.config, base)
+    if config == dict(spec.config):
+        return spec
+    return parse_spec({**spec.model_dump(mode="json"), "config": config}, source=f"spec {spec.name}")
+
+
+def prepare_fingerprint(
+    spec_file: str | Path,
+    *,
+    sites: Sequence[str] | None = None,
+    name: str | None = None,
+    bundle_file: str | Path | None = None,
+    signing_keys: Sequence[str | Path] = (),
+) -> tuple[Submission, list[str]]:
+    """A fingerprint-mode experiment from ``spec_file``: the sites summarise their cohorts of
+    the spec's dataset for its algorithm, nothing is trained. Returns the submission and the
+    training fields that were left out.
+
+    The spec may be the one used for training: ``mode`` becomes ``fingerprint`` and what
+    only training reads (``rounds``, ``local_epochs``, ``local_steps``, ``strategy``,
+    ``evaluation``, ``max_update_norm``, ``max_samples_per_site``) is dropped, so the
+    fingerprint describes exactly the cohort the training will use. ``name`` defaults to the
+    spec's with ``-fingerprint`` appended; ``sites`` overrides the spec's (and lowers its
+    ``min_sites`` to their number, if it was higher). The algorithm's
+    bundle is packed (or read) and signed as for training; no initial model is built.
+    """
+    path = Path(spec_file)
+    data = _read_toml(path)
+    dropped = [key for key in TRAINING_ONLY_FIELDS if key in data]
+    for key in dropped:
+        del data[key]
+    data["mode"] = "fingerprint"
+    if sites is not None:
+        data["sites"] = list(sites)
+        minimum = data.get("min_sites")
+        if sites and isinstance(minimum, int) and not isinstance(minimum, bool) and minimum > len(sites):
+            data["min_sites"] = len(sites)  # the sites asked for are the quorum the user wants
+    if name is not None:
+        data["name"] = name
+    elif isinstance(data.get("name"), str) and data["name"]:
+        data["name"] = fingerprint_name(data["name"])
+    spec = parse_spec(data, source=str(path))
+    return prepare(spec, base_dir=path.parent, bundle_file=bundle_file, signing_keys=signing_keys), dropped
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

@@ -807,13 +807,14 @@ def _inside(path: Path, root: Path) -> bool:
 
 
 def is_builtin(entry_point: str) -> bool:
-    """True for an entry point under ``laulima.algorithms.`` whose module exists in this Laulima
-    and defines the name at its top level — found by path and syntax tree, nothing imported."""
+    """True for an entry point in a built-in package (``laulima.algorithms.*``, ``laulima.nnunet``)
+    whose module exists in this Laulima and defines the name at its top level — found by path
+    and syntax tree, nothing imported."""
     try:
         module, attr = _split_entry_point(entry_point)
     except _Invalid:
         return False
-    if not entry_point.startswith(BUILTIN_PREFIX):
+    if not is_builtin_name(entry_point):
         return False
     import laulima  # the root package only (already imported), so the hub may call this too
 

@@ -39,6 +39,7 @@ from laulima.errors import ConfigurationError, DataError, LaulimaError
 
 __all__ = [
     "BUILTIN_FORMAT",
+    "BUILTIN_PACKAGES",
     "BUILTIN_PREFIX",
     "BUNDLE_FORMAT",
     "MANIFEST_NAME",
@@ -63,6 +64,9 @@ __all__ = [
 BUNDLE_FORMAT = "laulima-bundle/1"
 BUILTIN_FORMAT = "laulima-builtin/1"
 BUILTIN_PREFIX = "laulima.algorithms."
+BUILTIN_PACKAGES = ("laulima.algorithms", "laulima.nnunet")
+"""Where the algorithms shipped with Laulima live: ``laulima.algorithms.*``, and
+``laulima.nnunet`` (federated nnU-Net, whose package also runs where experiments are planned)."""
 SIGNATURE_CONTEXT = b"laulima-bundle-signature/1\n"
 """Prefixed to the digest before signing, so a bundle signature means nothing anywhere else."""
 
@@ -84,7 +88,9 @@ _DIGEST = re.compile(r"[0-9a-f]{64}")
 _SIGNATURE = re.compile(r"[0-9a-f]{128}")
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _ENTRY_POINT = re.compile(rf"(?P<module>{_IDENTIFIER}(?:\.{_IDENTIFIER})*):(?P<attr>{_IDENTIFIER})")
-_BUILTIN_NAME = re.compile(r"^laulima\.algorithms(\.[A-Za-z_]\w*)+:[A-Za-z_]\w*$", re.ASCII)
+_BUILTIN_NAME = re.compile(
+    r"^laulima\.(algorithms(\.[A-Za-z_]\w*)+|nnunet(\.[A-Za-z_]\w*)*):[A-Za-z_]\w*$", re.ASCII
+)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _VERSION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+!-]{0,63}")
 _PATH_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")
@@ -385,7 +391,8 @@ def _strict_json(data: bytes) -> dict[str, Any]:
 
 
 def is_builtin_name(entry_point: str) -> bool:
-    """Whether ``entry_point`` names a built-in by its spelling alone (``laulima.algorithms.x:Y``).
+    """Whether ``entry_point`` names a built-in by its spelling alone (``laulima.algorithms.x:Y``,
+    ``laulima.nnunet:NnUNet``; see :data:`BUILTIN_PACKAGES`).
 
     Syntax only, nothing looked up or imported: the hub uses it to refuse ``os:system`` in a
     spec without a bundle. Whether the module really exists is for the site to find out
@@ -402,9 +409,9 @@ def builtin_digest(entry_point: str) -> str:
         _split_entry_point(entry_point)
     except _Invalid as exc:
         raise ConfigurationError(f"algorithm: {exc}", field="algorithm") from None
-    if not entry_point.startswith(BUILTIN_PREFIX):
+    if not is_builtin_name(entry_point):
         raise ConfigurationError(
-            f"algorithm {entry_point!r} is not a built-in; built-ins are under {BUILTIN_PREFIX}*",
+            f"algorithm {entry_point!r} is not a built-in; built-ins are under {' or '.join(BUILTIN_PACKAGES)}",
             field="algorithm",
         )
     return hashlib.sha256(f"{BUILTIN_FORMAT}\n{entry_point}\n".encode()).hexdigest()

@@ -6,7 +6,8 @@ seconds). Each task then costs a ``fork()`` (milliseconds) instead of an interpr
 start-up plus those imports. The child runs exactly what ``worker TASK_DIR`` runs,
 sandbox included: it confines itself before it imports the algorithm.
 
-Only built-in modules (``laulima.algorithms.*``) are preloaded. A bundle's code is never
+Only built-in modules (``laulima.algorithms.*``, ``laulima.nnunet``) are preloaded, with the
+modules a built-in names in its ``__preload__``. A bundle's code is never
 imported here: its import-time code would run unconfined, in the process every later task
 is forked from, and a name on ``sys.path`` is not the verified bundle anyway. Each task
 imports its bundle in its own (confined) child.
@@ -58,6 +59,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from laulima.core.bundle import BUILTIN_PACKAGES
 from laulima.site.worker import exit_child
 
 __all__ = ["Zygote", "ZygoteGone", "is_builtin_module", "serve"]
@@ -70,12 +72,13 @@ _ANSWER_S = 10.0
 """How long an idle zygote may take to fork; one that takes longer is wedged (a busy one,
 importing a module, is given up to the task's deadline: a new process would import it too)."""
 _REASON_MAX = 300
-_BUILTIN_PACKAGE = "laulima.algorithms"
 
 
 def is_builtin_module(module: str) -> bool:
     """Whether ``module`` names a module of Laulima's built-in algorithms, the only ones preloaded."""
-    return bool(_MODULE.fullmatch(module)) and (module == _BUILTIN_PACKAGE or module.startswith(_BUILTIN_PACKAGE + "."))
+    return bool(_MODULE.fullmatch(module)) and any(
+        module == package or module.startswith(package + ".") for package in BUILTIN_PACKAGES
+    )
 
 
 class ZygoteGone(Exception):
@@ -349,7 +352,9 @@ class _Server:
             return
         before = set(sys.modules)
         try:
-            importlib.import_module(module)
+            imported = importlib.import_module(module)
+            for also in getattr(imported, "__preload__", ()):  # a built-in names its heavy imports
+                importlib.import_module(also)
         except (Exception, SystemExit) as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             self.send(f"preload-failed {module} {reason[:_REASON_MAX]}")
