@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import warnings
@@ -31,6 +30,7 @@ import torch
 from laulima.algorithms.segmentation.model import build_unet, load_numpy_weights, parse_params
 from laulima.core.weights import safetensors_chunks
 from laulima.errors import AlgorithmError, ConfigurationError, DataError
+from laulima.private_files import replace_dir
 
 if TYPE_CHECKING:
     from laulima.client import Client
@@ -112,7 +112,7 @@ def export_model(
             "training": training,
         }
         (tmp / CARD_FILE).write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -276,13 +276,3 @@ def _versions() -> dict[str, str]:
 
     return {"laulima": laulima.__version__, "torch": torch.__version__, "monai": monai.__version__}
 
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Rename ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and then removed."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)

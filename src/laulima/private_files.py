@@ -11,11 +11,12 @@ standard library.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
 
-__all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "open_private", "private_dir", "tighten", "write_atomic"]
+__all__ = ["PRIVATE_DIR", "PRIVATE_FILE", "open_private", "private_dir", "replace_dir", "tighten", "write_atomic"]
 
 PRIVATE_DIR = 0o700
 PRIVATE_FILE = 0o600
@@ -72,3 +73,21 @@ def tighten(path: Path) -> int | None:
         return None
     os.chmod(path, PRIVATE_DIR)
     return mode
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename the finished folder ``tmp`` to ``final`` (same file system), so readers see the
+    old folder or the new one, never half of one; an existing ``final`` is renamed aside
+    first, put back if the swap fails, and removed once replaced."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
+    os.replace(final, old / final.name)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        os.replace(old / final.name, final)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

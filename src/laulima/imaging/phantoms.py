@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -42,6 +41,7 @@ from laulima.imaging.scanner import (
     site_profile,
 )
 from laulima.imaging.tumour import TumourProfile, site_tumour_profile
+from laulima.private_files import replace_dir
 
 __all__ = [
     "DEFAULT_COHORTS",
@@ -214,24 +214,9 @@ def write_site_dataset(
             },
         }  # fmt: skip
         (tmp / "dataset.json").write_text(json.dumps(description, indent=2, ensure_ascii=False) + "\n", "utf-8")
-        _move_into_place(tmp, dest)
+        replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
 
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename ``tmp`` to ``dest``; an existing ``dest`` (overwrite) is renamed aside first, then removed."""
-    if not dest.exists():
-        os.replace(tmp, dest)
-        return
-    old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".old"))
-    os.replace(dest, old / dest.name)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        os.replace(old / dest.name, dest)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)

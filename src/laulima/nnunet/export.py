@@ -28,6 +28,7 @@ import numpy as np
 
 from laulima.nnunet.network import TRAINER_NAME, build_network, load_weights
 from laulima.nnunet.params import parse_params
+from laulima.private_files import replace_dir
 
 __all__ = ["CHECKPOINT_FILE", "FOLD", "WEIGHTS_FILE", "export_nnunet", "trainer_folder_name"]
 
@@ -87,24 +88,9 @@ def export_nnunet(
         save_file({name: t.numpy() for name, t in state.items()}, str(fold / WEIGHTS_FILE), metadata=metadata)
         for path in (tmp, fold):
             os.chmod(path, 0o755)  # a model is shared; mkdtemp's 0700 would follow the folder
-        _replace(tmp, final)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
-
-def _replace(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is moved aside first and removed once replaced."""
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    aside = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
-    os.replace(final, aside / final.name)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(aside / final.name, final)
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)

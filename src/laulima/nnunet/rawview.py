@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from laulima.errors import ConfigurationError, DataError
-from laulima.private_files import PRIVATE_DIR, PRIVATE_FILE, private_dir, write_atomic
+from laulima.private_files import PRIVATE_DIR, PRIVATE_FILE, private_dir, replace_dir, write_atomic
 
 if TYPE_CHECKING:
     from laulima.imaging.layouts import Case
@@ -106,7 +106,8 @@ def build_raw_view(
         if split == "test":
             dataset_json["numTest"] = len(written)
         write_atomic(tmp / "dataset.json", json.dumps(dataset_json, indent=2, ensure_ascii=False) + "\n")
-        _move_into_place(tmp, final)
+        os.chmod(tmp, PRIVATE_DIR)
+        replace_dir(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -155,19 +156,3 @@ def _relocate(case: RawCase, old: Path, new: Path) -> RawCase:
 
     return RawCase(case.id, tuple(move(p) for p in case.images), move(case.label))
 
-
-def _move_into_place(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` is renamed aside first and removed once replaced."""
-    os.chmod(tmp, PRIVATE_DIR)
-    if not final.exists():
-        os.replace(tmp, final)
-        return
-    old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".old"))
-    os.replace(final, old / final.name)
-    try:
-        os.replace(tmp, final)
-    except BaseException:
-        os.replace(old / final.name, final)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
