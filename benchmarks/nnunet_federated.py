@@ -96,7 +96,7 @@ def main() -> None:
             "dataset_json": json.loads((plan_dir / "dataset.json").read_text()),
         }
         sites = {p.name: p / spec.dataset for p in sorted((workdir / "data").iterdir())}
-        federated = load_file(str(result.model_dir / "model.safetensors"))
+        federated = load_file(str(result.model_dir / "fold_all" / "model.safetensors"))
 
         budget = spec.rounds * spec.local_steps * n_sites
         started = time.monotonic()
