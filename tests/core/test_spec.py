@@ -384,8 +384,8 @@ def test_an_algorithm_neither_built_in_nor_packed_is_refused_before_anything_imp
     with pytest.raises(SpecError) as info:
         parse_spec({**MINIMAL, "algorithm": algorithm}, source="experiment spec")
     assert str(info.value) == (
-        f"experiment spec: field 'algorithm': {algorithm!r} is neither a built-in (laulima.algorithms.*) nor "
-        "packed: name a `source` folder or file to pack, or a `bundle` digest"
+        f"experiment spec: field 'algorithm': {algorithm!r} is neither a built-in (laulima.algorithms.*, "
+        "laulima.nnunet) nor packed: name a `source` folder or file to pack, or a `bundle` digest"
     )
     assert info.value.context["field"] == "algorithm"
 

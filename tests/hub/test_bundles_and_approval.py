@@ -177,8 +177,8 @@ def test_an_algorithm_neither_built_in_nor_bundled_is_refused(hub: Hub, algorith
     weights = hub.upload_blob(to_safetensors(make_weights(0)))
     message, context = _refusal(_post_experiment(hub, hub.admin, spec(algorithm=algorithm), weights))
     assert message == (
-        f"experiment spec: field 'algorithm': {algorithm!r} is neither a built-in (laulima.algorithms.*) nor "
-        "packed: name a `source` folder or file to pack, or a `bundle` digest"
+        f"experiment spec: field 'algorithm': {algorithm!r} is neither a built-in (laulima.algorithms.*, "
+        "laulima.nnunet) nor packed: name a `source` folder or file to pack, or a `bundle` digest"
     )
     assert context["field"] == "algorithm"
 
