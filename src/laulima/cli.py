@@ -423,6 +423,7 @@ def experiment_fingerprint(
     from rich.markup import escape
 
     from laulima.client import Client
+    from laulima.nnunet.workflow import DATASET_FILE, FINGERPRINT_FILE, write_plan_files
     from laulima.submission import prepare_fingerprint
 
     site_list = [x.strip() for x in sites.split(",") if x.strip()] if sites is not None else None
@@ -456,12 +457,10 @@ def experiment_fingerprint(
                 err_console.print(f"  {escape(site)}: {escape(note)}")
             raise typer.Exit(1)
         merged = client.fingerprint(exp.id)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dataset_fingerprint.json").write_text(json.dumps(merged.fingerprint, indent=2) + "\n", encoding="utf-8")
-    (out / "dataset.json").write_text(json.dumps(merged.dataset_json, indent=2) + "\n", encoding="utf-8")
+    write_plan_files(out, merged.fingerprint, merged.dataset_json)
     console.print(
         f"fingerprint of {merged.n_cases} cases from {', '.join(merged.sites)} → "
-        f"{out / 'dataset_fingerprint.json'}, {out / 'dataset.json'}"
+        f"{out / FINGERPRINT_FILE}, {out / DATASET_FILE}"
     )
     for site, why in sorted(merged.failures.items()):  # sites' own words: never read as markup
         console.print(f"[yellow]not included: {escape(site)}[/]: {escape(why)}")
@@ -758,7 +757,8 @@ def predict(
 
 def _run_sim(spec: object, sites: int, workdir: Path, json_out: Path | None) -> None:
     from laulima.core.spec import ExperimentSpec
-    from laulima.sim import NNUNET_ALGORITHM, run_simulation
+    from laulima.nnunet.workflow import needs_plan
+    from laulima.sim import run_simulation
     from laulima.terminal import SimProgress, metrics_table
 
     assert isinstance(spec, ExperimentSpec)
@@ -766,7 +766,7 @@ def _run_sim(spec: object, sites: int, workdir: Path, json_out: Path | None) -> 
         f"[bold]{spec.name}[/]: {spec.rounds} rounds of {spec.strategy.name} on {sites} sites "
         f"(hub and agents as separate processes on loopback; logs in {workdir})"
     )
-    if spec.algorithm == NNUNET_ALGORITHM and "plans" not in spec.config:
+    if needs_plan(spec):
         console.print("nnU-Net: the sites fingerprint their cohorts first, then nnU-Net's planner plans here")
     with SimProgress(console, spec.rounds) as progress:
         result = run_simulation(spec, sites, workdir, on_progress=progress.update)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
-
-from laulima.errors import ConfigurationError
 
 __all__ = ["nnunet_app"]
 
@@ -41,20 +38,20 @@ def plan_command(
     are read in at submission and travel with every task.
     """
     from laulima.core.spec import load_spec
-    from laulima.nnunet.workflow import DATASET_FILE, FINGERPRINT_FILE, PLANS_FILE, plan, write_plan_files
+    from laulima.nnunet.workflow import (
+        DATASET_FILE,
+        FINGERPRINT_FILE,
+        PLANS_FILE,
+        plan,
+        read_json_document,
+        write_plan_files,
+    )
 
-    documents = {}
-    for name in (FINGERPRINT_FILE, DATASET_FILE):
-        path = folder / name
-        try:
-            documents[name] = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigurationError(
-                f"{path} does not exist; run `laulima experiment fingerprint SPEC --out {folder}` first",
-                file=str(path),
-            ) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigurationError(f"{path}: cannot read it as JSON ({exc})", file=str(path)) from exc
+    missing = f"run `laulima experiment fingerprint SPEC --out {folder}` first"
+    documents = {
+        name: read_json_document(folder / name, missing=f"{folder / name} does not exist; {missing}")
+        for name in (FINGERPRINT_FILE, DATASET_FILE)
+    }
     config = dict(load_spec(spec).config) if spec is not None else {}
     plans = plan(documents[FINGERPRINT_FILE], documents[DATASET_FILE], config)
     write_plan_files(folder, documents[FINGERPRINT_FILE], documents[DATASET_FILE], plans)

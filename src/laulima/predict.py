@@ -27,7 +27,7 @@ from laulima.export import CARD_FILE, WEIGHTS_FILE, read_card
 from laulima.imaging import read_image, write_label_nifti
 from laulima.imaging.resample import Grid, check_affine, resample_image
 
-__all__ = ["load_exported", "predict", "predict_volume"]
+__all__ = ["load_exported", "predict", "predict_volume", "write_labels"]
 
 _EXPORT_HINT = (
     "`laulima predict --model` needs a model folder (model.json card, model.safetensors, TorchScript), "
@@ -101,16 +101,22 @@ def predict(model_dir: Path, input_path: Path, output: Path) -> Path:
     The label map has the input's own grid and affine (see :func:`predict_volume`). An exported
     nnU-Net model (:mod:`laulima.nnunet.export`) is run by nnU-Net's own predictor instead.
     """
-    from laulima.nnunet.predict import is_nnunet_model, predict_nnunet  # (light: nnunetv2 loads only to predict)
+    from laulima.nnunet.predict import is_nnunet_model, segment_nnunet  # (light: nnunetv2 loads only to predict)
 
     if is_nnunet_model(Path(model_dir)):
-        return predict_nnunet(Path(model_dir), Path(input_path), Path(output))
-    model, card = load_exported(model_dir)  # a bad model folder is reported before the image is read
-    image, affine = read_image(Path(input_path))
-    label = _segment(model, card, image, affine, where=str(input_path), model_dir=Path(model_dir))
+        label, affine = segment_nnunet(Path(model_dir), Path(input_path))
+    else:
+        model, card = load_exported(model_dir)  # a bad model folder is reported before the image is read
+        image, affine = read_image(Path(input_path))
+        label = _segment(model, card, image, affine, where=str(input_path), model_dir=Path(model_dir))
+    return write_labels(output, Path(input_path), label, affine)
+
+
+def write_labels(output: Path, input_path: Path, label: np.ndarray, affine: np.ndarray) -> Path:
+    """Write ``label`` to ``output`` (a folder gets ``<input>_seg.nii.gz``); return the file's path."""
     output = Path(output)
     if output.is_dir():
-        output = output / f"{_stem(Path(input_path))}_seg.nii.gz"
+        output = output / f"{_stem(input_path)}_seg.nii.gz"
     output.parent.mkdir(parents=True, exist_ok=True)
     write_label_nifti(output, label, affine)
     return output

@@ -16,6 +16,7 @@ import string
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from laulima.core.crosssite import round_records
 from laulima.core.protocol import ExperimentPublic, ExperimentStatus, MetricRecord, SiteStatus, TaskKind
 from laulima.core.spec import ExperimentSpec
 from laulima.errors import ConfigurationError, LaulimaError
-from laulima.nnunet.workflow import NNUNET_ALGORITHM
+from laulima.nnunet.workflow import NNUNET_ALGORITHM, needs_plan, plan_in_federation
 from laulima.processes import HubProcess, SiteProcess, free_port
 
 __all__ = ["DEMO_DATASETS", "LocalFederation", "SimulationResult", "initial_weights_bytes", "site_names"]
@@ -254,8 +255,9 @@ def run_simulation(
     started = time.monotonic()
     model_dir: Path | None = None
     with LocalFederation(workdir, n_sites, spec.dataset, seed=spec.seed) as fed:
-        if spec.algorithm == NNUNET_ALGORITHM and spec.mode == "train":
-            spec = _planned_nnunet(fed, spec, workdir / "nnunet", timeout)
+        if needs_plan(spec):  # nnU-Net without a plan: the federation's fingerprint, then nnU-Net's planner
+            wait = partial(fed.wait, timeout=timeout)
+            spec = plan_in_federation(spec, fed.submit, wait, fed.client.fingerprint, workdir / "nnunet")
         exp = fed.submit(spec)
         exp = fed.wait(exp.id, timeout=timeout, on_progress=on_progress)
         metrics = fed.client.metrics(exp.id)
@@ -265,13 +267,3 @@ def run_simulation(
             model_dir = export_experiment(fed.client, exp.id, workdir / "nnunet" / "results")
     return SimulationResult(exp, metrics, time.monotonic() - started, workdir, model_dir)
 
-
-def _planned_nnunet(fed: LocalFederation, spec: ExperimentSpec, folder: Path, timeout: float) -> ExperimentSpec:
-    """nnU-Net without a plan: the federation's fingerprint first, then nnU-Net's planner (here)."""
-    from laulima.nnunet.workflow import needs_plan, plan_in_federation
-
-    if not needs_plan(spec):
-        return spec
-    return plan_in_federation(
-        spec, fed.submit, lambda i: fed.wait(i, timeout=timeout), fed.client.fingerprint, folder
-    )

@@ -24,9 +24,10 @@ from typing import Any
 
 from laulima.algorithms.base import Algorithm, load_algorithm
 from laulima.algorithms.bundle import PackedBundle, is_builtin, load_entry_point, pack, sign, unpack, verify
-from laulima.core.spec import TRAINING_ONLY_FIELDS, ExperimentSpec, fingerprint_name, parse_spec
+from laulima.core.spec import TRAINING_ONLY_FIELDS, ExperimentSpec, fingerprint_data, parse_spec
 from laulima.core.weights import check_matches, from_safetensors, schema_of, to_safetensors
 from laulima.errors import ConfigurationError, DataError, SpecError
+from laulima.nnunet.workflow import read_plan_files  # (light: no nnU-Net code)
 
 __all__ = ["CLIENT_ONLY_FIELDS", "EMPTY_MODEL", "Submission", "prepare", "prepare_evaluation", "prepare_fingerprint"]
 
@@ -68,7 +69,7 @@ def prepare(
     sites admitting those signers run it without asking.
     """
     base = Path(base_dir) if base_dir is not None else Path.cwd()
-    spec = _plan_files_read(spec, base)
+    spec = read_plan_files(spec, base)
     bundle = _bundle_of(spec, base, bundle_file)
     # A fingerprint is computed before there is any model (nnU-Net plans its network from it).
     weights = EMPTY_MODEL if spec.mode == "fingerprint" else initial_weights_bytes(spec, bundle)
@@ -158,19 +159,6 @@ def prepare_evaluation(
     return Submission(spec=_hub_spec(spec, bundle, signing_keys), bundle=bundle, initial_weights=weights)
 
 
-def _plan_files_read(spec: ExperimentSpec, base: Path) -> ExperimentSpec:
-    """nnU-Net's plan and dataset.json named by file in ``[config]`` (as `laulima nnunet plan`
-    wrote them) are read in here: the hub and the sites receive the documents, never a path."""
-    from laulima.nnunet.workflow import NNUNET_ALGORITHM, resolve_plan_files
-
-    if spec.algorithm != NNUNET_ALGORITHM or spec.mode == "fingerprint":
-        return spec
-    config = resolve_plan_files(spec.config, base)
-    if config == dict(spec.config):
-        return spec
-    return parse_spec({**spec.model_dump(mode="json"), "config": config}, source=f"spec {spec.name}")
-
-
 def prepare_fingerprint(
     spec_file: str | Path,
     *,
@@ -192,20 +180,14 @@ def prepare_fingerprint(
     bundle is packed (or read) and signed as for training; no initial model is built.
     """
     path = Path(spec_file)
-    data = _read_toml(path)
-    dropped = [key for key in TRAINING_ONLY_FIELDS if key in data]
-    for key in dropped:
-        del data[key]
-    data["mode"] = "fingerprint"
+    raw = _read_toml(path)
+    dropped = [key for key in TRAINING_ONLY_FIELDS if key in raw]
+    data = fingerprint_data(raw, name=name)
     if sites is not None:
         data["sites"] = list(sites)
         minimum = data.get("min_sites")
         if sites and isinstance(minimum, int) and not isinstance(minimum, bool) and minimum > len(sites):
             data["min_sites"] = len(sites)  # the sites asked for are the quorum the user wants
-    if name is not None:
-        data["name"] = name
-    elif isinstance(data.get("name"), str) and data["name"]:
-        data["name"] = fingerprint_name(data["name"])
     spec = parse_spec(data, source=str(path))
     return prepare(spec, base_dir=path.parent, bundle_file=bundle_file, signing_keys=signing_keys), dropped
 

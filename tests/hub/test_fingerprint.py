@@ -195,9 +195,8 @@ def test_second_post_and_wrong_kind_and_wrong_site_are_refused(hub: Hub):
     again = post(hub, "site-a", ta, site_fingerprint(4))
     assert again.status_code == 409 and "already has an accepted result" in again.json()["detail"]
     assert post(hub, "site-b", tb, site_fingerprint(2)).status_code == 204
-    merged = hub.wait_for(
-        lambda: hub.client.get(hub.url(f"/experiments/{exp['id']}/fingerprint"), headers=hub.admin), "the merge"
-    )
+    hub.wait_status(exp["id"], "completed")  # the merge happens in the orchestrator, after the posts
+    merged = hub.client.get(hub.url(f"/experiments/{exp['id']}/fingerprint"), headers=hub.admin)
     assert merged.status_code == 200 and merged.json()["n_cases"] == 5  # the first post counted, once
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "MAX_AXIS",
     "MAX_CASES",
     "MAX_CHANNELS",
+    "MAX_FINGERPRINT_BYTES",
     "QUANTILE_POINTS",
     "SAMPLES_PER_CASE",
     "SIZE_BINS",
@@ -68,6 +69,10 @@ QUANTILE_POINTS = 1001
 
 SIZE_BINS = 100
 """Bins of the relative-size histogram over [0, 1]."""
+
+MAX_FINGERPRINT_BYTES = 1024 * 1024
+"""Largest fingerprint as JSON, what a site may send and the hub reads: 32 channels with their
+quantile sketches take about 150 KB; the geometry table grows with its distinct rows."""
 
 MAX_CHANNELS = 32
 MAX_LABELS = 256

@@ -7,6 +7,7 @@ import json
 import math
 import tomllib
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,7 @@ __all__ = [
     "ExperimentSpec",
     "StrategySpec",
     "as_fingerprint_spec",
+    "fingerprint_data",
     "fingerprint_name",
     "load_spec",
     "parse_spec",
@@ -402,13 +404,23 @@ def fingerprint_name(name: str) -> str:
     return name if name.endswith(suffix) else f"{name[: 64 - len(suffix)]}{suffix}"
 
 
-def as_fingerprint_spec(spec: ExperimentSpec, *, name: str | None = None) -> ExperimentSpec:
-    """The fingerprint-mode experiment of a (training) spec: the same algorithm, dataset,
+def fingerprint_data(data: Mapping[str, Any], *, name: str | None = None) -> dict[str, Any]:
+    """A (training) spec's table as a fingerprint-mode spec's: the same algorithm, dataset,
     cohort, sites, seed, time limits and ``config``, ``mode = "fingerprint"``, without what
     only training reads (:data:`TRAINING_ONLY_FIELDS`), named ``name`` (default
-    ``<name>-fingerprint``)."""
-    data = spec.model_dump(mode="json", exclude=set(TRAINING_ONLY_FIELDS))
-    data.update(mode="fingerprint", name=name or fingerprint_name(spec.name))
+    ``<name>-fingerprint``). Not validated: :func:`parse_spec` does that."""
+    out = {key: value for key, value in data.items() if key not in TRAINING_ONLY_FIELDS}
+    out["mode"] = "fingerprint"
+    if name is not None:
+        out["name"] = name
+    elif isinstance(out.get("name"), str) and out["name"]:
+        out["name"] = fingerprint_name(out["name"])
+    return out
+
+
+def as_fingerprint_spec(spec: ExperimentSpec, *, name: str | None = None) -> ExperimentSpec:
+    """The fingerprint-mode experiment of a (training) spec (see :func:`fingerprint_data`)."""
+    data = fingerprint_data(spec.model_dump(mode="json"), name=name or None)
     return parse_spec(data, source=f"fingerprint of {spec.name}")
 
 

@@ -358,7 +358,7 @@ class Orchestrator:
         2. any still open: wait (they expire at their deadline);
         3. then merge the fingerprints that arrived and complete, storing the merge — or fail:
            with every site's reason when none arrived, with the mismatch when the sites'
-           datasets differ in channels, labels or dimensions.
+           datasets differ in channels or labels.
         """
         svc = self.service
         if not tasks:

@@ -246,11 +246,7 @@ class HubService:
     def reported_cases(self, site_name: str, dataset: str) -> int | None:
         """The number of cases ``site_name`` reported for ``dataset`` (None: never said)."""
         with self.sessions() as s:
-            raw = s.scalar(select(Site.datasets_json).where(Site.name == site_name))
-        if not raw:
-            return None
-        value = json.loads(raw).get(dataset)
-        return value if isinstance(value, int) else None
+            return _reported_cases(s, site_name, dataset)
 
     def heard_lately(self, site: Site, now: float) -> bool:
         """Whether ``site`` made a request within ``site_offline_after_s``."""
@@ -782,21 +778,20 @@ class HubService:
     def record_fingerprint(self, task_id: str, site: Site, fingerprint: SiteFingerprint) -> None:
         """Keep the site's fingerprint and complete its task, in one transaction. Its cases may
         not exceed what the site reported for the experiment's dataset (when it said)."""
-        _, exp = self.check_result(task_id, site, kind=TaskKind.FINGERPRINT, nonce=None)
-        dataset = json.loads(exp.spec_json).get("dataset")
-        reported = self.reported_cases(site.name, dataset) if isinstance(dataset, str) else None
-        if reported is not None and fingerprint.n_cases > reported:
-            raise DataError(
-                f"fingerprint of task {task_id}: n_cases is {fingerprint.n_cases}, above the {reported} cases "
-                f"site {site.name!r} reported for dataset {dataset!r}",
-                task=task_id,
-            )
         now = self.clock()
         try:
             with self.sessions.begin() as s:
-                task, _ = check_result_allowed(
+                task, exp = check_result_allowed(
                     s, task_id, site, kind=TaskKind.FINGERPRINT, nonce=None, now=now, lock=True
                 )
+                dataset = json.loads(exp.spec_json).get("dataset")
+                reported = _reported_cases(s, site.name, dataset) if isinstance(dataset, str) else None
+                if reported is not None and fingerprint.n_cases > reported:
+                    raise DataError(
+                        f"fingerprint of task {task_id}: n_cases is {fingerprint.n_cases}, above the {reported} "
+                        f"cases site {site.name!r} reported for dataset {dataset!r}",
+                        task=task_id,
+                    )
                 task.status, task.finished_at = TaskStatus.COMPLETED, now
                 s.add(
                     FingerprintResult(
@@ -1468,6 +1463,15 @@ def finale_started(s: Session, experiments: Sequence[Experiment]) -> set[int]:
             .distinct()
         )
     )
+
+
+def _reported_cases(s: Session, site_name: str, dataset: str) -> int | None:
+    """The number of cases ``site_name`` reported for ``dataset`` (None: never said)."""
+    raw = s.scalar(select(Site.datasets_json).where(Site.name == site_name))
+    if not raw:
+        return None
+    value = json.loads(raw).get(dataset)
+    return value if isinstance(value, int) else None
 
 
 def experiment_phase(e: Experiment, spec: dict[str, Any], *, finale: bool) -> ExperimentPhase | None:

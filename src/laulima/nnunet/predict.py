@@ -28,7 +28,7 @@ from laulima.nnunet.export import CHECKPOINT_FILE, FOLD, WEIGHTS_FILE
 from laulima.nnunet.network import TRAINER_NAME, build_network, load_weights, managers
 from laulima.nnunet.params import NnUNetParams, parse_params
 
-__all__ = ["find_nnunet_model", "is_nnunet_model", "load_nnunet_model", "predict_nnunet"]
+__all__ = ["find_nnunet_model", "is_nnunet_model", "load_nnunet_model", "predict_nnunet", "segment_nnunet"]
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -86,9 +86,17 @@ def load_nnunet_model(model_dir: Path) -> tuple[Path, NnUNetParams, dict[str, An
 
 def predict_nnunet(model_dir: Path, input_path: Path, output: Path) -> Path:
     """Write the label map of ``input_path`` to ``output`` (a folder gets ``<input>_seg.nii.gz``); return its path."""
+    from laulima.predict import write_labels
+
+    label, affine = segment_nnunet(model_dir, input_path)
+    return write_labels(output, Path(input_path), label, affine)
+
+
+def segment_nnunet(model_dir: Path, input_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The label map of ``input_path`` (on its own grid) and the input's affine."""
     import torch
 
-    from laulima.imaging import read_image, write_label_nifti, write_nifti
+    from laulima.imaging import read_image, write_nifti
     from laulima.imaging.nifti import is_nifti_name, read_label_array
 
     folder, params, weights = load_nnunet_model(model_dir)  # a bad model folder is reported before the image is read
@@ -130,12 +138,7 @@ def predict_nnunet(model_dir: Path, input_path: Path, output: Path) -> Path:
             f"{input_path}: nnU-Net's label map has shape {label.shape}, the image {image.shape[1:]}",
             file=str(input_path),
         )
-    output = Path(output)
-    if output.is_dir():
-        output = output / f"{_stem(input_path)}_seg.nii.gz"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_label_nifti(output, label, affine)
-    return output
+    return label, affine
 
 
 def _predictor(params: NnUNetParams, network: Any, device: Any) -> Any:
@@ -215,11 +218,3 @@ def _read_checkpoint(path: Path, folder: Path) -> tuple[str, dict[str, Any]]:
     init_args = checkpoint.get("init_args") if isinstance(checkpoint, dict) else None
     configuration = init_args.get("configuration") if isinstance(init_args, dict) else None
     return configuration if isinstance(configuration, str) else _configuration_from_name(folder), weights
-
-
-def _stem(path: Path) -> str:
-    name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name

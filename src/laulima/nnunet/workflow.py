@@ -28,6 +28,7 @@ from typing import Any
 from laulima.core.protocol import ExperimentPublic, ExperimentStatus
 from laulima.core.spec import ExperimentSpec, parse_spec
 from laulima.errors import ConfigurationError, LaulimaError
+from laulima.private_files import write_atomic
 
 __all__ = [
     "DATASET_FILE",
@@ -40,8 +41,10 @@ __all__ = [
     "plan",
     "plan_in_federation",
     "planner_settings",
-    "resolve_plan_files",
+    "read_json_document",
+    "read_plan_files",
     "with_plan",
+    "write_plan_files",
 ]
 
 NNUNET_ALGORITHM = "laulima.nnunet:NnUNet"
@@ -132,37 +135,49 @@ def plan(fingerprint: Mapping[str, Any], dataset_json: Mapping[str, Any], config
 
 def with_plan(spec: ExperimentSpec, plans: Mapping[str, Any], dataset_json: Mapping[str, Any]) -> ExperimentSpec:
     """The training spec carrying the plan (validated again: the plan must fit in ``config``)."""
-    data = spec.model_dump(mode="json")
-    data["config"] = {**data["config"], "plans": dict(plans), "dataset_json": dict(dataset_json)}
-    return parse_spec(data, source=f"spec {spec.name} with its nnU-Net plan")
+    config = {**spec.config, "plans": dict(plans), "dataset_json": dict(dataset_json)}
+    return _with_config(spec, config, f"spec {spec.name} with its nnU-Net plan")
 
 
-def resolve_plan_files(config: Mapping[str, Any], base_dir: Path) -> dict[str, Any]:
-    """``plans`` / ``dataset_json`` given as JSON file names (relative to the spec) read in.
+def read_plan_files(spec: ExperimentSpec, base_dir: Path) -> ExperimentSpec:
+    """An nnU-Net training spec with ``plans`` / ``dataset_json`` given as JSON file names
+    (relative to ``base_dir``, the spec's folder) read in; any other spec as it is.
 
     The hub and the sites receive the documents, never a path of the submitting machine.
     """
-    out = dict(config)
+    if not is_nnunet(spec) or spec.mode == "fingerprint":
+        return spec
+    config = dict(spec.config)
     for key in ("plans", "dataset_json"):
-        value = out.get(key)
-        if not isinstance(value, str):
-            continue
-        path = Path(value) if Path(value).is_absolute() else base_dir / value
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigurationError(
-                f"config.{key} names {value!r}, which does not exist; run `laulima nnunet plan` first or fix the path",
-                field=f"config.{key}",
-            ) from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigurationError(
-                f"config.{key}: cannot read {value!r} as JSON ({exc})", field=f"config.{key}"
-            ) from exc
-        if not isinstance(document, dict):
-            raise ConfigurationError(f"config.{key}: {value!r} must hold a JSON object", field=f"config.{key}")
-        out[key] = document
-    return out
+        value = config.get(key)
+        if isinstance(value, str):
+            path = Path(value) if Path(value).is_absolute() else base_dir / value
+            missing = (
+                f"config.{key} names {value!r}, which does not exist; run `laulima nnunet plan` first or fix the path"
+            )
+            config[key] = read_json_document(path, missing=missing, field=f"config.{key}")
+    return spec if config == dict(spec.config) else _with_config(spec, config, f"spec {spec.name}")
+
+
+def _with_config(spec: ExperimentSpec, config: dict[str, Any], source: str) -> ExperimentSpec:
+    data = spec.model_dump(mode="json")
+    data["config"] = config
+    return parse_spec(data, source=source)
+
+
+def read_json_document(path: Path, *, missing: str, field: str | None = None) -> dict[str, Any]:
+    """The JSON object in ``path`` (a plan, a fingerprint, a dataset.json); ``missing`` is the
+    message when there is no such file. Errors name the file (and ``field``, the spec entry)."""
+    where = {"field": field} if field else {"file": str(path)}
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigurationError(missing, **where) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigurationError(f"{field or path}: cannot read {str(path)!r} as JSON ({exc})", **where) from exc
+    if not isinstance(document, dict):
+        raise ConfigurationError(f"{field or path}: {str(path)!r} must hold a JSON object", **where)
+    return document
 
 
 def write_plan_files(
@@ -171,15 +186,13 @@ def write_plan_files(
     dataset_json: Mapping[str, Any],
     plans: Mapping[str, Any] | None = None,
 ) -> None:
-    """The nnU-Net documents, as nnU-Net's own tools write and read them."""
+    """The nnU-Net documents, as nnU-Net's own tools write and read them (each file atomically)."""
     folder.mkdir(parents=True, exist_ok=True)
     documents = {FINGERPRINT_FILE: fingerprint, DATASET_FILE: dataset_json}
     if plans is not None:
         documents[PLANS_FILE] = plans
     for name, document in documents.items():
-        tmp = folder / f".{name}.partial"
-        tmp.write_text(json.dumps(document, indent=2), encoding="utf-8")
-        tmp.replace(folder / name)
+        write_atomic(folder / name, json.dumps(document, indent=2) + "\n", mode=0o644)
 
 
 Submit = Callable[[ExperimentSpec], ExperimentPublic]

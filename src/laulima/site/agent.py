@@ -559,7 +559,6 @@ class Agent:
             if folder.exists():
                 log.info("task %s: experiment %s's cache folder was another's; emptied", task.id, task.experiment_id)
                 shutil.rmtree(folder, ignore_errors=True)
-            private_dir(folder)
             write_atomic(owner_file, json.dumps(owner, sort_keys=True))
         private_dir(folder)
         now = time.time()

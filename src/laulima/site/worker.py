@@ -319,16 +319,12 @@ def validate_update(update: object, weights: Weights, *, where: str) -> tuple[in
     return n, _metrics(update.metrics, where=f"{where}: Update.metrics")
 
 
-MAX_FINGERPRINT_BYTES = 1024 * 1024
-"""Largest fingerprint a site sends (the hub's bound, ``routes.tasks.MAX_FINGERPRINT_BYTES``)."""
-
-
 def fingerprint_result(fingerprint: object, *, where: str) -> dict[str, Any]:
     """``result.json`` of a fingerprint task: the fingerprint, validated again from its JSON
     (so what is sent is what the hub will accept), with ``n_samples`` its cases."""
     from pydantic import ValidationError
 
-    from laulima.core.fingerprint import SiteFingerprint  # pydantic: for this kind of task only
+    from laulima.core.fingerprint import MAX_FINGERPRINT_BYTES, SiteFingerprint  # pydantic: this kind only
 
     if not isinstance(fingerprint, SiteFingerprint):
         raise AlgorithmError(

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from laulima.core.fingerprint import SiteFingerprint
+from laulima.core.fingerprint import MAX_FINGERPRINT_BYTES, SiteFingerprint
 from laulima.core.protocol import (
     EvaluationResult,
     Header,
@@ -47,10 +47,6 @@ TaskId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="A task id a
 
 _VERSION = re.compile(r"^[\w.+-]{1,64}$")
 Body = TypeVar("Body", EvaluationResult, TaskFailure, SiteFingerprint)
-
-MAX_FINGERPRINT_BYTES = 1024 * 1024
-"""Largest fingerprint body: 32 channels with their quantile sketches take about 150 KB;
-the geometry table grows with the number of distinct (spacing, shape) rows."""
 
 
 def _json_body(model: type[EvaluationResult] | type[TaskFailure] | type[SiteFingerprint]) -> dict[str, object]:
