@@ -37,7 +37,7 @@ import torch
 from laulima.algorithms.base import Algorithm, Evaluation, SiteContext, TrainConfig, Update
 from laulima.algorithms.segmentation.algorithm import task_seed
 from laulima.algorithms.segmentation.data import Split, split_cases
-from laulima.algorithms.segmentation.engine import Scores, metric_name, region_scores
+from laulima.algorithms.segmentation.engine import Scores, metric_name, region_dice, region_scores
 from laulima.algorithms.segmentation.model import pick_device
 from laulima.core.fingerprint import SiteFingerprint
 from laulima.core.weights import Weights
@@ -90,8 +90,7 @@ class NnUNet(Algorithm):
         self.params = parse_params(ctx.params)
         torch.set_num_threads(self.params.threads)
         self.device = pick_device(self.params.device)
-        cache = getattr(ctx, "cache_dir", None)
-        self.cache = Path(cache) if cache is not None else Path(ctx.work_dir)
+        self.cache = Path(ctx.cache_dir) if ctx.cache_dir is not None else Path(ctx.work_dir)
         self._split = None
 
     def train(self, weights: Weights, config: TrainConfig) -> Update:
@@ -345,9 +344,9 @@ def _score(p: NnUNetParams, network: torch.nn.Module, cases: tuple[RawCase, ...]
                 f"case {case.id}: prediction shape {predicted.shape} differs from its label's {truth.shape}",
                 file=str(case.label),
             )
-        dice.append([_dice(predicted, truth, value) for value in foreground])
         spacing = [float(s) for s in properties["spacing"]]
         pred_t, truth_t = torch.from_numpy(predicted.astype(np.int64)), torch.from_numpy(truth)
+        dice.append([region_dice(pred_t, truth_t, [value]) for value in foreground])
         per_region.append([region_scores(pred_t, truth_t, values, spacing) for _, values in p.regions])
     region_values = np.asarray(per_region, dtype=np.float64).reshape(len(cases), len(p.regions), 2)
     return Scores(
@@ -359,12 +358,3 @@ def _score(p: NnUNetParams, network: torch.nn.Module, cases: tuple[RawCase, ...]
         region_dice=region_values[..., 0],
         region_hd95=region_values[..., 1],
     )
-
-
-def _dice(predicted: np.ndarray, truth: np.ndarray, value: int) -> float:
-    """Dice of one label, with the built-in's convention for empty truth (1 if predicted empty too, else 0)."""
-    pred, true = predicted == value, truth == value
-    n_pred, n_true = int(pred.sum()), int(true.sum())
-    if n_true == 0:
-        return 1.0 if n_pred == 0 else 0.0
-    return 2.0 * int((pred & true).sum()) / (n_pred + n_true)

@@ -37,7 +37,7 @@ from monai.networks.utils import one_hot
 
 from laulima.algorithms.segmentation.data import Sample
 
-__all__ = ["Scores", "evaluate", "make_loss", "metric_name", "region_scores", "train_steps"]
+__all__ = ["Scores", "evaluate", "make_loss", "metric_name", "region_dice", "region_scores", "train_steps"]
 
 
 def make_loss() -> DiceCELoss:
@@ -169,21 +169,41 @@ def region_scores(
 
     Empty regions follow the module doc's convention, so both values are always finite.
     """
-    values = torch.as_tensor(list(labels), device=truth.device)
-    pred, true = torch.isin(prediction, values), torch.isin(truth, values)
-    n_pred, n_true = int(pred.sum()), int(true.sum())
-    if n_pred == 0 and n_true == 0:
-        return 1.0, 0.0
+    pred, true = _region_masks(prediction, truth, labels)
+    dice, has_pred, has_true = _mask_dice(pred, true), bool(pred.any()), bool(true.any())
+    if not (has_pred or has_true):
+        return dice, 0.0
     diagonal = float(np.linalg.norm(np.asarray(truth.shape, dtype=np.float64) * np.asarray(spacing_mm)))
-    if n_pred == 0 or n_true == 0:
-        return 0.0, diagonal
-    dice = 2.0 * int((pred & true).sum()) / (n_pred + n_true)
+    if not (has_pred and has_true):
+        return dice, diagonal
     with warnings.catch_warnings():  # MONAI 1.5+ warns about an argument its own helper passes
         warnings.filterwarnings("ignore", "monai.metrics.utils get_mask_edges", FutureWarning)
         hd95 = compute_hausdorff_distance(
             pred[None, None], true[None, None], include_background=True, percentile=95, spacing=list(spacing_mm)
         )
     return dice, min(float(hd95.reshape(-1)[0]), diagonal)
+
+
+def region_dice(prediction: torch.Tensor, truth: torch.Tensor, labels: Sequence[int]) -> float:
+    """Dice of one region of label maps, with :func:`region_scores`' convention for empty regions."""
+    return _mask_dice(*_region_masks(prediction, truth, labels))
+
+
+def _region_masks(
+    prediction: torch.Tensor, truth: torch.Tensor, labels: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    values = torch.as_tensor(list(labels), device=truth.device)
+    return torch.isin(prediction, values), torch.isin(truth, values)
+
+
+def _mask_dice(pred: torch.Tensor, true: torch.Tensor) -> float:
+    """1 when both masks are empty, 0 when one is, else 2|P∩T| / (|P| + |T|)."""
+    n_pred, n_true = int(pred.sum()), int(true.sum())
+    if n_pred == 0 and n_true == 0:
+        return 1.0
+    if n_pred == 0 or n_true == 0:
+        return 0.0
+    return 2.0 * int((pred & true).sum()) / (n_pred + n_true)
 
 
 @torch.no_grad()
