@@ -18,7 +18,7 @@ import torch
 from laulima.algorithms.base import SiteContext, TrainConfig
 from laulima.core.fingerprint import merge_fingerprints
 from laulima.errors import ConfigurationError
-from laulima.imaging import write_site_dataset
+from laulima.imaging import load_dataset, write_site_dataset
 from laulima.nnunet.algorithm import NnUNet, poly_lr
 from laulima.nnunet.fingerprint import site_fingerprint
 from laulima.nnunet.network import build_network
@@ -147,8 +147,8 @@ def test_without_test_labels_a_validation_part_of_training_is_held_out(
 def test_preprocessing_is_cached_by_its_inputs(site: tuple[Path, dict[str, Any]], tmp_path: Path) -> None:
     root, config = site
     params = parse_params(config)
-    view = cached_raw_view(root, tmp_path, split="training", dataset_name="Dataset500_Site")
-    assert cached_raw_view(root, tmp_path, split="training", dataset_name="Dataset500_Site") == view
+    view = cached_raw_view(load_dataset(root), tmp_path, split="training", dataset_name="Dataset500_Site")
+    assert cached_raw_view(load_dataset(root), tmp_path, split="training", dataset_name="Dataset500_Site") == view
     first = preprocess_cases(params, view.cases, tmp_path)
     assert not first.reused and sorted(p.name for p in first.folder.iterdir())[:3] == [
         "case_0000.b2nd", "case_0000_seg.b2nd", "case_0001.b2nd",

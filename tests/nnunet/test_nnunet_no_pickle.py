@@ -190,13 +190,14 @@ def test_stored_properties_are_nnunets_own(site: tuple[Path, dict[str, Any]], tm
 
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
 
+    from laulima.imaging import load_dataset
     from laulima.nnunet.network import managers
     from laulima.nnunet.params import parse_params
     from laulima.nnunet.preprocess import cached_raw_view, preprocess_cases
 
     root, config = site
     params = parse_params(config)
-    view = cached_raw_view(root, tmp_path, split="training", dataset_name="Dataset500_Site")
+    view = cached_raw_view(load_dataset(root), tmp_path, split="training", dataset_name="Dataset500_Site")
     data = preprocess_cases(params, view.cases, tmp_path)
     plans_manager, configuration = managers(params)
     case = view.cases[1]

@@ -167,11 +167,10 @@ class NnUNet(Algorithm):
         if self._split is None:
             self._split = self._check_and_split()
         dataset, split = self._split
-        ctx = self._context
         if part == "held_out" and split.source == "test":
-            view = cached_raw_view(ctx.dataset_path, self.cache, split="test", dataset_name=_RAW_NAME)
+            view = cached_raw_view(dataset, self.cache, split="test", dataset_name=_RAW_NAME)
             return view.cases, split.source
-        view = cached_raw_view(ctx.dataset_path, self.cache, split="training", dataset_name=_RAW_NAME)
+        view = cached_raw_view(dataset, self.cache, split="training", dataset_name=_RAW_NAME)
         labelled = [case.id for case in dataset.training if case.label is not None]  # the view's order
         index = {case_id: view.cases[i] for i, case_id in enumerate(labelled)}
         chosen = split.train if part == "train" else split.held_out

@@ -93,4 +93,3 @@ def export_nnunet(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
-

@@ -31,12 +31,15 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from laulima.errors import DataError
 from laulima.nnunet.params import NnUNetParams
 from laulima.nnunet.rawview import FILE_ENDING, RawCase, RawView, build_raw_view
 from laulima.private_files import private_dir
+
+if TYPE_CHECKING:
+    from laulima.imaging.layouts import SegmentationDataset
 
 __all__ = ["CACHE_FOLDER", "Preprocessed", "cached_raw_view", "preprocess_cases", "preprocessing_key"]
 
@@ -58,19 +61,17 @@ class Preprocessed:
 
 
 def cached_raw_view(
-    dataset_path: Path, cache: Path, *, split: Literal["training", "test"], dataset_name: str
+    dataset: SegmentationDataset, cache: Path, *, split: Literal["training", "test"], dataset_name: str
 ) -> RawView:
-    """The raw view of ``split``'s labelled cases, from the cache when the dataset's files are unchanged."""
-    from laulima.imaging import load_dataset
-
-    dataset = load_dataset(Path(dataset_path))
+    """The raw view of ``split``'s labelled cases of ``dataset`` (checked by ``load_dataset`` already),
+    from the cache when the dataset's files are unchanged."""
     cases = [c for c in (dataset.training if split == "training" else dataset.test) if c.label is not None]
     files = [path for case in cases for path in (*case.images, case.label) if path is not None]
     key = _digest({"format": _FORMAT, "split": split, "name": dataset_name, "files": _stats(files)})
     final = private_dir(Path(cache) / CACHE_FOLDER) / f"raw-{split}-{key[:24]}"
 
     def build(tmp: Path) -> None:
-        build_raw_view(dataset_path, tmp, split=split, dataset_name=dataset_name)
+        build_raw_view(dataset.root, tmp, split=split, dataset_name=dataset_name)
 
     _ensure(final, build)
     return _read_view(final / dataset_name, split)

@@ -155,4 +155,3 @@ def _relocate(case: RawCase, old: Path, new: Path) -> RawCase:
         return new / path.relative_to(old)
 
     return RawCase(case.id, tuple(move(p) for p in case.images), move(case.label))
-
