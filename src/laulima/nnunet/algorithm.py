@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import random
 import sys
 from collections.abc import Iterator, Mapping
@@ -42,6 +41,7 @@ from laulima.algorithms.segmentation.model import pick_device
 from laulima.core.fingerprint import SiteFingerprint
 from laulima.core.weights import Weights
 from laulima.errors import DataError
+from laulima.nnunet.environment import environment
 from laulima.nnunet.network import TRAINER_NAME, build_network, initial_network, load_weights, managers, network_weights
 from laulima.nnunet.params import NnUNetParams, parse_params
 from laulima.nnunet.preprocess import cached_raw_view, preprocess_cases
@@ -223,23 +223,9 @@ def nnunet_environment(preprocessed: Path | None, results: Path, *, log: Path) -
         "nnUNet_compile": "false",
         "nnUNet_wandb_enabled": None,
     }
-    saved = {name: os.environ.get(name) for name in values}
     Path(results).mkdir(parents=True, exist_ok=True)
-    try:
-        for name, value in values.items():
-            _set_env(name, value)
-        with open(log, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out):
-            yield
-    finally:
-        for name, value in saved.items():
-            _set_env(name, value)
-
-
-def _set_env(name: str, value: str | None) -> None:
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
+    with environment(values), open(log, "a", encoding="utf-8") as out, contextlib.redirect_stdout(out):
+        yield
 
 
 @contextlib.contextmanager

@@ -16,15 +16,15 @@ import contextlib
 import io
 import json
 import math
-import os
 import re
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from laulima.core.fingerprint import MAX_AXIS, MAX_CASES, MAX_CHANNELS, SPACING_RANGE_MM
 from laulima.errors import ConfigurationError
+from laulima.nnunet.environment import environment
 
 __all__ = ["PLANS_NAME", "nnunet_dataset_name", "plan_experiment"]
 
@@ -85,7 +85,8 @@ def plan_experiment(
         # imagesTr through a pool of 12 worker processes, for a folder that is empty by design.
         (raw / name / "dataset.json").write_text(json.dumps({**ds, "dataset": {}}), "utf-8")
         (preprocessed / name / "dataset_fingerprint.json").write_text(json.dumps(fp), "utf-8")
-        with _nnunet_paths(raw, preprocessed), contextlib.redirect_stdout(io.StringIO()):
+        paths = {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed)}
+        with environment(paths), contextlib.redirect_stdout(io.StringIO()):
             planner = _planner_class()(name, gpu_memory_target_in_gb=memory, plans_name=PLANS_NAME)
             planner.UNet_base_num_features = features[0]
             planner.UNet_max_features_3d = features[1]
@@ -96,22 +97,6 @@ def plan_experiment(
     # tools (and a pooled run to compare with) see the same plans.
     plans["experiment_planner_used"] = "ExperimentPlanner"
     return plans
-
-
-@contextlib.contextmanager
-def _nnunet_paths(raw: Path, preprocessed: Path) -> Iterator[None]:
-    """Point nnU-Net's ``nnUNet_raw`` / ``nnUNet_preprocessed`` at ``raw`` / ``preprocessed``, then restore them."""
-    wanted = {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed)}
-    saved = {key: os.environ.get(key) for key in wanted}
-    os.environ.update(wanted)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _planner_class() -> type:
