@@ -7,12 +7,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test install lint bench clean orthanc chromium
 
+# torchvision comes with nnunetv2 (through timm) but cannot load beside the CPU torch pinned in
+# constraints.txt; nothing Laulima runs imports it (see constraints.txt), so it is removed again.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,imaging,nnunet]'
-	# torchvision comes with nnunetv2 (through timm) but cannot load beside the CPU torch
-	# pinned in constraints.txt; nothing Laulima runs imports it (see constraints.txt).
 	$(BIN)/pip uninstall --quiet -y torchvision
 	touch $(STAMP)
 
