@@ -4,7 +4,8 @@
     ├── ConfigurationError      settings, spec files, CLI arguments
     │   └── SpecError           an experiment spec field is invalid (names file and field)
     ├── DataError               a dataset, a weights file or an image is unusable
-    │   └── WeightsError        keys, shapes, dtypes or values of a weight set are wrong
+    │   ├── WeightsError        keys, shapes, dtypes or values of a weight set are wrong
+    │   └── SecureAggregationError  a secure-aggregation round cannot be completed (too few sites)
     ├── ProtocolError           a peer broke the hub/site contract (maps to HTTP 4xx)
     │   ├── NotFound            404: the task, blob, site or experiment does not exist
     │   ├── Forbidden           403: it exists, but not for this caller
@@ -38,6 +39,7 @@ __all__ = [
     "PrivacyError",
     "ProtocolError",
     "RequestTimeout",
+    "SecureAggregationError",
     "SpecError",
     "TooManyRequests",
     "TransportError",
@@ -71,6 +73,10 @@ class DataError(LaulimaError):
 
 class WeightsError(DataError):
     """A weight set does not match what was expected."""
+
+
+class SecureAggregationError(DataError):
+    """A secure-aggregation round cannot be completed: too few sites shared, survived or answered."""
 
 
 class ProtocolError(LaulimaError):
