@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from laulima.core.bundle import MAX_ARCHIVE_BYTES
 from laulima.core.cohort import CohortFilter
 from laulima.core.metrics import checked_metrics
+from laulima.core.privacy.messages import TaskPrivacy, TaskSecureAggregation
 
 __all__ = [
     "API_PREFIX",
@@ -116,6 +117,9 @@ class RoundStatus(StrEnum):
     OPEN = "open"
     AGGREGATED = "aggregated"
     FAILED = "failed"
+    ABORTED = "aborted"
+    """Secure aggregation could not unmask it (too many sites dropped): the global model is
+    kept and the next round runs."""
 
 
 class ExperimentStatus(StrEnum):
@@ -273,6 +277,11 @@ class TaskPublic(_Msg):
     approval_seconds_left: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0
     """Seconds from this answer to the experiment's approval deadline (submission +
     ``approval_timeout_s``): how long the site's administrator has to decide."""
+    privacy: TaskPrivacy | None = None
+    """TRAIN tasks of a spec with ``[privacy]``: the site clips and noises its update itself,
+    after checking these against its policy and its privacy budget."""
+    secure_aggregation: TaskSecureAggregation | None = None
+    """TRAIN tasks of a spec with ``[secure_aggregation]``: the site masks its update."""
 
 
 class TaskWaiting(_Msg):
@@ -329,6 +338,8 @@ class RoundPublic(_Msg):
     left_out: dict[str, str] = {}
     """Sites the experiment names (or every enrolled site, for ``sites = []``) that this round
     did not select, with why: offline, revoked or removed."""
+    note: str = ""
+    """Why an aborted round was abandoned."""
 
 
 class ExperimentPublic(_Msg):

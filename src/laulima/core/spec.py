@@ -29,14 +29,19 @@ __all__ = [
     "MAX_TIMEOUT_S",
     "TRAINING_ONLY_FIELDS",
     "UNTRAINED_MODES",
+    "INDIVIDUAL_UPDATE_STRATEGIES",
+    "DpSgdSpec",
     "EvaluationSpec",
     "ExperimentSpec",
+    "PrivacySpec",
+    "SecureAggregationSpec",
     "StrategySpec",
     "as_fingerprint_spec",
     "fingerprint_data",
     "fingerprint_name",
     "load_spec",
     "parse_spec",
+    "with_calibrated_noise",
 ]
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -137,12 +142,82 @@ class EvaluationSpec(_Strict):
         return self
 
 
+class DpSgdSpec(_Strict):
+    """Sample-level DP-SGD inside local training (Opacus; the built-in segmentation algorithm):
+    every example's gradient clipped to ``max_grad_norm``, Gaussian noise of std
+    ``noise_multiplier x max_grad_norm`` added to each batch's sum. It protects each case of a
+    site, where the site-level noise of :class:`PrivacySpec` protects the site's whole dataset."""
+
+    noise_multiplier: Annotated[float, Field(ge=0.1, le=100)]
+    max_grad_norm: Annotated[float, Field(gt=0, le=1e6)] = 1.0
+
+
+class PrivacySpec(_Strict):
+    """Site-level differential privacy (DP-FedAvg, McMahan et al. 2018): each site's update
+    (its model minus the model it was given) is clipped to ``clip`` in L2 and Gaussian noise of
+    std ``noise_multiplier x clip`` is added — by the site agent, never by the algorithm.
+
+    ``mode = "local"``: each site adds all of that noise to its own update (protects it even
+    from the hub). ``"distributed"``: under secure aggregation each site adds a share of std
+    ``noise_multiplier x clip / sqrt(threshold)``, so the sum of at least ``threshold`` sites
+    the hub can unmask carries the full noise; the hub sees only that sum. Every site accounts
+    ε itself (:mod:`laulima.core.privacy.accountant`) and refuses what its policy's budget
+    cannot pay for."""
+
+    mode: Literal["local", "distributed"] = "local"
+    clip: Annotated[float, Field(gt=0, le=1e6)]
+    noise_multiplier: Annotated[float, Field(ge=0, le=1000)] | None = None
+    """Noise std over ``clip``. Give it, or ``target_epsilon`` (then it is calibrated at submission)."""
+    target_epsilon: Annotated[float, Field(gt=0, le=1000)] | None = None
+    """ε over all rounds to calibrate ``noise_multiplier`` for (with ``delta``); kept as a note once calibrated."""
+    delta: Annotated[float, Field(gt=0, le=0.01)] = 1e-5
+    dp_sgd: DpSgdSpec | None = None
+
+    @model_validator(mode="after")
+    def _noise_given(self) -> PrivacySpec:
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            reason = "give `noise_multiplier` or `target_epsilon` (the noise is calibrated from it)"
+            context = {"path": "privacy.noise_multiplier", "reason": reason}
+            raise PydanticCustomError("privacy_noise", "{reason}", context)
+        return self
+
+
+INDIVIDUAL_UPDATE_STRATEGIES = ("fedmedian", "trimmed_mean", "krum", "feddc")
+"""Strategies that need each site's update on its own: refused under secure aggregation,
+where the hub only ever holds the sum."""
+
+
+class SecureAggregationSpec(_Strict):
+    """Secure aggregation (Bonawitz et al. 2017): the hub learns only the sum of the sites'
+    updates. Sites agree pairwise masks (X25519), quantise their weighted, clipped update to
+    integers modulo 2^32 and mask it; Shamir shares of the mask seeds let the hub remove the
+    masks of up to ``max_dropouts`` sites that drop out after masking."""
+
+    clip: Annotated[float, Field(gt=0, le=1e6)] | None = None
+    """L2 bound of each site's update (needed to quantise without overflow); defaults to ``privacy.clip``."""
+    max_dropouts: Annotated[int, Field(ge=0, le=MAX_SITES)] | None = None
+    """Sites that may drop out after masking with the round still unmasked. Default, and
+    ceiling: fewer than half of the round's sites (the threshold stays a strict majority)."""
+    phase_timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] = 120.0
+    """How long the hub waits for missing sites at each phase after training (keys are awaited
+    until the round's deadline): after it, the round goes on with those that answered."""
+
+
 MAX_LOCAL_MODELS = 64
 """Most local-only models a cross-site evaluation trains: every one is evaluated at every
 participating site, so the matrix costs sites squared tasks. Past this many participating
 sites only the global model is evaluated (and the experiment says so)."""
 
-_TRAINING_ONLY = ("local_epochs", "local_steps", "max_update_norm", "max_samples_per_site", "strategy", "evaluation")
+_TRAINING_ONLY = (
+    "local_epochs",
+    "local_steps",
+    "max_update_norm",
+    "max_samples_per_site",
+    "strategy",
+    "evaluation",
+    "privacy",
+    "secure_aggregation",
+)
 """Fields an evaluate- or fingerprint-mode spec must leave at their defaults: nothing is trained."""
 
 TRAINING_ONLY_FIELDS = (*_TRAINING_ONLY, "rounds")
@@ -222,6 +297,8 @@ class ExperimentSpec(_Strict):
     as failed after. Measured from submission, not per round."""
     strategy: StrategySpec = StrategySpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    privacy: PrivacySpec | None = None
+    secure_aggregation: SecureAggregationSpec | None = None
     config: dict[str, Any] = {}
     """Free-form parameters handed to the algorithm (learning rate, batch size, ...)."""
 
@@ -346,9 +423,56 @@ class ExperimentSpec(_Strict):
                 raise PydanticCustomError("krum_quorum", "{reason}", {"path": "min_sites", "reason": reason})
         return self
 
+    @model_validator(mode="after")
+    def _secure_aggregation_fits(self) -> ExperimentSpec:
+        secagg, privacy = self.secure_aggregation, self.privacy
+        problem: tuple[str, str] | None = None
+        if privacy is not None and privacy.mode == "distributed" and secagg is None:
+            problem = ("privacy.mode", "'distributed' noise needs secure aggregation: add a [secure_aggregation] table")
+        elif secagg is not None and secagg.clip is None and privacy is None:
+            problem = ("secure_aggregation.clip", "give the L2 bound of a site's update (or a [privacy] clip)")
+        elif secagg is not None and self.strategy.name in INDIVIDUAL_UPDATE_STRATEGIES:
+            problem = (
+                "strategy.name",
+                f"{self.strategy.name!r} needs each site's update, but under secure aggregation the hub only holds "
+                "their sum; use fedavg, fedprox, fedadam or fedyogi, or drop [secure_aggregation]",
+            )
+        elif (privacy is not None or secagg is not None) and self.evaluation.local_models:
+            problem = (
+                "evaluation.local_models",
+                "a local-only model leaves its site without clipping, noise or masking; drop local_models (the "
+                "cross-site matrix of the global model stays) or drop [privacy] / [secure_aggregation]",
+            )
+        elif secagg is not None and self.min_sites < 2:
+            problem = ("min_sites", "secure aggregation needs at least 2 sites per round (a sum of one is the update)")
+        if problem is not None:
+            path, reason = problem
+            raise PydanticCustomError("secure_aggregation", "{reason}", {"path": path, "reason": reason})
+        return self
+
+    @property
+    def update_clip(self) -> float | None:
+        """The L2 bound the sites clip their update to, if any (secure aggregation's, else privacy's)."""
+        if self.secure_aggregation is not None and self.secure_aggregation.clip is not None:
+            return self.secure_aggregation.clip
+        return self.privacy.clip if self.privacy is not None else None
+
     @property
     def effective_task_timeout_s(self) -> float:
         return self.task_timeout_s if self.task_timeout_s is not None else self.round_timeout_s
+
+
+def with_calibrated_noise(spec: ExperimentSpec) -> ExperimentSpec:
+    """``privacy.target_epsilon`` turned into ``noise_multiplier`` for the spec's rounds and
+    ``delta`` (dp_accounting's RDP accountant), once, when the hub accepts the spec: every site
+    then applies, and accounts, the same noise. A spec that gives the multiplier is unchanged."""
+    privacy = spec.privacy
+    if privacy is None or privacy.noise_multiplier is not None or privacy.target_epsilon is None:
+        return spec
+    from laulima.core.privacy.accountant import noise_multiplier_for  # dp_accounting: only when asked
+
+    sigma = noise_multiplier_for(privacy.target_epsilon, privacy.delta, count=max(spec.rounds, 1))
+    return spec.model_copy(update={"privacy": privacy.model_copy(update={"noise_multiplier": sigma})})
 
 
 def config_problem(config: Any) -> tuple[str, str] | None:
