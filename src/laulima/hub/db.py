@@ -38,6 +38,10 @@ __all__ = [
     "Refusal",
     "Round",
     "RoundHandoff",
+    "SecAggKey",
+    "SecAggReveal",
+    "SecAggRound",
+    "SecAggShare",
     "Session",
     "SessionFactory",
     "Site",
@@ -161,6 +165,8 @@ class Round(Base):
     global_out_digest: Mapped[str | None] = mapped_column(_DIGEST)
     strategy_state_digest: Mapped[str | None] = mapped_column(_DIGEST)
     left_out_json: Mapped[str | None] = mapped_column(Text, default=None)
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+    """Why an aborted round (secure aggregation that could not be unmasked) was abandoned."""
     """Sites the experiment would have used but this round did not select, with why (JSON)."""
 
 
@@ -269,6 +275,65 @@ class MergedFingerprintRow(Base):
     """nnU-Net's dataset_fingerprint.json."""
     dataset_json: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float]
+
+
+class SecAggRound(Base):
+    """Where one round's secure aggregation stands (hub/secure_rounds.py). The member lists
+    fix who is in each phase once it closes, so a restarted hub answers the same."""
+
+    __tablename__ = "secagg_rounds"
+    __table_args__ = (UniqueConstraint("experiment_id", "round"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
+    round: Mapped[int]
+    threshold: Mapped[int]
+    phase: Mapped[str] = mapped_column(String(16))
+    phase_since: Mapped[float]
+    roster_json: Mapped[str | None] = mapped_column(Text, default=None)
+    """Sites that advertised keys (U1), once the key phase closed."""
+    shared_json: Mapped[str | None] = mapped_column(Text, default=None)
+    """Sites that sent their shares (U2), once the share phase closed."""
+    survivors_json: Mapped[str | None] = mapped_column(Text, default=None)
+    """Sites whose masked update arrived (U3), once the masking phase closed."""
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+
+
+class SecAggKey(Base):
+    __tablename__ = "secagg_keys"
+    __table_args__ = (UniqueConstraint("experiment_id", "round", "site"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
+    round: Mapped[int]
+    site: Mapped[str] = mapped_column(String(64))
+    encryption_key: Mapped[str] = mapped_column(String(64))
+    masking_key: Mapped[str] = mapped_column(String(64))
+
+
+class SecAggShare(Base):
+    """One site's encrypted Shamir shares for another: the hub routes them, it cannot read them."""
+
+    __tablename__ = "secagg_shares"
+    __table_args__ = (UniqueConstraint("experiment_id", "round", "sender", "receiver"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
+    round: Mapped[int]
+    sender: Mapped[str] = mapped_column(String(64))
+    receiver: Mapped[str] = mapped_column(String(64))
+    ciphertext: Mapped[str] = mapped_column(Text)
+
+
+class SecAggReveal(Base):
+    __tablename__ = "secagg_reveals"
+    __table_args__ = (UniqueConstraint("experiment_id", "round", "site"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), index=True)
+    round: Mapped[int]
+    site: Mapped[str] = mapped_column(String(64))
+    answer_json: Mapped[str] = mapped_column(Text)
 
 
 class Metric(Base):

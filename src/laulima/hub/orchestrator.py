@@ -9,6 +9,7 @@ updates are folded in site-name order from blobs that never change.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import logging
@@ -23,20 +24,30 @@ from sqlalchemy.exc import OperationalError
 
 from laulima.core.crosssite import GLOBAL, MODEL, local_label
 from laulima.core.fingerprint import FingerprintMismatch, merge_fingerprints
+from laulima.core.privacy.clipping import unflatten
+from laulima.core.privacy.messages import MASKED_TENSOR, TaskSecureAggregation
+from laulima.core.privacy.quantize import dequantize, scale_for
+from laulima.core.privacy.secagg import Advertised, RoundContext, unmask
+from laulima.core.privacy.tasks import task_privacy, task_secure_aggregation
 from laulima.core.protocol import ExperimentStatus, TaskKind, TaskStatus
 from laulima.core.rounds import RoundState, RoundView, decide, evaluation_due, failure_note
 from laulima.core.spec import MAX_LOCAL_MODELS, MAX_TIMEOUT_S, ExperimentSpec
 from laulima.core.strategies import FitResult, NotEnoughResults, Strategy, build_strategy
+from laulima.core.strategies._fold import cast_back
 from laulima.core.weights import Weights, WeightsSchema, check_weights_finite, safetensors_chunks
-from laulima.errors import WeightsError
+from laulima.errors import SecureAggregationError, WeightsError
 from laulima.hub.blobstore import BlobStore, experiment_key
 from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
-from laulima.hub.service import FINGERPRINT_LABEL, FinaleTask, HubService, NewTask, spec_of
+from laulima.hub.secure_rounds import SECAGG_CONFIG_KEY, SecAggState, SecureRounds, secagg_config
+from laulima.hub.service import FINGERPRINT_LABEL, PRIVACY_KEY, FinaleTask, HubService, NewTask, spec_of
 from laulima.hub.validation import Source, approval_deadline, open_source, read_into, schema_from, tensor_index
 
 __all__ = ["LazyWeights", "NonFiniteAggregate", "Orchestrator", "store_weights"]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_WEIGHT = 10**6
+"""A site's weight cap in a masked sum when the sites did not report their cases."""
 
 MAX_ERROR_CHARS = 4000
 """Longest failure text an experiment keeps (every site's reason, cut)."""
@@ -108,6 +119,7 @@ class Orchestrator:
         recheck_waiting_s: float = 2.0,
     ) -> None:
         self.service = service or HubService(session_factory, blobs, clock)
+        self.secure = SecureRounds(session_factory, clock)
         self.blobs = blobs
         self.clock = clock
         self.tick_s = tick_s
@@ -194,6 +206,8 @@ class Orchestrator:
             tasks = svc.train_tasks(s, experiment_id, rnd.index) if rnd else []
             updates = svc.round_updates(s, experiment_id, rnd.index) if rnd else []
         spec = spec_of(exp)
+        if rnd is not None and spec.secure_aggregation is not None:
+            return self._close_secure(exp, spec, rnd, tasks, updates)
         if rnd is not None:
             return self._close_if_due(exp, spec, rnd, tasks, updates)
         if exp.rounds_done < exp.rounds:
@@ -225,6 +239,7 @@ class Orchestrator:
             "progress": [(index - 1) / exp.rounds, index / exp.rounds],  # for learning-rate schedules
             **strategy.fit_config(index),
         }
+        config.update(self._privacy_blocks(spec, sites))
         deadline = self.clock() + spec.round_timeout_s
         # FedDC: a site continues from the model handed to it at the last checkpoint; every other
         # site (any strategy, a new site, one that failed last round) from the global model.
@@ -287,6 +302,21 @@ class Orchestrator:
             handoffs = self._handoffs(exp, spec, rnd, chosen)
         except (NonFiniteAggregate, NotEnoughResults) as exc:
             return self._fail(exp, rnd, f"round {rnd.index}: {exc}; the previous global model is kept", updates)
+        return self._checkpoint(exp, spec, rnd, updates, decision.sites, new_digest, state_digest, handoffs)
+
+    def _checkpoint(
+        self,
+        exp: Experiment,
+        spec: ExperimentSpec,
+        rnd: Round,
+        updates: list[Update],
+        aggregated: Iterable[str],
+        new_digest: str,
+        state_digest: str | None,
+        handoffs: dict[str, tuple[str, str]],
+    ) -> bool:
+        """Record the round's new model (and its evaluation tasks, FedDC's handoffs) in one go."""
+        selected = tuple(json.loads(rnd.sites_json))
         evaluation: list[NewTask] = []
         if evaluation_due(spec, rnd.index):
             deadline = self.clock() + spec.round_timeout_s
@@ -304,11 +334,151 @@ class Orchestrator:
             handoffs=handoffs,
         )
         if ok:
-            log.info("experiment %s: round %d aggregated from %s", exp.id, rnd.index, ", ".join(decision.sites))
+            log.info("experiment %s: round %d aggregated from %s", exp.id, rnd.index, ", ".join(aggregated))
             if evaluation:
                 self._notify(selected)
             self.discard_spent_updates(exp.id)
         return ok
+
+    # -- secure aggregation: the round's phases, then the unmasked sum -----------------------
+    def _privacy_blocks(self, spec: ExperimentSpec, sites: list[str]) -> dict[str, object]:
+        """What a TRAIN task carries for privacy and secure aggregation (service.py turns the
+        two entries into ``TaskPublic.privacy`` and ``.secure_aggregation``)."""
+        blocks: dict[str, object] = {}
+        privacy = task_privacy(spec)
+        if privacy is not None:
+            blocks[PRIVACY_KEY] = privacy.model_dump(mode="json")
+        if spec.secure_aggregation is not None:
+            max_weight = self._weight_bound(spec, sites)
+            secagg = task_secure_aggregation(spec, len(sites), max_weight)
+            assert secagg is not None
+            blocks[SECAGG_CONFIG_KEY] = secagg.model_dump(mode="json")
+        return blocks
+
+    def _weight_bound(self, spec: ExperimentSpec, sites: list[str]) -> int:
+        """The most a site may weigh in a masked sum: the cases the round's sites reported (the
+        bound the hub applies to sample counts anyway), or the spec's cap, or 10^6."""
+        reported = [self.service.reported_cases(site, spec.dataset) for site in sites]
+        bounds = [n for n in reported if n is not None]
+        bound = max(bounds) if bounds and len(bounds) == len(reported) else DEFAULT_MAX_WEIGHT
+        if spec.max_samples_per_site is not None:
+            bound = min(bound, spec.max_samples_per_site)
+        return max(1, bound)
+
+    def _close_secure(
+        self, exp: Experiment, spec: ExperimentSpec, rnd: Round, tasks: list[tuple[Task, str]], updates: list[Update]
+    ) -> bool:
+        """Advance the round's secure aggregation by a phase; at its end, unmask and checkpoint."""
+        config = next((c for c in (secagg_config(t) for t, _ in tasks) if c is not None), None)
+        if config is None:  # a round opened before the spec had secure aggregation: cannot be
+            return self._fail(exp, rnd, f"round {rnd.index}: its tasks carry no secure aggregation", updates)
+        before = self.secure.state(exp.id, rnd.index, config.threshold)
+        state = self.secure.step(
+            exp.id,
+            rnd.index,
+            selected=json.loads(rnd.sites_json),
+            threshold=config.threshold,
+            keys_close_at=rnd.deadline,
+            phase_timeout_s=config.phase_timeout_s,
+        )
+        if state.phase == "aborted":
+            return self._abort(exp, rnd, state.reason)
+        if state.phase != "done":
+            changed = state.phase != before.phase
+            if changed:
+                log.info("experiment %s: round %d secure aggregation at %s", exp.id, rnd.index, state.phase)
+                self._notify(json.loads(rnd.sites_json))
+            return changed
+        survivors = set(state.survivors or ())
+        chosen = [u for u in updates if u.site in survivors]
+        try:
+            average = self._unmasked_average(spec, rnd, chosen, state, config)
+            new_digest, state_digest = self._aggregate_average(spec, rnd, average)
+        except (SecureAggregationError, NonFiniteAggregate, NotEnoughResults) as exc:
+            return self._abort(exp, rnd, f"round {rnd.index}: {exc}")
+        ok = self._checkpoint(exp, spec, rnd, updates, sorted(survivors), new_digest, state_digest, {})
+        if ok:
+            self.secure.forget(exp.id, rnd.index)
+        return ok
+
+    def _abort(self, exp: Experiment, rnd: Round, reason: str) -> bool:
+        closed = self.service.abort_round(rnd.id, reason)
+        if closed:
+            log.warning("experiment %s: %s", exp.id, reason)
+            self.secure.forget(exp.id, rnd.index)
+            self.discard_spent_updates(exp.id)
+            self._notify(json.loads(rnd.sites_json))
+        return closed
+
+    def _unmasked_average(
+        self,
+        spec: ExperimentSpec,
+        rnd: Round,
+        updates: list[Update],
+        state: SecAggState,
+        config: TaskSecureAggregation,
+    ) -> Weights:
+        """The weighted mean of the survivors' models, from their masked updates: sum them
+        modulo 2^32, remove the masks with the answered shares, dequantise, divide by the
+        total weight and add the global model the round started from."""
+        global_w = LazyWeights.from_store(self.blobs, rnd.global_in_digest)
+        try:
+            schema = global_w.schema
+            keys = sorted(schema)
+            length = sum(int(np.prod(schema[k].shape)) for k in keys)
+            total = np.zeros(length, dtype=np.uint32)
+            weight = 0
+            for u in sorted(updates, key=lambda u: u.site):
+                masked = LazyWeights.from_store(self.blobs, u.digest)
+                try:
+                    np.add(total, np.asarray(masked[MASKED_TENSOR]).view(np.uint32), out=total)
+                finally:
+                    masked.close()
+                weight += config.max_weight if config.max_weight == 1 else u.n_samples
+            ads, answers = self.secure.material(rnd.experiment_id, rnd.index)
+            roster = [
+                Advertised(
+                    site=site,
+                    encryption_key=base64.b64decode(ads[site].encryption_key),
+                    masking_key=base64.b64decode(ads[site].masking_key),
+                )
+                for site in sorted(state.roster or ())
+            ]
+            context = RoundContext(experiment=rnd.experiment_id, round=rnd.index, threshold=state.threshold)
+            summed = unmask(
+                total,
+                context,
+                roster,
+                shared=list(state.shared or ()),
+                survivors=[u.site for u in sorted(updates, key=lambda u: u.site)],
+                reveals=answers,
+            )
+            mean = dequantize(summed, scale_for(config.bound, config.sites)) / float(weight)
+            delta = unflatten(mean, {k: schema[k].shape for k in keys})
+            # In the model's dtypes (integer buffers rounded), as any site's model would be.
+            return {
+                k: cast_back(np.asarray(global_w[k], dtype=np.float64) + delta[k], np.dtype(schema[k].dtype))
+                for k in keys
+            }
+        finally:
+            global_w.close()
+
+    def _aggregate_average(self, spec: ExperimentSpec, rnd: Round, average: Weights) -> tuple[str, str | None]:
+        """Hand the strategy the unmasked mean as one result: FedAvg returns it, FedProx too
+        (its proximal term acts at the sites), FedAdam / FedYogi step along it."""
+        global_w = LazyWeights.from_store(self.blobs, rnd.global_in_digest)
+        try:
+            strategy = self._strategy(spec, rnd.strategy_state_digest)
+            new = strategy.aggregate(global_w, [FitResult(site="secure aggregate", weights=average, n_samples=1)])
+            new = _conform(new, global_w.schema)
+            _check_finite_aggregate(new, ["secure aggregate"])
+            state = strategy.state_dict()
+        finally:
+            global_w.close()
+        key = experiment_key(rnd.experiment_id)
+        digest = store_weights(self.blobs, new, key_id=key)
+        state_digest = store_weights(self.blobs, state, key_id=key) if state else None
+        return digest, state_digest
 
     # -- after training: local-only models, the cross-site matrix; or evaluate mode --------
     def _finale(self, exp: Experiment, spec: ExperimentSpec) -> bool:

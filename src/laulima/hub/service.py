@@ -53,9 +53,9 @@ from laulima.core.protocol import (
     UploadAccepted,
 )
 from laulima.core.rounds import NO_APPROVAL, failure_note
-from laulima.core.spec import UNTRAINED_MODES, ExperimentSpec, parse_spec
+from laulima.core.spec import UNTRAINED_MODES, ExperimentSpec, parse_spec, with_calibrated_noise
 from laulima.core.strategies import build_strategy
-from laulima.errors import Conflict, DataError, LaulimaError, NotFound, SpecError
+from laulima.errors import ConfigurationError, Conflict, DataError, LaulimaError, NotFound, SpecError
 from laulima.hub import ownership
 from laulima.hub.blobstore import BlobStore
 from laulima.hub.db import (
@@ -112,6 +112,15 @@ MAX_UNSERVABLE_SKIPPED = 20
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+PRIVACY_KEY = "__privacy__"
+SECURE_AGGREGATION_KEY = "__secure_aggregation__"
+"""Where a TRAIN task's ``config`` row keeps what becomes ``TaskPublic.privacy`` and
+``.secure_aggregation`` (set by the orchestrator, taken out before the task is sent)."""
+
+MAX_ABORTED_ROUNDS = 3
+"""Aborted rounds in a row after which an experiment fails (see ``Service.abort_round``)."""
 
 
 @dataclass(frozen=True)
@@ -374,6 +383,10 @@ class HubService:
         pinned until the new row refers to them, so no clean-up can delete them in between."""
         spec = parse_spec(body.spec, source="experiment spec")
         _refuse_local_fields(spec)
+        try:
+            spec = with_calibrated_noise(spec)
+        except ConfigurationError as exc:
+            raise SpecError(f"experiment spec: field 'privacy.target_epsilon': {exc}", field="privacy") from exc
         with ExitStack() as pins:
             pins.enter_context(self.blobs.pinned(body.initial_weights))
             if spec.bundle is not None:
@@ -554,6 +567,7 @@ class HubService:
                     closed_at=r.closed_at,
                     global_digest=r.global_out_digest,
                     left_out=json.loads(r.left_out_json) if r.left_out_json else {},
+                    note=r.note or "",
                 )
                 for r in rows
             ]
@@ -635,6 +649,9 @@ class HubService:
     def _task_public(self, task: Task, exp: Experiment, now: float) -> TaskPublic:
         spec = json.loads(exp.spec_json)
         bundle = exp.bundle_digest
+        config = json.loads(task.config_json)
+        privacy = config.pop(PRIVACY_KEY, None)  # typed fields of their own, not the algorithm's
+        secure_aggregation = config.pop(SECURE_AGGREGATION_KEY, None)
         return TaskPublic(
             id=task.id,
             experiment_id=exp.id,
@@ -644,7 +661,9 @@ class HubService:
             algorithm=spec["algorithm"],
             dataset=spec["dataset"],
             cohort=spec.get("cohort"),
-            config=json.loads(task.config_json),
+            config=config,
+            privacy=privacy,
+            secure_aggregation=secure_aggregation,
             weights_digest=task.weights_digest,
             weights_size=self.blobs.size(task.weights_digest),
             deadline=task.deadline,
@@ -1010,6 +1029,34 @@ class HubService:
             self._add_tasks(s, exp.id, rnd.index, evaluation, now)
             for site, (sender, digest) in sorted((handoffs or {}).items()):
                 s.add(RoundHandoff(experiment_id=exp.id, round=rnd.index, site=site, sender=sender, digest=digest))
+        return True
+
+    def abort_round(self, round_id: int, reason: str, *, give_up_after: int = MAX_ABORTED_ROUNDS) -> bool:
+        """Abandon an open round and keep the global model: the round counts as run, the next
+        one opens. Secure aggregation does this when too many sites dropped to unmask the sum.
+        After ``give_up_after`` aborted rounds in a row the experiment fails instead: something
+        keeps the sites from finishing, and more rounds would only burn their time."""
+        now = self.clock()
+        with self.sessions.begin() as s:
+            rnd = s.get(Round, round_id)
+            if rnd is None or rnd.status != RoundStatus.OPEN:
+                return False
+            exp = _experiment(s, rnd.experiment_id)
+            if exp.status != ExperimentStatus.RUNNING:
+                return False
+            rnd.status, rnd.closed_at, rnd.note = RoundStatus.ABORTED, now, reason
+            rnd.global_out_digest = rnd.global_in_digest
+            exp.rounds_done = rnd.index
+            self._close_open_tasks(s, exp.id, TaskStatus.EXPIRED, now, "round aborted", round_index=rnd.index)
+            recent = s.scalars(
+                select(Round.status)
+                .where(Round.experiment_id == exp.id, Round.index < rnd.index)
+                .order_by(Round.index.desc())
+                .limit(give_up_after - 1)
+            ).all()
+            if len(recent) == give_up_after - 1 and all(r == RoundStatus.ABORTED for r in recent):
+                exp.status, exp.finished_at = ExperimentStatus.FAILED, now
+                exp.error = f"{give_up_after} rounds in a row were aborted; the last: {reason}"
         return True
 
     def handoffs(self, experiment_id: int, round_index: int) -> dict[str, str]:

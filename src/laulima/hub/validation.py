@@ -23,6 +23,7 @@ import numpy as np
 from sqlalchemy import select
 
 from laulima.core.metrics import checked_metrics
+from laulima.core.privacy.messages import MASKED_TENSOR
 from laulima.core.protocol import N_SAMPLES_MAX, MetaKey, RoundStatus, TaskKind, TaskStatus
 from laulima.core.rounds import NO_APPROVAL
 from laulima.core.spec import APPROVAL_TIMEOUT_S
@@ -51,11 +52,13 @@ __all__ = [
     "check_result_allowed",
     "check_weights_file",
     "index_file",
+    "model_length",
     "open_source",
     "read_into",
     "schema_from",
     "tensor_index",
     "upload_limit",
+    "validate_masked_update_file",
     "validate_update_file",
 ]
 
@@ -377,6 +380,43 @@ def validate_update_file(
                 where=where,
                 norm=norm,
             )
+    return ValidUpdate(n_samples, metrics)
+
+
+def model_length(path: Source) -> int:
+    """How many numbers a model holds (its masked update is that long)."""
+    index = index_file(path, where="global model").index
+    return sum(math.prod(loc.shape) for loc in index.values())
+
+
+def validate_masked_update_file(
+    path: Source,
+    *,
+    length: int,
+    task_id: str,
+    max_n_samples: int | None = None,
+    bound_reason: str | None = None,
+) -> ValidUpdate:
+    """A masked update (secure aggregation): one int32 tensor ``MASKED_TENSOR`` of ``length``
+    elements, and the usual metadata. Its values are uniformly random to the hub by design:
+    nothing about them can be checked here (no range proof; see core/privacy/secagg.py)."""
+    where = f"masked update for task {task_id}"
+    indexed = index_file(
+        path,
+        where=where,
+        max_header=UPDATE_HEADER_SLACK_BYTES,
+        max_header_reason="a masked update holds one tensor and its metadata",
+    )
+    index, meta = indexed.index, indexed.metadata
+    n_samples = _n_samples(meta, where, max_n_samples, bound_reason)
+    metrics = _metrics(meta, where)
+    bound = meta.get(MetaKey.TASK)
+    if bound is not None and bound != task_id:
+        raise WeightsError(
+            f"{where}: the file says it was made for task {bound[:80]!r}; upload it to that task", where=where
+        )
+    expected = {MASKED_TENSOR: TensorSpec((length,), "int32")}  # uint32 bits (core/privacy/messages.py)
+    check_matches(expected, schema_from(index), where=where)
     return ValidUpdate(n_samples, metrics)
 
 

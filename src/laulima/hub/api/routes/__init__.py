@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from laulima.hub.api.routes import audit, blobs, experiments, health, sites, tasks, tokens
+from laulima.hub.api.routes import audit, blobs, experiments, health, secagg, sites, tasks, tokens
 
 __all__ = ["api_router"]
 
 api_router = APIRouter()
-for _module in (health, sites, tokens, tasks, blobs, experiments, audit):
+for _module in (health, sites, tokens, tasks, secagg, blobs, experiments, audit):
     api_router.include_router(_module.router)

@@ -35,8 +35,9 @@ from laulima.hub.api.deps import CurrentSite, HubContext, HubDep, error_status
 from laulima.hub.api.routes.blobs import check_claimed_digest, check_content_length
 from laulima.hub.blobstore import experiment_key, receive_into
 from laulima.hub.db import Site
+from laulima.hub.secure_rounds import secagg_config
 from laulima.hub.service import spec_of
-from laulima.hub.validation import upload_limit, validate_update_file
+from laulima.hub.validation import model_length, upload_limit, validate_masked_update_file, validate_update_file
 
 __all__ = ["router"]
 
@@ -213,11 +214,25 @@ async def _receive_update(task_id: str, request: Request, site: Site, hub: HubCo
     check_content_length(request, limit, what)
     spec = spec_of(exp)
     max_n, bound_reason = await run(partial(_sample_bound, hub, site.name, spec.dataset, spec.max_samples_per_site))
+    masked = secagg_config(task)
+    if masked is not None:  # secure aggregation: only while the round is at its masking phase
+        await run(hub.orchestrator.secure.check_masking, task_id, site)
+        if max_n is None or masked.max_weight < max_n:
+            max_n, bound_reason = masked.max_weight, "the weight cap of this round's secure aggregation"
     with blobs.writer(experiment_key(exp.id)) as writer:
         await receive_into(writer, request.stream(), limit=limit, what=what, stall_s=hub.settings.body_timeout_s)
         check_claimed_digest(request, writer, what)
-        valid = await run(
-            partial(
+        if masked is not None:
+            validate = partial(
+                validate_masked_update_file,
+                writer.reader,
+                length=await run(model_length, lambda: blobs.open(global_digest)),
+                task_id=task_id,
+                max_n_samples=max_n,
+                bound_reason=bound_reason,
+            )
+        else:
+            validate = partial(
                 validate_update_file,
                 writer.reader,
                 global_path=lambda: blobs.open(global_digest),
@@ -228,7 +243,7 @@ async def _receive_update(task_id: str, request: Request, site: Site, hub: HubCo
                 max_n_samples=max_n,
                 bound_reason=bound_reason,
             )
-        )
+        valid = await run(validate)
         digest, _ = await run(writer.commit)
         # Inside the writer: the digest stays pinned until its row is written (blobstore.py).
         return await run(
