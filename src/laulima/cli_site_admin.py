@@ -8,6 +8,7 @@ Mounted by :mod:`laulima.cli`::
     laulima site approve JOB [--reason] [--by]        let a held job run, and audit it
     laulima site reject JOB --reason TEXT [--by]      refuse it (the reason reaches the scientist)
     laulima site audit show|verify|reanchor --home HOME
+    laulima site privacy --home HOME                  each dataset's privacy budget, spent, left
     laulima hub-audit show|verify|reanchor --home HUB_HOME   the hub's own record (operator)
 
 Approvals are the decisions a hospital must be able to account for, so ``approve`` and
@@ -38,7 +39,15 @@ if TYPE_CHECKING:
     from laulima.site.approvals import ApprovalStore, PendingJob
     from laulima.site.policy import SitePolicy
 
-__all__ = ["hub_audit_app", "jobs_app", "policy_app", "site_approve", "site_audit_app", "site_reject"]
+__all__ = [
+    "hub_audit_app",
+    "jobs_app",
+    "policy_app",
+    "site_approve",
+    "site_audit_app",
+    "site_privacy",
+    "site_reject",
+]
 
 console = Console(soft_wrap=True, highlight=False, emoji=False)
 err_console = Console(stderr=True, soft_wrap=True, highlight=False, emoji=False)
@@ -111,8 +120,21 @@ def policy_summary(policy: SitePolicy) -> str:
         f"network={str(sandbox.network).lower()}",
         f"on_unsupported={sandbox.on_unsupported}",
         f"caps: {', '.join(caps) or 'none'}",
+        f"privacy: {privacy_summary(policy)}",
     ]
     return ", ".join(parts)
+
+
+def privacy_summary(policy: SitePolicy) -> str:
+    """The ``[privacy]`` rules in a few words."""
+    rules = policy.privacy
+    budget = (
+        f"max_epsilon={rules.max_epsilon:g} at delta={rules.delta:g}" if rules.max_epsilon is not None else "no budget"
+    )
+    parts = [budget, f"min_noise_multiplier={rules.min_noise_multiplier:g}", f"require={str(rules.require).lower()}"]
+    if rules.max_clip is not None:
+        parts.append(f"max_clip={rules.max_clip:g}")
+    return " ".join(parts)
 
 
 def policy_toml(policy: SitePolicy) -> list[str]:
@@ -460,6 +482,70 @@ def reanchor_audit(log: HashChainLog, reason: str) -> None:
         terminal_safe(f"{log.path}: head reset at entry #{entry.seq} ({entry.event}); the reset itself is in the log"),
         markup=False,
     )
+
+
+# -- privacy -----------------------------------------------------------------------------
+def site_privacy(home: Home) -> None:
+    """Each dataset's privacy budget, what it has spent and has left, and every experiment's reservation.
+
+    Every ε is at the policy's δ (``[privacy] delta``), composed by the accountant over all
+    of a dataset's experiments: a dataset's spent ε is not the sum of its experiments' ε.
+    """
+    from laulima.site.policy import POLICY_FILE, load_policy
+    from laulima.site.privacy_ledger import PRIVACY_FILE, PrivacyLedger, format_epsilon
+
+    if not home.is_dir():
+        raise ConfigurationError(
+            f"--home {home}: no such folder; give the site's home (`laulima site init --home`)", field="home"
+        )
+    rules = load_policy(home).privacy
+    if rules.max_epsilon is not None:
+        console.print(
+            f"privacy budget: ε = {rules.max_epsilon:.2f} per dataset at δ = {rules.delta:g} "
+            f"([privacy] max_epsilon in {terminal_safe(str(home / POLICY_FILE))})",
+            markup=False,
+        )
+    else:
+        console.print(
+            f"no privacy budget ([privacy] max_epsilon is unset): spending is recorded, nothing is refused for it; "
+            f"ε below at δ = {rules.delta:g}",
+            markup=False,
+        )
+    if not (home / PRIVACY_FILE).exists():
+        console.print("no privacy spent: no training task with differential privacy has run here", markup=False)
+        return
+    ledger = PrivacyLedger(home)
+    reservations = ledger.reservations()
+    if not reservations:
+        console.print("no privacy spent: no training task with differential privacy has run here", markup=False)
+        return
+    budget = format_epsilon(rules.max_epsilon) if rules.max_epsilon is not None else "none"
+    datasets = Table("dataset", "budget ε", "spent ε", "left ε", "experiments")
+    for name in ledger.datasets():
+        left = ledger.left(name, rules)
+        datasets.add_row(
+            Text(terminal_safe(name)),
+            budget,
+            format_epsilon(ledger.spent(name, rules)),
+            format_epsilon(left) if rules.max_epsilon is not None else "-",
+            str(sum(r.dataset == name for r in reservations)),
+        )
+    console.print(datasets)
+    experiments = Table(
+        "dataset", "experiment", "noise multiplier", "clip", "δ", "rounds run / reserved", "ε so far", "ε reserved"
+    )
+    for r in reservations:
+        experiments.add_row(
+            Text(terminal_safe(r.dataset)),
+            Text(terminal_safe(f"{r.experiment_id} {r.experiment_name}")),
+            f"{r.noise_multiplier:g}",
+            f"{r.clip:g}",
+            f"{r.delta:g}",
+            f"{r.rounds_run} / {r.reserved}",
+            format_epsilon(r.epsilon_so_far(rules.delta)),
+            format_epsilon(r.epsilon(rules.delta)),
+        )
+    console.print(experiments)
 
 
 # -- helpers -----------------------------------------------------------------------------

@@ -14,17 +14,20 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ec import SECP256R1, generate_private_key
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from laulima.core.privacy.messages import TaskPrivacy
 from laulima.errors import ConfigurationError, ProtocolError
 from laulima.site.policy import (
     POLICY_FILE,
     Decision,
     JobFacts,
+    PrivacyPolicy,
     SitePolicy,
     Verdict,
     decide,
     default_policy_text,
     load_policy,
     parse_policy,
+    privacy_refusal,
 )
 
 DIGEST = "ab" * 32
@@ -461,3 +464,96 @@ def test_without_evaluation_auto_every_evaluation_waits_for_an_approval() -> Non
 def test_ask_is_not_a_recorded_decision() -> None:
     with pytest.raises(ValueError, match="not ASK"):
         decide(SitePolicy(), bundle(), approval=Decision.ask("?"))
+
+
+# -- [privacy] -----------------------------------------------------------------------------
+
+
+def dp(**overrides: Any) -> TaskPrivacy:
+    fields: dict[str, Any] = {"mode": "local", "clip": 1.0, "noise_multiplier": 1.1, "delta": 1e-5}
+    fields.update(overrides)
+    return TaskPrivacy(**fields)
+
+
+def test_the_privacy_table_is_read(tmp_path: Path) -> None:
+    write_policy(
+        tmp_path,
+        "[privacy]\nmax_epsilon = 8\ndelta = 1e-6\nmin_noise_multiplier = 0.5\nrequire = true\nmax_clip = 2.5\n",
+    )
+    rules = load_policy(tmp_path).privacy
+    assert rules == PrivacyPolicy(max_epsilon=8.0, delta=1e-6, min_noise_multiplier=0.5, require=True, max_clip=2.5)
+
+
+def test_without_a_privacy_table_there_is_no_budget_and_nothing_is_required() -> None:
+    rules = SitePolicy().privacy
+    assert (rules.max_epsilon, rules.delta, rules.min_noise_multiplier, rules.require, rules.max_clip) == (
+        None,
+        1e-5,
+        0.0,
+        False,
+        None,
+    )
+    assert decide(SitePolicy(), facts()).verdict is Verdict.RUN  # a training job without DP runs
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "words"),
+    [
+        ("max_epsilon = 0", "privacy.max_epsilon", "greater than 0"),
+        ("max_epsilon = -1.5", "privacy.max_epsilon", "greater than 0"),
+        ("max_epsilon = inf", "privacy.max_epsilon", "finite"),
+        ("max_epsilon = nan", "privacy.max_epsilon", "finite"),
+        ("max_epsilon = '8'", "privacy.max_epsilon", "number"),
+        ("delta = 0", "privacy.delta", "greater than 0"),
+        ("delta = 0.02", "privacy.delta", "less than or equal to 0.01"),
+        ("min_noise_multiplier = -0.1", "privacy.min_noise_multiplier", "greater than or equal to 0"),
+        ("require = 'yes'", "privacy.require", "boolean"),
+        ("max_clip = 0", "privacy.max_clip", "greater than 0"),
+        ("budget = 8", "privacy.budget", "unknown field"),
+    ],
+)
+def test_a_bad_privacy_field_is_named_with_the_file(tmp_path: Path, text: str, field: str, words: str) -> None:
+    path = write_policy(tmp_path, f"[privacy]\n{text}\n")
+    with pytest.raises(ConfigurationError) as info:
+        load_policy(tmp_path)
+    assert str(info.value).startswith(f"{path}: field '{field}': "), str(info.value)
+    assert words in str(info.value)
+    assert info.value.context == {"file": str(path), "field": field}
+
+
+def test_require_refuses_training_without_dp_but_not_evaluations_or_fingerprints() -> None:
+    rules = policy(privacy={"require": True})
+    refused = decide(rules, facts())
+    assert refused.verdict is Verdict.REFUSE and "[privacy] require = true" in refused.why
+    assert decide(rules, facts(privacy=dp())).verdict is Verdict.RUN
+    assert decide(rules, facts(kind="evaluate")).verdict is Verdict.RUN
+    assert decide(rules, facts(kind="fingerprint")).verdict is Verdict.RUN
+
+
+@pytest.mark.parametrize(
+    ("rules", "privacy", "words"),
+    [
+        ({"min_noise_multiplier": 1.2}, dp(noise_multiplier=1.1), "noise multiplier 1.1 is below the site's"),
+        ({"max_clip": 0.5}, dp(clip=1.0), "clip bound 1 is above the site's [privacy] max_clip 0.5"),
+        ({"max_epsilon": 8.0, "delta": 1e-6}, dp(delta=1e-5), "δ = 1e-05 is above the δ = 1e-06"),
+    ],
+)
+def test_privacy_floors_and_ceilings_refuse_training(rules: dict[str, Any], privacy: TaskPrivacy, words: str) -> None:
+    decision = decide(policy(privacy=rules), facts(privacy=privacy))
+    assert decision.verdict is Verdict.REFUSE and words in decision.why, decision.why
+    assert privacy_refusal(policy(privacy=rules).privacy, privacy) == decision.why
+    assert decide(policy(privacy=rules), facts(kind="evaluate", privacy=privacy)).verdict is Verdict.RUN
+
+
+def test_at_the_floor_and_ceiling_training_runs_and_delta_is_bounded_only_under_a_budget() -> None:
+    rules = policy(privacy={"min_noise_multiplier": 1.1, "max_clip": 1.0, "delta": 1e-6})
+    assert decide(rules, facts(privacy=dp(noise_multiplier=1.1, clip=1.0, delta=1e-5))).verdict is Verdict.RUN
+    budget = policy(privacy={"max_epsilon": 3.0, "delta": 1e-5})
+    assert decide(budget, facts(privacy=dp(delta=1e-5))).verdict is Verdict.RUN
+    assert decide(budget, facts(privacy=dp(delta=1e-6))).verdict is Verdict.RUN
+
+
+def test_a_privacy_refusal_wins_over_a_recorded_approval() -> None:
+    approved = Decision.run("approved by carol")
+    decision = decide(policy(privacy={"min_noise_multiplier": 2.0}), bundle(privacy=dp()), approval=approved)
+    assert decision.verdict is Verdict.REFUSE and "min_noise_multiplier" in decision.why

@@ -77,6 +77,13 @@ class AuditEvent(StrEnum):
     """The task failed: ``error`` (the FULL text, paths included), ``reason_sent`` (what the hub got)."""
     SANDBOX_VIOLATION = "sandbox_violation"
     """The sandbox stopped the algorithm: ``violation``, ``detail``."""
+    PRIVACY_RESERVED = "privacy_reserved"
+    """A training task with differential privacy reserved its experiment's privacy cost at a
+    dataset (its first task there, or a task beyond the rounds reserved): ``dataset``,
+    ``experiment_name``, ``round``, ``rounds``, ``reserved`` (releases paid for),
+    ``new_releases``, ``noise_multiplier``, ``clip``, ``delta`` (the experiment's), ``epsilon``
+    (the reservation's, at the budget's δ), ``spent`` (the dataset's after it), ``budget``
+    (``max_epsilon``, null: none), ``budget_delta``."""
     HEAD_RESET = "head_reset"
     """An admin re-anchored the log with ``reanchor``: ``old_head_seq``, ``old_head_hash``, ``reason``."""
 

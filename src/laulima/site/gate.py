@@ -10,12 +10,20 @@ any decision an administrator recorded. The answer is one of three:
 - :class:`Held`: it waits for an administrator (``laulima site jobs``); recorded for review;
 - :class:`Refused`: the full reason for the site's log and audit trail, and a path-free one
   for the hub.
+
+A training task with differential privacy is also charged to the site's privacy budget
+(:mod:`laulima.site.privacy_ledger`) at every dataset its cohort reads: checked before it is
+held for an administrator, reserved only once it is admitted to run (and audited as
+``privacy_reserved``). Evaluation and fingerprint tasks are not charged: they release
+metrics or aggregates, not model updates.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,12 +31,14 @@ from typing import Any
 from laulima.algorithms.bundle import Manifest, builtin_digest, check_requirements, unpack, verify, verify_signature
 from laulima.core.bundle import MAX_ARCHIVE_BYTES
 from laulima.core.protocol import FailureKind, TaskKind, TaskPublic
-from laulima.errors import ConfigurationError, DataError, LaulimaError, NotFound, ProtocolError
+from laulima.errors import ConfigurationError, DataError, LaulimaError, NotFound, PrivacyError, ProtocolError
 from laulima.private_files import private_dir
 from laulima.site.approvals import ApprovalStore
+from laulima.site.audit import AuditEvent, AuditLog
 from laulima.site.catalog import Catalog
 from laulima.site.client import HubClient
 from laulima.site.policy import JobFacts, SitePolicy, Verdict, decide, load_policy
+from laulima.site.privacy_ledger import Charge, PrivacyAsk, PrivacyLedger
 from laulima.site.redact import redact
 from laulima.site.selection import Resolution, resolve
 
@@ -55,6 +65,9 @@ class Admitted:
     """The bundle's digest, or the built-in's well-known one (for the audit trail)."""
     n_cases: int | None
     why: str
+    privacy: tuple[Charge, ...] = ()
+    """A training task with differential privacy: its experiment's reservation at each dataset
+    of the cohort (this task counted); empty otherwise."""
 
 
 @dataclass(frozen=True)
@@ -81,11 +94,23 @@ Admission = Admitted | Held | Refused
 class Gate:
     """Decides, per task, whether it runs, waits for an administrator, or is refused."""
 
-    def __init__(self, home: Path, catalog: Catalog, client: HubClient, approvals: ApprovalStore) -> None:
+    def __init__(
+        self,
+        home: Path,
+        catalog: Catalog,
+        client: HubClient,
+        approvals: ApprovalStore,
+        *,
+        audit: AuditLog | None = None,
+        ledger: PrivacyLedger | None = None,
+    ) -> None:
         self.home = Path(home)
         self.catalog = catalog
         self.client = client
         self.approvals = approvals
+        self._audit = audit
+        self._ledger = ledger
+        """Opened at the first task with differential privacy: a site that never runs one has no privacy.db."""
 
     def admit(self, task: TaskPublic) -> Admission:
         try:
@@ -131,6 +156,7 @@ class Gate:
                 rounds=task.rounds,
                 task_time_limit_s=task.time_limit_s,
                 local_model=task.kind == TaskKind.TRAIN and task.config.get("local_model") is True,
+                privacy=task.privacy if task.kind == TaskKind.TRAIN else None,
             )
         except ProtocolError as exc:
             return Refused(FailureKind.ERROR, str(exc), redact(str(exc)))
@@ -143,6 +169,9 @@ class Gate:
         if decision.verdict is Verdict.REFUSE:
             return Refused(FailureKind.REJECTED, decision.why, decision.why, names_only_job_facts=True)
         if decision.verdict is Verdict.ASK:
+            refused = self._charge(task, cohort, policy, reserve=False)  # no use asking for what cannot be paid
+            if refused is not None:
+                return refused
             job = self.approvals.request(
                 facts,
                 task_id=task.id,
@@ -160,8 +189,86 @@ class Gate:
                 if exc.context.get("field") == "requirements":  # names the bundle's own requirement
                     return Refused(FailureKind.REJECTED, str(exc), redact(str(exc)), names_only_job_facts=True)
                 return Refused(FailureKind.ERROR, str(exc), redact(str(exc)))
+        charges: list[Charge] = []
+        refused = self._charge(task, cohort, policy, reserve=True, charged=charges)
+        if refused is not None:
+            return refused
         digest = task.bundle_digest or builtin_digest(task.algorithm)
-        return Admitted(policy, cohort, bundle_dir, digest, facts.n_cases, decision.why)
+        return Admitted(policy, cohort, bundle_dir, digest, facts.n_cases, decision.why, tuple(charges))
+
+    # -- the privacy budget --------------------------------------------------------------
+    def _charge(
+        self,
+        task: TaskPublic,
+        cohort: Resolution,
+        policy: SitePolicy,
+        *,
+        reserve: bool,
+        charged: list[Charge] | None = None,
+    ) -> Refused | None:
+        """Check (``reserve=False``) or reserve the cost of a training task with differential
+        privacy at every dataset its cohort reads; a Refused when the budget cannot pay for it.
+
+        Only TRAIN tasks are charged: an evaluation releases metrics and a fingerprint
+        aggregates, not a model update. A TRAIN task without DP parameters is not charged
+        either (``[privacy] require`` refuses it in ``decide`` when the site wants that).
+        """
+        ask = PrivacyAsk.from_task(task) if task.kind == TaskKind.TRAIN else None
+        if ask is None:
+            return None
+        try:
+            ledger = self._privacy_ledger()
+            if reserve:
+                charges = ledger.reserve(
+                    cohort.datasets,
+                    ask,
+                    policy.privacy,
+                    record=lambda new: self._audit_reserved(task, policy, new),
+                )
+            else:
+                charges = ledger.check(cohort.datasets, ask, policy.privacy)
+        except PrivacyError as exc:
+            return Refused(FailureKind.REJECTED, str(exc), str(exc), names_only_job_facts=True)
+        except (ConfigurationError, DataError, OSError) as exc:  # the ledger or the audit trail
+            public = (
+                "the site cannot account this task's differential privacy (its privacy ledger or audit trail cannot "
+                "be written); the site's administrator must fix it"
+            )
+            return Refused(FailureKind.ERROR, str(exc), public)
+        if charged is not None:
+            charged += charges
+        return None
+
+    def _privacy_ledger(self) -> PrivacyLedger:
+        if self._ledger is None:
+            self._ledger = PrivacyLedger(self.home)
+        return self._ledger
+
+    def _audit_reserved(self, task: TaskPublic, policy: SitePolicy, charges: Sequence[Charge]) -> None:
+        """One ``privacy_reserved`` entry per dataset, written before the reservation commits:
+        a reservation the trail cannot show is not made."""
+        if self._audit is None:
+            self._audit = AuditLog(self.home)
+        for charge in charges:
+            r = charge.reservation
+            self._audit.append(
+                AuditEvent.PRIVACY_RESERVED,
+                task=task.id,
+                experiment=task.experiment_id,
+                dataset=r.dataset,
+                experiment_name=r.experiment_name,
+                round=task.round,
+                rounds=r.rounds,
+                reserved=r.reserved,
+                new_releases=charge.new_releases,
+                noise_multiplier=r.noise_multiplier,
+                clip=r.clip,
+                delta=r.delta,
+                epsilon=_audit_number(charge.experiment_epsilon),
+                spent=_audit_number(charge.spent),
+                budget=policy.privacy.max_epsilon,
+                budget_delta=policy.privacy.delta,
+            )
 
     # -- the bundle ----------------------------------------------------------------------
     def _bundles(self) -> Path:
@@ -195,6 +302,11 @@ class Gate:
                 except LaulimaError as exc:  # a malformed signature counts as none
                     log.warning("task %s: a signature of its bundle is malformed (%s)", task.id, exc)
         return None
+
+
+def _audit_number(value: float) -> float | str:
+    """ε for the audit trail, which takes finite numbers only: ``"inf"`` for no privacy at all."""
+    return value if math.isfinite(value) else "inf"
 
 
 def _manifest_dict(manifest: Manifest | None) -> dict[str, Any] | None:

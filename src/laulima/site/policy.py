@@ -35,11 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from laulima.core.bundle import is_builtin_name
+from laulima.core.privacy.messages import TaskPrivacy
 from laulima.core.spec import MAX_TIMEOUT_S
 from laulima.errors import ConfigurationError, ProtocolError
 
 __all__ = [
     "BUILTIN_PREFIX",
+    "DEFAULT_PRIVACY_DELTA",
     "MAX_POLICY_BYTES",
     "POLICY_FILE",
     "AlgorithmPolicy",
@@ -48,6 +50,7 @@ __all__ = [
     "DatasetRule",
     "Decision",
     "JobFacts",
+    "PrivacyPolicy",
     "SandboxPolicy",
     "SitePolicy",
     "Verdict",
@@ -56,6 +59,7 @@ __all__ = [
     "is_builtin",
     "load_policy",
     "parse_policy",
+    "privacy_refusal",
 ]
 
 POLICY_FILE = "policy.toml"
@@ -261,6 +265,34 @@ def _sandbox_path_problem(path: str) -> str | None:
     return None
 
 
+DEFAULT_PRIVACY_DELTA = 1e-5
+
+
+class PrivacyPolicy(_Strict):
+    """Differential privacy the site asks of the updates that leave it (``[privacy]``).
+
+    Each round a site takes part in, its update leaves clipped to ``clip`` with Gaussian
+    noise of std ``noise_multiplier x clip``; the site accounts ε per dataset itself
+    (:mod:`laulima.site.privacy_ledger`), never trusting the hub's numbers. Evaluation and
+    fingerprint jobs are not charged: they release metrics or aggregates, not updates.
+    """
+
+    max_epsilon: Annotated[float, Field(gt=0, le=1e6)] | None = None
+    """The budget: ε each dataset may spend over every experiment, at ``delta``. Unset: no
+    budget (spending is still recorded for tasks that carry DP parameters)."""
+    delta: Annotated[float, Field(gt=0, le=0.01)] = DEFAULT_PRIVACY_DELTA
+    """The δ the budget is stated at and every ε is computed at. With a budget, tasks may
+    not ask for a larger δ."""
+    min_noise_multiplier: Annotated[float, Field(ge=0, le=1000)] = 0.0
+    """Refuse training whose noise std is less than this many times its clip bound."""
+    require: bool = False
+    """True: refuse training tasks that carry no DP parameters (their updates leave
+    unnoised). False: such tasks run, and are not charged."""
+    max_clip: Annotated[float, Field(gt=0, le=1e6)] | None = None
+    """Refuse training whose clip bound is larger: the larger the clip, the further one
+    site's update may move the model. Unset: no ceiling."""
+
+
 class SitePolicy(_Strict):
     """The whole ``policy.toml``. Every field has a default; see :func:`default_policy_text`."""
 
@@ -296,6 +328,7 @@ class SitePolicy(_Strict):
     algorithms: AlgorithmPolicy = AlgorithmPolicy()
     datasets: DatasetPolicy = DatasetPolicy()
     sandbox: SandboxPolicy = SandboxPolicy()
+    privacy: PrivacyPolicy = PrivacyPolicy()
 
     def signer_keys(self) -> dict[str, Ed25519PublicKey]:
         """Signer name → public key, for the code that verifies a bundle's signature."""
@@ -435,6 +468,16 @@ on_unsupported = "refuse"
 # to a shared folder, every later task (of any experiment) can read.
 readable = []
 writable = []
+
+[privacy]
+# Differential privacy of the model updates that leave this site (`laulima site privacy`
+# shows what each dataset has spent). Each experiment's whole cost is reserved at its first
+# training task, so it is never cut off halfway; one that would overdraw is refused.
+# max_epsilon = 8.0          # budget: ε per dataset over all experiments (unset: no budget)
+delta = 1e-05                # the δ the budget is stated at (at most 0.01)
+min_noise_multiplier = 0.0   # refuse training with less noise (std / clip bound)
+require = false              # true: refuse training tasks without DP parameters
+# max_clip = 10.0            # refuse training whose update clip bound is larger
 """
 
 
@@ -497,6 +540,9 @@ class JobFacts:
     local_model: bool = False
     """A training job whose model is trained on this site's data alone and leaves the site
     (a cross-site evaluation's local-only model), not a federated round's update."""
+    privacy: TaskPrivacy | None = None
+    """The DP parameters the site is to apply to a training job's update (the task's); None:
+    the update leaves unnoised."""
 
     def __post_init__(self) -> None:
         # These come from the hub: refuse a malformed task before any rule reads it.
@@ -514,6 +560,7 @@ class JobFacts:
             ("rounds", _is_int(self.rounds, 0, _MAX_ROUNDS)),
             ("task_time_limit_s", self.task_time_limit_s is None or _is_seconds(self.task_time_limit_s)),
             ("local_model", isinstance(self.local_model, bool) and (not self.local_model or self.kind == "train")),
+            ("privacy", self.privacy is None or isinstance(self.privacy, TaskPrivacy)),
         ]
         for field, ok in checks:
             if not ok:
@@ -566,7 +613,9 @@ def decide(policy: SitePolicy, job: JobFacts, *, approval: Decision | None = Non
        a bundle; a dataset the policy does not allow for this experiment; a cohort below
        ``min_cohort`` (or uncountable, when ``min_cohort`` > 1); more rounds than
        ``max_rounds``; a task time limit above ``max_task_seconds``. They apply to every kind
-       of job: training, evaluation and dataset fingerprint alike.
+       of job: training, evaluation and dataset fingerprint alike. Then, for training only,
+       the ``[privacy]`` rules (:func:`privacy_refusal`); the budget itself is the gate's, as
+       it needs the site's ledger.
     2. **A recorded rejection** refuses, whatever the algorithm.
     3. **Admission** runs the job without asking — a built-in (``algorithms.builtin``), a
        listed digest, a bundle signed by a listed signer — under ``approval = "auto"``,
@@ -628,6 +677,40 @@ def _refusal(policy: SitePolicy, job: JobFacts) -> str | None:
     limit = policy.max_task_seconds
     if limit is not None and job.task_time_limit_s is not None and job.task_time_limit_s > limit:
         return f"the experiment's tasks may run {job.task_time_limit_s:g} s, policy max_task_seconds is {limit:g}"
+    if job.kind == "train":
+        return privacy_refusal(policy.privacy, job.privacy)
+    return None
+
+
+def privacy_refusal(rules: PrivacyPolicy, privacy: TaskPrivacy | None) -> str | None:
+    """Why the ``[privacy]`` rules refuse a training job with these DP parameters, or None.
+
+    Only training is checked: evaluation and fingerprint jobs release metrics or aggregates,
+    not model updates. δ is bounded only under a budget (``max_epsilon``), as the budget is
+    what it is stated at; the noise floor and clip ceiling apply with or without one.
+    """
+    if privacy is None:
+        if rules.require:
+            return (
+                "the site's policy ([privacy] require = true) runs training only with differential privacy; "
+                "add a [privacy] table (clip, noise_multiplier) to the experiment"
+            )
+        return None
+    if privacy.noise_multiplier < rules.min_noise_multiplier:
+        return (
+            f"the experiment's noise multiplier {privacy.noise_multiplier:g} is below the site's "
+            f"[privacy] min_noise_multiplier {rules.min_noise_multiplier:g}; ask for more noise"
+        )
+    if rules.max_clip is not None and privacy.clip > rules.max_clip:
+        return (
+            f"the experiment's clip bound {privacy.clip:g} is above the site's [privacy] max_clip "
+            f"{rules.max_clip:g}; ask for a smaller clip"
+        )
+    if rules.max_epsilon is not None and privacy.delta > rules.delta:
+        return (
+            f"the experiment's δ = {privacy.delta:g} is above the δ = {rules.delta:g} the site's privacy budget "
+            "is stated at ([privacy] delta); ask for a smaller delta"
+        )
     return None
 
 
