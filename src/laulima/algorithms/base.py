@@ -9,12 +9,14 @@ evaluate, abort, finalize) with precise types instead of loose dicts: ``setup`` 
 from __future__ import annotations
 
 import importlib
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from laulima.core.weights import Weights
 from laulima.errors import ConfigurationError
@@ -22,7 +24,7 @@ from laulima.errors import ConfigurationError
 if TYPE_CHECKING:  # pydantic: imported only where a fingerprint is computed (the worker stays lean)
     from laulima.core.fingerprint import SiteFingerprint
 
-__all__ = ["Algorithm", "Evaluation", "SiteContext", "TrainConfig", "Update", "load_algorithm"]
+__all__ = ["Algorithm", "DpSgd", "Evaluation", "SiteContext", "TrainConfig", "Update", "load_algorithm"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,33 @@ class SiteContext:
 
 
 @dataclass(frozen=True)
+class DpSgd:
+    """Sample-level DP-SGD asked of local training (the task's ``privacy.dp_sgd``): each example's
+    gradient clipped to ``max_grad_norm`` in L2, Gaussian noise of std ``noise_multiplier x
+    max_grad_norm`` added to every step's sum. ``delta`` is the δ the algorithm reports its ε at
+    (the experiment's ``privacy.delta``). Only algorithms with ``supports_dp_sgd`` get one."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        # Checked here too, not only by the hub: a zero or NaN here would silently train without privacy.
+        for name, value, ok in (
+            ("noise_multiplier", self.noise_multiplier, lambda v: v > 0),
+            ("max_grad_norm", self.max_grad_norm, lambda v: v > 0),
+            ("delta", self.delta, lambda v: 0 < v < 1),
+        ):
+            real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+            if not (real and ok(float(value))):
+                raise ConfigurationError(
+                    f"DP-SGD: {name} = {value!r} is out of range (noise_multiplier and max_grad_norm must be "
+                    "finite and > 0, delta in (0, 1)); fix the experiment's [privacy.dp_sgd] table",
+                    field=f"privacy.dp_sgd.{name}",
+                )
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """How much local work one round asks for, and strategy extras (FedProx's mu)."""
 
@@ -59,6 +88,9 @@ class TrainConfig:
     ((r - 1) / R, r / R), a local-only model trained in one task (0, 1). Learning-rate
     schedules follow it, so a federated model decays over its rounds as a centrally trained
     one does over its steps."""
+    dp_sgd: DpSgd | None = None
+    """Train with sample-level DP-SGD (set only for an algorithm whose ``supports_dp_sgd`` is True;
+    the worker refuses the task otherwise)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +118,10 @@ class Algorithm(ABC):
     once (without ``setup``: there is no model yet), then ``finalize``. ``initial_weights``
     runs where the experiment is submitted and sees no data.
     """
+
+    supports_dp_sgd: ClassVar[bool] = False
+    """Whether ``train`` implements :attr:`TrainConfig.dp_sgd`. The worker refuses a DP-SGD task
+    for an algorithm without it rather than train without the privacy the experiment promised."""
 
     @abstractmethod
     def initial_weights(self, params: Mapping[str, Any], seed: int) -> Weights:

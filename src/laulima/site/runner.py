@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from laulima.core.protocol import FailureKind, TaskPublic
+from laulima.core.protocol import FailureKind, TaskKind, TaskPublic
 from laulima.errors import AlgorithmError, ConfigurationError, DataError
 from laulima.private_files import open_private, write_atomic
 from laulima.site.sandbox import THREAD_VARIABLES, SandboxPolicy
@@ -146,6 +146,15 @@ class TaskRunner:
                 )
         spec = task_spec(
             task, site=site, dataset_path=dataset_path, bundle_dir=bundle_dir, sandbox=sandbox, cache_dir=cache_dir
+        )
+        # Sample-level DP-SGD happens inside the algorithm's training (TrainConfig.dp_sgd); the worker
+        # refuses it for an algorithm that does not implement it.
+        privacy = task.privacy if task.kind == TaskKind.TRAIN else None
+        dp = privacy.dp_sgd if privacy is not None else None
+        spec["dp_sgd"] = (
+            None
+            if privacy is None or dp is None
+            else {"noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm, "delta": privacy.delta}
         )
         write_atomic(task_dir / TASK_FILE, json.dumps(spec))
         started = time.monotonic()

@@ -41,7 +41,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from laulima.algorithms.base import Algorithm, Evaluation, SiteContext, TrainConfig, Update, load_algorithm
+from laulima.algorithms.base import Algorithm, DpSgd, Evaluation, SiteContext, TrainConfig, Update, load_algorithm
 from laulima.core.weights import Weights, check_finite, check_matches, safetensors_chunks, schema_of
 from laulima.errors import AlgorithmError, LaulimaError, PolicyError, WeightsError
 from laulima.private_files import PRIVATE_DIR, open_private, write_atomic
@@ -267,6 +267,7 @@ def run(task_dir: Path, spec: dict[str, Any]) -> None:
             result["seconds"] = time.perf_counter() - started
             write_atomic(task_dir / RESULT_FILE, json.dumps(result))
             return
+        dp = _dp_sgd(spec, algorithm, entry) if spec["kind"] == "train" else None  # refused before any data is read
         algorithm.setup(ctx)
         if spec["kind"] == "train":
             config = TrainConfig(
@@ -276,6 +277,7 @@ def run(task_dir: Path, spec: dict[str, Any]) -> None:
                 proximal_mu=float(spec.get("proximal_mu", 0.0)),
                 seed=int(spec.get("seed", 0)),
                 progress=_progress(spec.get("progress")),
+                dp_sgd=dp,
             )
             update = algorithm.train(weights, config)
             n_samples, metrics = validate_update(update, weights, where=f"algorithm {entry}")
@@ -502,6 +504,27 @@ def _redirect_output(task_dir: Path) -> None:
         target = open_private(task_dir / name)
         os.dup2(target, fd)
         os.close(target)
+
+
+def _dp_sgd(spec: dict[str, Any], algorithm: Algorithm, entry: str) -> DpSgd | None:
+    """``task.json``'s ``dp_sgd`` as the algorithm's :class:`DpSgd`; refused for an algorithm that does not
+    implement it: training without the privacy the experiment promised must never pass for training with it."""
+    value = spec.get("dp_sgd")
+    if value is None:
+        return None
+    if not getattr(type(algorithm), "supports_dp_sgd", False):
+        raise AlgorithmError(
+            f"algorithm {entry}: the task asks for sample-level DP-SGD ([privacy.dp_sgd]), which "
+            f"{type(algorithm).__qualname__} does not implement (its supports_dp_sgd is False), and training "
+            "without it would not give the privacy the experiment promises; DP-SGD is only implemented by "
+            "algorithms such as laulima.algorithms.segmentation:UNetSegmentation — use one, or remove "
+            "[privacy.dp_sgd] from the experiment"
+        )
+    return DpSgd(
+        noise_multiplier=float(value["noise_multiplier"]),
+        max_grad_norm=float(value["max_grad_norm"]),
+        delta=float(value["delta"]),
+    )
 
 
 def _progress(value: Any) -> tuple[float, float]:

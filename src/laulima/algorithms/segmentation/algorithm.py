@@ -5,6 +5,11 @@ describe the loss surface around last round's local weights, not the new global 
 resetting them measured better than carrying each site's Adam state from round to round,
 needs no per-site state outside the task's process, and keeps a task a pure function of
 (global weights, local data, seed).
+
+With ``TrainConfig.dp_sgd`` a task trains with sample-level DP-SGD instead
+(:mod:`laulima.algorithms.segmentation.dp_sgd`: Poisson-sampled cases, per-case clipping,
+Gaussian noise; the same network, so the same weights' names and shapes) and reports the ε
+spent so far as the metric ``dp_sgd_epsilon``.
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from laulima.algorithms.base import Algorithm, Evaluation, SiteContext, TrainConfig, Update
-from laulima.algorithms.segmentation import data, engine
+from laulima.algorithms.base import Algorithm, DpSgd, Evaluation, SiteContext, TrainConfig, Update
+from laulima.algorithms.segmentation import data, dp_sgd, engine
 from laulima.algorithms.segmentation.model import (
     SegmentationParams,
     initial_model,
@@ -49,6 +54,8 @@ class UNetSegmentation(Algorithm):
         self.ctx: SiteContext | None = None
         self._samples: dict[str, list[data.Sample]] = {}
 
+    supports_dp_sgd = True
+
     def initial_weights(self, params: Mapping[str, Any], seed: int) -> Weights:
         return state_dict_to_numpy(initial_model(params, seed))
 
@@ -64,6 +71,8 @@ class UNetSegmentation(Algorithm):
         self.loss_fn = engine.make_loss()
 
     def train(self, weights: Weights, config: TrainConfig) -> Update:
+        if config.dp_sgd is not None:  # before any case is read
+            dp_sgd.check_private(self.model, where=f"site {self._context.site}: segmentation config")
         samples = self._load("train")
         p = self.params
         epoch = math.ceil(len(samples) / p.batch_size)
@@ -71,20 +80,25 @@ class UNetSegmentation(Algorithm):
         seed = task_seed(config.seed, config.round, self._context.site)
         load_numpy_weights(self.model, weights)
         optimizer = torch.optim.Adam(self.model.parameters(), lr=p.lr)  # fresh each round: see the module doc
+        metrics: dict[str, float] = {}
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            stats = engine.train_steps(
-                self.model,
-                optimizer,
-                data.batches(samples, p.batch_size, p.roi_size, seed),
-                steps,
-                loss_fn=self.loss_fn,
-                proximal_mu=config.proximal_mu,
-                lr_at=lambda i: learning_rate(p, config.progress, i, steps),
-            )
+            if config.dp_sgd is None:
+                stats = engine.train_steps(
+                    self.model,
+                    optimizer,
+                    data.batches(samples, p.batch_size, p.roi_size, seed),
+                    steps,
+                    loss_fn=self.loss_fn,
+                    proximal_mu=config.proximal_mu,
+                    lr_at=lambda i: learning_rate(p, config.progress, i, steps),
+                )
+            else:
+                stats, metrics = self._train_private(samples, optimizer, steps, seed, config, config.dp_sgd)
         out = state_dict_to_numpy(self.model)
         out = {k: v if v.dtype == weights[k].dtype else v.astype(weights[k].dtype) for k, v in out.items()}
-        return Update(weights=out, n_samples=len(samples), metrics={"loss": stats["loss"], "steps": float(steps)})
+        metrics = {"loss": stats["loss"], "steps": float(steps), **metrics}
+        return Update(weights=out, n_samples=len(samples), metrics=metrics)
 
     def evaluate(self, weights: Weights) -> Evaluation:
         samples = self._load("held_out")
@@ -102,6 +116,39 @@ class UNetSegmentation(Algorithm):
         self._samples.clear()
 
     # -- helpers -------------------------------------------------------------------------
+    def _train_private(
+        self,
+        samples: list[data.Sample],
+        optimizer: torch.optim.Optimizer,
+        steps: int,
+        seed: int,
+        config: TrainConfig,
+        dp: DpSgd,
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """``steps`` DP-SGD steps (see :mod:`~laulima.algorithms.segmentation.dp_sgd`); (stats, DP metrics).
+
+        ``dp_sgd_epsilon`` is ε at ``dp.delta`` over this round and every earlier one, as if the
+        site had trained in each with this task's steps and sampling rate (see
+        :func:`~laulima.algorithms.segmentation.dp_sgd.dp_sgd_epsilon`)."""
+        p = self.params
+        rate = dp_sgd.sampling_rate(p.batch_size, len(samples))
+        secret = np.random.default_rng()  # OS entropy: the hub must not be able to recompute who was sampled
+        stats = dp_sgd.train_steps_private(
+            self.model,
+            optimizer,
+            data.poisson_batches(samples, rate, p.roi_size, seed, secret),
+            steps,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            expected_batch_size=min(p.batch_size, len(samples)),
+            loss_fn=self.loss_fn,
+            proximal_mu=config.proximal_mu,
+            lr_at=lambda i: learning_rate(p, config.progress, i, steps),
+            generator=dp_sgd.noise_generator(self.device),
+        )
+        epsilon = dp_sgd.dp_sgd_epsilon(dp, steps=steps, rounds=config.round, rate=rate)
+        return stats, {"dp_sgd_epsilon": epsilon}
+
     @property
     def _context(self) -> SiteContext:
         if self.ctx is None:

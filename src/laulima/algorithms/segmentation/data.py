@@ -27,7 +27,16 @@ from laulima.algorithms.segmentation.preprocessing import DEFAULT_PLAN, Preproce
 from laulima.errors import DataError
 from laulima.imaging import Case, SegmentationDataset, read_case
 
-__all__ = ["Sample", "Split", "augmentation", "batches", "load_samples", "normalize", "split_cases"]
+__all__ = [
+    "Sample",
+    "Split",
+    "augmentation",
+    "batches",
+    "load_samples",
+    "normalize",
+    "poisson_batches",
+    "split_cases",
+]
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,39 @@ def batches(
             if not order:
                 order = rng.permutation(len(samples)).tolist()
             sample = samples[order.pop()]
+            out = transform({"image": sample.image, "label": sample.label})
+            crop = out[0] if isinstance(out, list) else out
+            images.append(convert_to_tensor(crop["image"], dtype=torch.float32, track_meta=False))
+            labels.append(convert_to_tensor(crop["label"], dtype=torch.float32, track_meta=False))
+        yield torch.stack(images), torch.stack(labels)
+
+
+def poisson_batches(
+    samples: Sequence[Sample], rate: float, roi_size: Sequence[int], seed: int, rng: np.random.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless batches for DP-SGD: each case joins each batch independently with probability ``rate``.
+
+    Poisson sampling is what the accountant's subsampled Gaussian assumes: a batch's size
+    varies (it may be empty: [0, C, *roi] and [0, 1, *roi]) and a case gives at most one
+    crop per batch, so a case is the unit protected. Who joins is drawn from ``rng``, which
+    must be secret (the caller seeds it from the OS): the amplification by subsampling holds
+    only if the hub cannot recompute the sample. Crops and flips come from ``seed``, as in
+    :func:`batches`; they need no secrecy, since each case's gradient is clipped whatever its crop.
+    """
+    if not samples:
+        raise ValueError("no training cases")
+    if not 0 < rate <= 1:
+        raise ValueError(f"sampling rate {rate!r} is not in (0, 1]")
+    transform = augmentation(roi_size, int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    channels = samples[0].image.shape[0]
+    while True:
+        chosen = np.flatnonzero(rng.random(len(samples)) < rate)
+        if not len(chosen):
+            yield torch.zeros((0, channels, *roi_size)), torch.zeros((0, 1, *roi_size))
+            continue
+        images, labels = [], []
+        for index in chosen:
+            sample = samples[int(index)]
             out = transform({"image": sample.image, "label": sample.label})
             crop = out[0] if isinstance(out, list) else out
             images.append(convert_to_tensor(crop["image"], dtype=torch.float32, track_meta=False))
