@@ -47,9 +47,11 @@ from laulima.site.policy import load_policy
 from laulima.site.redact import redact
 from laulima.site.runner import TaskRunner, seconds_left
 from laulima.site.sandbox import sandbox_for
+from laulima.site.secure_aggregation import MaskedRound
 from laulima.site.selection import materialize
 from laulima.site.settings import SiteSettings
 from laulima.site.state import Phase, SiteState, TaskRecord
+from laulima.site.update_privacy import privatize_update
 from laulima.site.worker import RESULT_FILE, RESULT_WEIGHTS_FILE, SCRATCH_DIR, WEIGHTS_FILE
 
 __all__ = ["CACHE_DIR", "CACHE_MAX_AGE_S", "LOCK_FILE", "Agent", "prune_caches", "run_agent"]
@@ -58,6 +60,8 @@ log = logging.getLogger("laulima.site")
 LOCK_FILE = "agent.lock"
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _MB = 1e6
+MASKED_FILE = "masked.safetensors"
+"""A secure-aggregation task's masked update, beside its quantised one (site/secure_aggregation.py)."""
 _REASON_MAX = 300
 """Characters of the hub's own refusal quoted back to it when the agent closes a task."""
 _NEVER = object()
@@ -407,8 +411,34 @@ class Agent:
         )
         self._audit(AuditEvent.FINISHED, task, n_samples=result.n_samples, seconds=round(result.seconds, 3))
         path = result.weights_path if result.weights_path is not None else task_dir / RESULT_FILE
-        record = self.state.set(task.id, Phase.COMPUTED, result_path=str(path), result_digest=result.sha256)
+        digest = result.sha256
+        if result.weights_path is not None and (task.privacy is not None or task.secure_aggregation is not None):
+            digest = self._privatize(task, result.weights_path, task_dir / WEIGHTS_FILE)
+        record = self.state.set(task.id, Phase.COMPUTED, result_path=str(path), result_digest=digest)
         self._report(task, record)
+
+    def _privatize(self, task: TaskPublic, update: Path, given: Path) -> str:
+        """Clip, noise and (for secure aggregation) quantise the update before anything is
+        sent; the site's audit trail records what was applied. Returns the new file's sha256."""
+        private = privatize_update(task, update, given)
+        privacy = task.privacy
+        self._audit(
+            AuditEvent.FINISHED,
+            task,
+            privacy=(
+                f"{privacy.mode} differential privacy: clip {privacy.clip:g}, noise multiplier "
+                f"{privacy.noise_multiplier:g}, noise std {private.noise_std:.4g}, ε {private.epsilon:.4g} "
+                f"at δ {privacy.delta:g} after round {task.round}"
+                if privacy is not None
+                else "no differential privacy"
+            ),
+            clipped=private.clipped,
+            update_norm=round(private.norm, 6),
+            secure_aggregation=task.secure_aggregation is not None,
+        )
+        if private.epsilon is not None:
+            log.info("task %s: update privatised (ε = %.3f so far in this experiment)", task.id, private.epsilon)
+        return private.sha256
 
     # -- jobs held for an administrator ------------------------------------------------------
     def _hold(self, task: TaskPublic, held: Held) -> None:
@@ -512,7 +542,14 @@ class Agent:
             log.info("task %s: reported the failure (%s) to the hub", task.id, kind.value)
         elif task.kind == TaskKind.TRAIN:
             path = Path(str(record.result_path))
-            accepted = self.client.upload_update(task, path, digest=record.result_digest)
+            if task.secure_aggregation is not None:
+                masked = path.with_name(MASKED_FILE)
+                accepted = MaskedRound(self.client, task, self.settings.name, self.stop).run(
+                    path, masked, lambda file, digest: self.client.upload_update(task, file, digest=digest)
+                )
+                path = masked
+            else:
+                accepted = self.client.upload_update(task, path, digest=record.result_digest)
             seconds = time.monotonic() - started
             size = path.stat().st_size
             self._audit(AuditEvent.SENT, task, what="update", bytes=size, sha256=accepted.digest)

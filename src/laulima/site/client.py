@@ -296,6 +296,28 @@ class HubClient:
 
         return self._retrying(what, once, self.attempts)
 
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        what: str,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> httpx.Response:
+        """One JSON request under the protocol's rules (retries on network failures and 5xx,
+        errors mapped to Laulima's); for the smaller protocols built on this client
+        (secure aggregation's phases)."""
+        extra: dict[str, Any] = {}
+        if timeout is not None:
+            extra["timeout"] = httpx.Timeout(timeout, connect=10.0)
+
+        def once() -> httpx.Response:
+            return self._send(method, path, what=what, json=json, params=params, **extra)
+
+        return self._retrying(what, once, self.attempts)
+
     def report(self, report: SiteReport) -> bool:
         """Tell the hub this agent's version and its datasets' case counts (one try).
 

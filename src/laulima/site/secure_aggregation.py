@@ -1,0 +1,135 @@
+"""A site's side of secure aggregation over the hub's phase routes (hub/secure_rounds.py).
+
+After training and privatising (site/update_privacy.py) the site: advertises fresh keys, waits
+for the roster, sends each roster member its encrypted shares, waits for the shares addressed
+to it, masks its quantised update and uploads it as its result, then — once the hub names the
+survivors — answers with the shares that remove the masks. Keys live only in this process's
+memory for this round: an agent that restarts midway has dropped out, which the protocol
+tolerates up to the round's threshold.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import numpy as np
+from pydantic import BaseModel, ValidationError
+from safetensors import safe_open
+
+from laulima.core.privacy.messages import (
+    MASKED_TENSOR,
+    Advertisement,
+    Roster,
+    SecAggPhase,
+    ShareInbox,
+    ShareOutbox,
+    Unmasking,
+    UnmaskingAnswer,
+)
+from laulima.core.privacy.secagg import Advertised, RoundContext, SecAggClient
+from laulima.core.protocol import TaskPublic, UploadAccepted
+from laulima.errors import Conflict, ProtocolError, TransportError
+from laulima.site.client import HubClient
+from laulima.site.update_privacy import QUANTIZED_TENSOR
+from laulima.site.worker import write_safetensors
+
+__all__ = ["MaskedRound"]
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 30.0
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class MaskedRound:
+    """One TRAIN task's secure aggregation, from keys to the unmasking answer."""
+
+    def __init__(self, client: HubClient, task: TaskPublic, site: str, stop: threading.Event) -> None:
+        config = task.secure_aggregation
+        if config is None:
+            raise ValueError(f"task {task.id} carries no secure aggregation")
+        self.client, self.task, self.site, self.stop = client, task, site, stop
+        self.config = config
+        self.base = f"/tasks/{task.id}/secagg"
+        self.secagg = SecAggClient(
+            site, RoundContext(experiment=task.experiment_id, round=task.round, threshold=config.threshold)
+        )
+
+    def run(self, quantized: Path, masked: Path, upload: Callable[[Path, str], UploadAccepted]) -> UploadAccepted:
+        """Mask ``quantized`` into ``masked``, upload it with ``upload``, answer the unmasking."""
+        ad = self.secagg.advertise()
+        self._post("keys", Advertisement(encryption_key=_b64(ad.encryption_key), masking_key=_b64(ad.masking_key)))
+        roster = self._wait("roster", Roster)
+        advertised = [
+            Advertised(site=name, encryption_key=_unb64(a.encryption_key), masking_key=_unb64(a.masking_key))
+            for name, a in roster.sites.items()
+        ]
+        outbox = self.secagg.share(advertised)
+        self._post("shares", ShareOutbox(ciphertexts={name: _b64(c) for name, c in outbox.items()}))
+        inbox = self._wait("shares", ShareInbox)
+        self.secagg.receive({name: _unb64(c) for name, c in inbox.ciphertexts.items()})
+        with safe_open(str(quantized), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            vector = f.get_tensor(QUANTIZED_TENSOR).view(np.uint32)  # int32 on disk, the same bits
+        masked_vector = self.secagg.mask(vector).view(np.int32)
+        digest, _ = write_safetensors(masked, {MASKED_TENSOR: masked_vector}, metadata)
+        del vector
+        accepted = upload(masked, digest)
+        try:
+            request = self._wait("unmasking", Unmasking)
+            answer = self.secagg.reveal(request.survivors, request.dropped)
+            self._post(
+                "unmasking",
+                UnmaskingAnswer(
+                    self_mask={name: _b64(v) for name, v in answer["self_mask"].items()},
+                    masking_key={name: _b64(v) for name, v in answer["masking_key"].items()},
+                ),
+            )
+        except (Conflict, TransportError) as exc:  # the update is in; the round decides without us
+            log.warning("task %s: secure aggregation ended before this site's unmasking answer: %s", self.task.id, exc)
+        return accepted
+
+    def _post(self, phase: str, body: BaseModel) -> None:
+        what = f"secure aggregation ({phase}) of task {self.task.id}"
+        self.client.call("POST", f"{self.base}/{phase}", what=what, json=body.model_dump(mode="json"))
+
+    def _wait(self, phase: str, model: type[M]) -> M:
+        """Long-poll the phase until the hub answers with its result; give up after the phase's
+        time limit twice over (the hub decides sooner; this only bounds a hub gone silent)."""
+        what = f"secure aggregation ({phase}) of task {self.task.id}"
+        give_up = time.monotonic() + max(self.task.seconds_left, 0.0) + 4 * self.config.phase_timeout_s
+        while not self.stop.is_set():
+            left = give_up - time.monotonic()
+            if left <= 0:
+                break
+            response: httpx.Response = self.client.call(
+                "GET",
+                f"{self.base}/{phase}",
+                what=what,
+                params={"wait": f"{min(_POLL_S, left):g}"},
+                timeout=min(_POLL_S, left) + 10.0,
+            )
+            try:
+                if response.status_code == 202:
+                    SecAggPhase.model_validate_json(response.content)
+                    continue
+                return model.model_validate_json(response.content)
+            except ValidationError as exc:
+                raise ProtocolError(f"{what}: the hub's answer cannot be read ({exc.errors()[0]['msg']})") from exc
+        raise TransportError(f"{what}: no answer from the hub in time; this site drops out of the round")
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
