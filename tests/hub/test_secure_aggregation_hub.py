@@ -169,3 +169,28 @@ def test_secure_aggregation_is_refused_with_strategies_that_need_each_update(mak
     body = {"spec": secure_spec(strategy={"name": "fedmedian"}), "initial_weights": digest}
     r = hub.client.post(hub.url("/experiments"), json=body, headers=hub.admin)
     assert r.status_code == 422 and "needs each site's update" in r.json()["detail"], r.text
+
+
+def test_a_key_phase_that_closes_at_the_round_deadline_still_lets_the_roster_upload(make_hub):
+    hub: Hub = make_hub()
+    hub.register(*SITES)
+    given = make_weights(0)
+    exp = hub.submit(secure_spec(), given)
+    players = {site: Player(hub, site) for site in SITES[:2]}  # site-c never comes back with keys
+    for p in players.values():
+        p.advertise()
+    hub.clock.advance(61)  # past the round's deadline: the key phase closes with site-a and site-b
+    for p in players.values():
+        p.share()
+    for p in players.values():
+        p.receive()
+    models = _models(given)
+    for site, p in players.items():
+        r = p.upload(models[site], given, 10)
+        assert r.status_code == 200, r.text
+    for p in players.values():
+        p.unmask()
+    done = hub.wait_status(exp["id"], "completed")
+    [rnd] = hub.get(f"/experiments/{exp['id']}/rounds")
+    assert (rnd["status"], rnd["n_updates"]) == ("aggregated", 2)
+    assert done["global_digest"] != exp["global_digest"]

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from laulima.core.privacy.messages import (
@@ -276,6 +276,7 @@ class SecureRounds:
                 members = json.dumps(sorted(decision.members))
                 if state.phase == "keys":
                     row.roster_json, row.phase = members, "shares"
+                    _extend_deadlines(s, experiment_id, round_index, decision.members, now + 3 * phase_timeout_s)
                 elif state.phase == "shares":
                     row.shared_json, row.phase = members, "masking"
                 elif state.phase == "masking":
@@ -407,6 +408,30 @@ def _failed_sites(s: Session, experiment_id: int, round_index: int) -> frozenset
         )
     )
     return frozenset(rows)
+
+
+def _extend_deadlines(s: Session, experiment_id: int, round_index: int, sites: frozenset[str], until: float) -> None:
+    """The roster's tasks (and their round) may still take uploads after the round's deadline:
+    the key phase can close as late as that deadline, and the three phases after it have their
+    own time limits."""
+    site_ids = select(Site.id).where(Site.name.in_(sorted(sites)))
+    s.execute(
+        update(Task)
+        .where(
+            Task.experiment_id == experiment_id,
+            Task.round == round_index,
+            Task.kind == TaskKind.TRAIN,
+            Task.model.is_(None),
+            Task.site_id.in_(site_ids),
+            Task.deadline < until,
+        )
+        .values(deadline=until)
+    )
+    s.execute(
+        update(Round)
+        .where(Round.experiment_id == experiment_id, Round.index == round_index, Round.deadline < until)
+        .values(deadline=until)
+    )
 
 
 def _not_yet(state: SecAggState) -> SecAggPhase:
