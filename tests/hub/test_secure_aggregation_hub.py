@@ -194,3 +194,36 @@ def test_a_key_phase_that_closes_at_the_round_deadline_still_lets_the_roster_upl
     [rnd] = hub.get(f"/experiments/{exp['id']}/rounds")
     assert (rnd["status"], rnd["n_updates"]) == ("aggregated", 2)
     assert done["global_digest"] != exp["global_digest"]
+
+
+def test_a_hub_restarted_between_phases_answers_every_site_the_same(make_hub):
+    hub: Hub = make_hub()
+    hub.register(*SITES)
+    given = make_weights(0)
+    exp = hub.submit(secure_spec(), given)
+    players = {site: Player(hub, site) for site in SITES}
+    for p in players.values():
+        p.advertise()
+    for p in players.values():
+        p.share()
+    hub.stop()  # the hub dies with the share phase closed or closing; its state is in the database
+    again: Hub = make_hub()
+    again.tokens = hub.tokens
+    for p in players.values():
+        p.hub = again
+        p.receive()
+    models = _models(given)
+    for site, p in players.items():
+        assert p.upload(models[site], given, 10).status_code == 200
+    again.stop()
+    last: Hub = make_hub()
+    last.tokens = hub.tokens
+    for p in players.values():
+        p.hub = last
+        p.unmask()
+    done = last.wait_status(exp["id"], "completed")
+    r = last.client.get(last.url(f"/blobs/{done['global_digest']}"), headers=last.admin)
+    got = from_safetensors(r.content)
+    for key in given:
+        expected = sum(np.float64(models[s][key]) for s in SITES) / 3
+        np.testing.assert_allclose(got[key], expected, rtol=0, atol=1e-4)
