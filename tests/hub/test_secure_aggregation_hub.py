@@ -227,3 +227,29 @@ def test_a_hub_restarted_between_phases_answers_every_site_the_same(make_hub):
     for key in given:
         expected = sum(np.float64(models[s][key]) for s in SITES) / 3
         np.testing.assert_allclose(got[key], expected, rtol=0, atol=1e-4)
+
+
+def test_a_site_that_masks_a_vector_outside_its_bound_gets_the_round_aborted(make_hub):
+    hub: Hub = make_hub()
+    hub.register(*SITES)
+    given = make_weights(0)
+    exp = hub.submit(secure_spec(rounds=2), given)
+    players = {site: Player(hub, site) for site in SITES}
+    for step in (Player.advertise, Player.share, Player.receive):
+        for p in players.values():
+            step(p)
+    models = _models(given)
+    hostile = {k: (given[k] + (models["site-c"][k] - given[k]) * 5000).astype(np.float32) for k in given}
+    for site, p in players.items():
+        r = p.upload(hostile if site == "site-c" else models[site], given, 1)
+        assert r.status_code == 200, r.text
+    for p in players.values():
+        p.unmask()
+
+    def first_round() -> dict[str, Any] | None:
+        rounds = hub.get(f"/experiments/{exp['id']}/rounds")
+        return rounds[0] if rounds and rounds[0]["status"] != "open" else None
+
+    rnd = hub.wait_for(first_round, "round 1 to close")
+    assert rnd["status"] == "aborted" and "above the clip bound" in rnd["note"], rnd
+    assert hub.experiment(exp["id"])["global_digest"] == exp["global_digest"], "the global model is kept"

@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -26,7 +27,7 @@ from laulima.core.crosssite import GLOBAL, MODEL, local_label
 from laulima.core.fingerprint import FingerprintMismatch, merge_fingerprints
 from laulima.core.privacy.clipping import unflatten
 from laulima.core.privacy.messages import MASKED_TENSOR, TaskSecureAggregation
-from laulima.core.privacy.quantize import dequantize, scale_for
+from laulima.core.privacy.quantize import dequantize, error_bound, scale_for
 from laulima.core.privacy.secagg import Advertised, RoundContext, unmask
 from laulima.core.privacy.tasks import task_privacy, task_secure_aggregation
 from laulima.core.protocol import ExperimentStatus, TaskKind, TaskStatus
@@ -453,7 +454,10 @@ class Orchestrator:
                 survivors=[u.site for u in sorted(updates, key=lambda u: u.site)],
                 reveals=answers,
             )
-            mean = dequantize(summed, scale_for(config.bound, config.sites)) / float(weight)
+            scale = scale_for(config.bound, config.sites)
+            mean = dequantize(summed, scale) / float(weight)
+            if spec.privacy is None:
+                _check_within_clip(mean, config.clip, error_bound(scale, config.sites) / weight)
             delta = unflatten(mean, {k: schema[k].shape for k in keys})
             # In the model's dtypes (integer buffers rounded), as any site's model would be.
             return {
@@ -772,6 +776,20 @@ def _check_finite_aggregate(weights: Mapping[str, np.ndarray], sites: list[str])
             f"{exc.message} (updates of extreme magnitude; bound them with the spec's max_update_norm)",
             where="aggregate",
         ) from exc
+
+
+def _check_within_clip(mean: np.ndarray, clip: float, quantisation: float) -> None:
+    """Without noise the mean step is a weighted mean of steps clipped to ``clip``, so its norm
+    is at most ``clip`` (plus quantisation). More means a site masked a vector outside its
+    bound or answered the unmasking with a wrong share: the sum cannot be trusted."""
+    norm = float(np.linalg.norm(mean))
+    limit = clip + quantisation * math.sqrt(mean.size)
+    if norm > limit * (1 + 1e-9):
+        raise SecureAggregationError(
+            f"the unmasked mean step has L2 norm {norm:.6g}, above the clip bound {clip:g} every site applies: a "
+            "site masked a vector outside its bound or sent a wrong share; the sum is not used",
+            norm=norm,
+        )
 
 
 def _c_order(arr: np.ndarray) -> np.ndarray:

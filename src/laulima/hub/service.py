@@ -75,6 +75,7 @@ from laulima.hub.db import (
 )
 from laulima.hub.housekeeping import referenced
 from laulima.hub.ownership import Person, UploadQuota
+from laulima.hub.secure_rounds import SECAGG_CONFIG_KEY
 from laulima.hub.validation import approval_deadline, check_result_allowed, check_weights_file
 from laulima.pki.ca import RevocationList
 
@@ -115,9 +116,9 @@ def hash_token(token: str) -> str:
 
 
 PRIVACY_KEY = "__privacy__"
-SECURE_AGGREGATION_KEY = "__secure_aggregation__"
-"""Where a TRAIN task's ``config`` row keeps what becomes ``TaskPublic.privacy`` and
-``.secure_aggregation`` (set by the orchestrator, taken out before the task is sent)."""
+"""Where a TRAIN task's ``config`` row keeps what becomes ``TaskPublic.privacy`` (and under
+SECAGG_CONFIG_KEY ``.secure_aggregation``): set by the orchestrator, taken out before the
+task is sent."""
 
 MAX_ABORTED_ROUNDS = 3
 """Aborted rounds in a row after which an experiment fails (see ``Service.abort_round``)."""
@@ -651,7 +652,7 @@ class HubService:
         bundle = exp.bundle_digest
         config = json.loads(task.config_json)
         privacy = config.pop(PRIVACY_KEY, None)  # typed fields of their own, not the algorithm's
-        secure_aggregation = config.pop(SECURE_AGGREGATION_KEY, None)
+        secure_aggregation = config.pop(SECAGG_CONFIG_KEY, None)
         return TaskPublic(
             id=task.id,
             experiment_id=exp.id,
