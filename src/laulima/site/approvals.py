@@ -20,16 +20,13 @@ import getpass
 import json
 import os
 import sqlite3
-import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 from laulima.errors import ConfigurationError
-from laulima.private_files import PRIVATE_FILE, private_dir
 from laulima.site.policy import Decision, JobFacts
+from laulima.site.sqlite_store import SiteStore
 
 __all__ = [
     "APPROVALS_FILE",
@@ -139,19 +136,15 @@ class PendingJob:
         )
 
 
-class ApprovalStore:
-    """``home/approvals.db``: pending jobs and the administrator's decisions.
+class ApprovalStore(SiteStore):
+    """``home/approvals.db``: pending jobs and the administrator's decisions (the agent and
+    ``laulima site approve`` may work on the file at the same time)."""
 
-    Every call opens its own connection, so one store may serve several threads, and the
-    agent and ``laulima site approve`` may work on the file at the same time.
-    """
-
-    def __init__(self, home: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.home = Path(home)
-        self.path = self.home / APPROVALS_FILE
-        self._clock = clock
-        private_dir(self.home)
-        self._create()
+    file_name = APPROVALS_FILE
+    what = "the approvals store"
+    schema = _SCHEMA
+    schema_version = _SCHEMA_VERSION
+    when_damaged = "move it aside and restart the agent (pending jobs will be asked for again)"
 
     # -- recording -------------------------------------------------------------------------
 
@@ -312,67 +305,6 @@ class ApprovalStore:
             )
             row = db.execute(f"{_SELECT} WHERE j.id = ?", (number,)).fetchone()
         return _job(row)
-
-    # -- the file --------------------------------------------------------------------------
-
-    def _create(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
-        except OSError as exc:
-            raise ConfigurationError(
-                f"{self.path}: cannot open the approvals store ({exc})", file=str(self.path)
-            ) from exc
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, PRIVATE_FILE)  # a file made with another umask or by hand
-        finally:
-            os.close(fd)
-        with self._transaction() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > _SCHEMA_VERSION:
-                raise ConfigurationError(
-                    f"{self.path} was written by a newer Laulima (schema {version}); upgrade laulima on this site",
-                    file=str(self.path),
-                )
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        return db
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at once (BEGIN IMMEDIATE): check-then-write is atomic."""
-        try:
-            with closing(self._connect()) as db:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            raise self._damaged(exc) from exc
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        try:
-            with closing(self._connect()) as db:
-                yield db
-        except sqlite3.DatabaseError as exc:
-            raise self._damaged(exc) from exc
-
-    def _damaged(self, exc: sqlite3.DatabaseError) -> ConfigurationError:
-        return ConfigurationError(
-            f"{self.path}: the approvals store cannot be read ({exc}); move it aside and restart the agent "
-            "(pending jobs will be asked for again)",
-            file=str(self.path),
-        )
 
 
 _SELECT = (

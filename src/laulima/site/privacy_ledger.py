@@ -24,19 +24,15 @@ its rounds all ran.
 from __future__ import annotations
 
 import math
-import os
 import sqlite3
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from laulima.core.privacy.accountant import GaussianRelease, epsilon
 from laulima.core.protocol import TaskPublic
-from laulima.errors import ConfigurationError, PrivacyError
-from laulima.private_files import PRIVATE_FILE, private_dir
+from laulima.errors import PrivacyError
 from laulima.site.policy import PrivacyPolicy
+from laulima.site.sqlite_store import SiteStore
 
 __all__ = [
     "PRIVACY_FILE",
@@ -166,15 +162,17 @@ class Charge:
     """ε of the dataset with this task counted, at the policy's δ."""
 
 
-class PrivacyLedger:
-    """``home/privacy.db``: the site's privacy reservations. Every call opens its own connection."""
+class PrivacyLedger(SiteStore):
+    """``home/privacy.db``: the site's privacy reservations."""
 
-    def __init__(self, home: str | Path, *, clock: Callable[[], float] = time.time) -> None:
-        self.home = Path(home)
-        self.path = self.home / PRIVACY_FILE
-        self._clock = clock
-        private_dir(self.home)
-        self._create()
+    file_name = PRIVACY_FILE
+    what = "the privacy ledger"
+    schema = _SCHEMA
+    schema_version = _SCHEMA_VERSION
+    when_damaged = (
+        "restore it from a backup — until then no training task with differential privacy runs here (moving it "
+        "aside would forget what was spent)"
+    )
 
     # -- admitting ---------------------------------------------------------------------------
 
@@ -317,67 +315,6 @@ class PrivacyLedger:
             )
             for row in rows
         ]
-
-    # -- the file ----------------------------------------------------------------------------
-
-    def _create(self) -> None:
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
-        except OSError as exc:
-            raise ConfigurationError(
-                f"{self.path}: cannot open the privacy ledger ({exc})", file=str(self.path)
-            ) from exc
-        try:
-            if hasattr(os, "fchmod"):
-                os.fchmod(fd, PRIVATE_FILE)  # a file made with another umask or by hand
-        finally:
-            os.close(fd)
-        with self._transaction() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > _SCHEMA_VERSION:
-                raise ConfigurationError(
-                    f"{self.path} was written by a newer Laulima (schema {version}); upgrade laulima on this site",
-                    file=str(self.path),
-                )
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {_SCHEMA_VERSION}")
-
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        return db
-
-    @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at once (BEGIN IMMEDIATE): check-then-reserve is atomic."""
-        try:
-            with closing(self._connect()) as db:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-        except sqlite3.DatabaseError as exc:
-            raise self._damaged(exc) from exc
-
-    @contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        try:
-            with closing(self._connect()) as db:
-                yield db
-        except sqlite3.DatabaseError as exc:
-            raise self._damaged(exc) from exc
-
-    def _damaged(self, exc: sqlite3.DatabaseError) -> ConfigurationError:
-        return ConfigurationError(
-            f"{self.path}: the privacy ledger cannot be read ({exc}); restore it from a backup — until then no "
-            "training task with differential privacy runs here (moving it aside would forget what was spent)",
-            file=str(self.path),
-        )
 
 
 def _reservation(dataset: str, ask: PrivacyAsk, now: float) -> Reservation:
