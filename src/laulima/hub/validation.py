@@ -349,13 +349,7 @@ def validate_update_file(
         f"an update's may add {UPDATE_HEADER_SLACK_BYTES} bytes of metadata",
     )
     index, meta = indexed.index, indexed.metadata
-    n_samples = _n_samples(meta, where, max_n_samples, bound_reason)
-    metrics = _metrics(meta, where)
-    bound = meta.get(MetaKey.TASK)
-    if bound is not None and bound != task_id:
-        raise WeightsError(
-            f"{where}: the file says it was made for task {bound[:80]!r}; upload it to that task", where=where
-        )
+    n_samples, metrics = _update_metadata(meta, where, task_id, max_n_samples, bound_reason)
     check_matches(schema_from(global_index), schema_from(index), where=where)
     total = 0.0
     buf, gbuf = bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)
@@ -408,6 +402,16 @@ def validate_masked_update_file(
         max_header_reason="a masked update holds one tensor and its metadata",
     )
     index, meta = indexed.index, indexed.metadata
+    n_samples, metrics = _update_metadata(meta, where, task_id, max_n_samples, bound_reason)
+    expected = {MASKED_TENSOR: TensorSpec((length,), "int32")}  # uint32 bits (core/privacy/messages.py)
+    check_matches(expected, schema_from(index), where=where)
+    return ValidUpdate(n_samples, metrics)
+
+
+def _update_metadata(
+    meta: dict[str, str], where: str, task_id: str, max_n_samples: int | None, bound_reason: str | None
+) -> tuple[int, dict[str, float]]:
+    """An update's sample count and metrics, and that it was made for this task."""
     n_samples = _n_samples(meta, where, max_n_samples, bound_reason)
     metrics = _metrics(meta, where)
     bound = meta.get(MetaKey.TASK)
@@ -415,9 +419,7 @@ def validate_masked_update_file(
         raise WeightsError(
             f"{where}: the file says it was made for task {bound[:80]!r}; upload it to that task", where=where
         )
-    expected = {MASKED_TENSOR: TensorSpec((length,), "int32")}  # uint32 bits (core/privacy/messages.py)
-    check_matches(expected, schema_from(index), where=where)
-    return ValidUpdate(n_samples, metrics)
+    return n_samples, metrics
 
 
 def _n_samples(meta: dict[str, str], where: str, max_n_samples: int | None, bound_reason: str | None) -> int:
