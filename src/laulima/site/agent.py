@@ -423,7 +423,7 @@ class Agent:
         private = privatize_update(task, update, given)
         privacy = task.privacy
         self._audit(
-            AuditEvent.FINISHED,
+            AuditEvent.PRIVACY_APPLIED,
             task,
             privacy=(
                 f"{privacy.mode} differential privacy: clip {privacy.clip:g}, noise multiplier "

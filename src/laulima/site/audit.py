@@ -84,6 +84,10 @@ class AuditEvent(StrEnum):
     ``new_releases``, ``noise_multiplier``, ``clip``, ``delta`` (the experiment's), ``epsilon``
     (the reservation's, at the budget's δ), ``spent`` (the dataset's after it), ``budget``
     (``max_epsilon``, null: none), ``budget_delta``."""
+    PRIVACY_APPLIED = "privacy_applied"
+    """The agent clipped (and noised, and quantised for secure aggregation) a training task's
+    update before it could leave: ``privacy`` (mode, clip, noise multiplier and std, ε so far
+    at δ), ``clipped``, ``update_norm`` (before clipping; it stays here), ``secure_aggregation``."""
     HEAD_RESET = "head_reset"
     """An admin re-anchored the log with ``reanchor``: ``old_head_seq``, ``old_head_hash``, ``reason``."""
 
