@@ -379,7 +379,7 @@ class Orchestrator:
             rnd.index,
             selected=json.loads(rnd.sites_json),
             threshold=config.threshold,
-            keys_close_at=rnd.deadline,
+            round_deadline=rnd.deadline,
             phase_timeout_s=config.phase_timeout_s,
         )
         if state.phase == "aborted":

@@ -1,9 +1,10 @@
 """Secure aggregation at the hub: the phases of a round, kept in the database.
 
-Sites train first, then (Bonawitz et al. 2017) advertise two public keys (*keys*), send each
-roster member its encrypted Shamir shares (*shares*), upload their masked update through the
-ordinary update route (*masking*) and, once the hub names whose masked update arrived, answer
-with the shares that remove the masks (*unmasking*). The hub routes ciphertexts it cannot read
+As soon as they start a training task (Bonawitz et al. 2017) sites advertise two public keys
+(*keys*) and send each roster member its encrypted Shamir shares (*shares*), while they train;
+then they upload their masked update through the ordinary update route (*masking*) and, once
+the hub names whose masked update arrived, answer with the shares that remove the masks
+(*unmasking*). The hub routes ciphertexts it cannot read
 and learns only the sum. Each phase closes when every expected site has answered (or failed),
 or when its time is up; who is in it is then fixed in ``secagg_rounds``, so a restarted hub
 answers every site the same. Too few sites to reach the threshold aborts the round: the global
@@ -225,7 +226,7 @@ class SecureRounds:
         *,
         selected: Sequence[str],
         threshold: int,
-        keys_close_at: float,
+        round_deadline: float,
         phase_timeout_s: float,
     ) -> SecAggState:
         """Close the current phase if it is due; return the state after."""
@@ -236,7 +237,7 @@ class SecureRounds:
             if state.phase == "keys":
                 expected = frozenset(selected)
                 arrived = _sites(s, SecAggKey.site, experiment_id, round_index)
-                closes_at = keys_close_at
+                closes_at = round_deadline
             elif state.phase == "shares":
                 expected = frozenset(state.roster or ())
                 arrived = _sites(s, SecAggShare.sender, experiment_id, round_index)
@@ -248,7 +249,9 @@ class SecureRounds:
                         select(Update.site).where(Update.experiment_id == experiment_id, Update.round == round_index)
                     )
                 )
-                closes_at = state.since + phase_timeout_s
+                # The sites exchanged keys before they trained: their updates may take until the
+                # round's deadline (as in any round), and a phase's time after it.
+                closes_at = max(round_deadline, state.since + phase_timeout_s)
             elif state.phase == "unmasking":
                 expected = frozenset(state.survivors or ())
                 arrived = _sites(s, SecAggReveal.site, experiment_id, round_index)

@@ -118,6 +118,8 @@ class Agent:
         self.report_interval_s = 5.0
         """How often, at most, the catalog is checked for changes to report to the hub."""
         self._started = False
+        self._masked: dict[str, MaskedRound] = {}
+        """Secure-aggregation exchanges under way, by task: they run while the task trains."""
         self._report_checked_at: float | None = None
         self._reported: object = _NEVER
         """Catalog signature the hub last heard about (or refused for good)."""
@@ -367,6 +369,7 @@ class Agent:
             cases=admission.n_cases,
         )
         started = time.monotonic()
+        self._masked_round(task)
         try:
             dataset_path = materialize(admission.cohort, self.catalog, task_dir)
             cache_dir = self.cache_dir(task)
@@ -416,6 +419,13 @@ class Agent:
             digest = self._privatize(task, result.weights_path, task_dir / WEIGHTS_FILE)
         record = self.state.set(task.id, Phase.COMPUTED, result_path=str(path), result_digest=digest)
         self._report(task, record)
+
+    def _masked_round(self, task: TaskPublic) -> None:
+        """Under secure aggregation, start the key and share exchange beside the training."""
+        if task.kind == TaskKind.TRAIN and task.secure_aggregation is not None:
+            secure = MaskedRound(self.client, task, self.settings.name, self.stop)
+            secure.prepare()
+            self._masked[task.id] = secure
 
     def _privatize(self, task: TaskPublic, update: Path, given: Path) -> str:
         """Clip, noise and (for secure aggregation) quantise the update before anything is
@@ -499,6 +509,8 @@ class Agent:
         ``public`` (default: ``reason``) without paths, file names or per-case values, and the
         reference of that audit entry. ``quoted``: quoted text in it names only what the job
         declared (a package, the dataset), so it stays."""
+        if (secure := self._masked.pop(task.id, None)) is not None:
+            secure.cancel()  # a failed task takes no further part in its round's secure aggregation
         tag = dataset_tag(task.dataset)
         names = (task.dataset, task.experiment_name, task.algorithm, self.settings.name, *([tag] if tag else []))
         text = redact(
@@ -544,7 +556,11 @@ class Agent:
             path = Path(str(record.result_path))
             if task.secure_aggregation is not None:
                 masked = path.with_name(MASKED_FILE)
-                accepted = MaskedRound(self.client, task, self.settings.name, self.stop).run(
+                # Its keys were exchanged while the site trained; after a restart they are gone,
+                # and a fresh exchange is refused unless the key phase is still open.
+                secure = self._masked.pop(task.id, None)
+                secure = secure or MaskedRound(self.client, task, self.settings.name, self.stop)
+                accepted = secure.finish(
                     path, masked, lambda file, digest: self.client.upload_update(task, file, digest=digest)
                 )
                 path = masked

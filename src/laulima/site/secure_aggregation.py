@@ -1,11 +1,13 @@
 """A site's side of secure aggregation over the hub's phase routes (hub/secure_rounds.py).
 
-After training and privatising (site/update_privacy.py) the site: advertises fresh keys, waits
-for the roster, sends each roster member its encrypted shares, waits for the shares addressed
-to it, masks its quantised update and uploads it as its result, then — once the hub names the
-survivors — answers with the shares that remove the masks. Keys live only in this process's
-memory for this round: an agent that restarts midway has dropped out, which the protocol
-tolerates up to the round's threshold.
+As soon as a training task is admitted, :meth:`MaskedRound.prepare` runs beside the training
+(in a thread): the site advertises fresh keys, waits for the roster, sends each roster member
+its encrypted shares and waits for the shares addressed to it — Bonawitz et al.'s order, and
+the round's key exchange costs no time on top of training. Once the update is trained and
+privatised (site/update_privacy.py), :meth:`MaskedRound.finish` masks the quantised update,
+uploads it as the task's result and — once the hub names the survivors — answers with the
+shares that remove the masks. Keys live only in this process's memory for this round: an agent
+that restarts midway has dropped out, which the protocol tolerates up to the round's threshold.
 """
 
 from __future__ import annotations
@@ -62,26 +64,34 @@ class MaskedRound:
         self.secagg = SecAggClient(
             site, RoundContext(experiment=task.experiment_id, round=task.round, threshold=config.threshold)
         )
+        self._thread: threading.Thread | None = None
+        self._failure: Exception | None = None
+        self._cancelled = threading.Event()
 
-    def run(self, quantized: Path, masked: Path, upload: Callable[[Path, str], UploadAccepted]) -> UploadAccepted:
+    def prepare(self) -> None:
+        """Start the key and share exchange in a thread (it runs while the site trains)."""
+        self._thread = threading.Thread(target=self._exchange, name=f"secagg-{self.task.id[:8]}", daemon=True)
+        self._thread.start()
+
+    def cancel(self) -> None:
+        """The task failed: stop taking part (the hub counts this site as dropped)."""
+        self._cancelled.set()
+
+    def finish(self, quantized: Path, masked: Path, upload: Callable[[Path, str], UploadAccepted]) -> UploadAccepted:
         """Mask ``quantized`` into ``masked``, upload it with ``upload``, answer the unmasking."""
-        ad = self.secagg.advertise()
-        self._post("keys", Advertisement(encryption_key=_b64(ad.encryption_key), masking_key=_b64(ad.masking_key)))
-        roster = self._wait("roster", Roster)
-        advertised = [
-            Advertised(site=name, encryption_key=_unb64(a.encryption_key), masking_key=_unb64(a.masking_key))
-            for name, a in roster.sites.items()
-        ]
-        outbox = self.secagg.share(advertised)
-        self._post("shares", ShareOutbox(ciphertexts={name: _b64(c) for name, c in outbox.items()}))
-        inbox = self._wait("shares", ShareInbox)
-        self.secagg.receive({name: _unb64(c) for name, c in inbox.ciphertexts.items()})
+        if self._thread is None:
+            self._exchange()
+        else:
+            self._thread.join()
+        if self._failure is not None:
+            raise self._failure
         with safe_open(str(quantized), framework="numpy") as f:
             metadata = dict(f.metadata() or {})
             vector = f.get_tensor(QUANTIZED_TENSOR).view(np.uint32)  # int32 on disk, the same bits
         masked_vector = self.secagg.mask(vector).view(np.int32)
-        digest, _ = write_safetensors(masked, {MASKED_TENSOR: masked_vector}, metadata)
         del vector
+        digest, _ = write_safetensors(masked, {MASKED_TENSOR: masked_vector}, metadata)
+        del masked_vector
         accepted = upload(masked, digest)
         try:
             request = self._wait("unmasking", Unmasking)
@@ -97,6 +107,24 @@ class MaskedRound:
             log.warning("task %s: secure aggregation ended before this site's unmasking answer: %s", self.task.id, exc)
         return accepted
 
+    def _exchange(self) -> None:
+        """Keys, roster, shares, inbox; a failure is kept for :meth:`finish` to raise."""
+        try:
+            ad = self.secagg.advertise()
+            body = Advertisement(encryption_key=_b64(ad.encryption_key), masking_key=_b64(ad.masking_key))
+            self._post("keys", body)
+            roster = self._wait("roster", Roster)
+            advertised = [
+                Advertised(site=name, encryption_key=_unb64(a.encryption_key), masking_key=_unb64(a.masking_key))
+                for name, a in roster.sites.items()
+            ]
+            outbox = self.secagg.share(advertised)
+            self._post("shares", ShareOutbox(ciphertexts={name: _b64(c) for name, c in outbox.items()}))
+            inbox = self._wait("shares", ShareInbox)
+            self.secagg.receive({name: _unb64(c) for name, c in inbox.ciphertexts.items()})
+        except Exception as exc:
+            self._failure = exc
+
     def _post(self, phase: str, body: BaseModel) -> None:
         what = f"secure aggregation ({phase}) of task {self.task.id}"
         self.client.call("POST", f"{self.base}/{phase}", what=what, json=body.model_dump(mode="json"))
@@ -105,8 +133,9 @@ class MaskedRound:
         """Long-poll the phase until the hub answers with its result; give up after the phase's
         time limit twice over (the hub decides sooner; this only bounds a hub gone silent)."""
         what = f"secure aggregation ({phase}) of task {self.task.id}"
-        give_up = time.monotonic() + max(self.task.seconds_left, 0.0) + 4 * self.config.phase_timeout_s
-        while not self.stop.is_set():
+        give_up = time.monotonic() + max(self.task.seconds_left, self.task.time_limit_s, 0.0)
+        give_up += 4 * self.config.phase_timeout_s
+        while not (self.stop.is_set() or self._cancelled.is_set()):
             left = give_up - time.monotonic()
             if left <= 0:
                 break
