@@ -62,6 +62,8 @@ def test_the_secure_aggregate_equals_the_plain_one_when_a_site_drops_after_shari
         np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=bound + 1e-6, err_msg=key)
     assert any(not np.array_equal(got[k], fed_initial) for k, fed_initial in expected.items())
     assert leftovers == 0, "a decided round's shares are deleted"
+    left_behind = sorted((fed.workdir / "sites").rglob("*.safetensors"))
+    assert not left_behind, f"the sites keep no model-sized files of finished tasks: {left_behind}"
 
 
 def test_too_many_dropouts_abort_the_round_and_the_next_round_runs(federation):

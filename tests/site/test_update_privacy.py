@@ -80,3 +80,10 @@ def test_under_secure_aggregation_only_the_weighted_quantised_step_remains(tmp_p
     assert np.abs(got - expected).max() <= 1 / scale_for(250.0, 3)
     with safe_open(str(u), framework="numpy") as f:
         assert f.metadata()[MetaKey.N_SAMPLES] == "25", "the weight the site applied"
+
+
+def test_the_private_file_is_owner_only(tmp_path):
+    g, u, _, _ = _files(tmp_path, scale=0.1)
+    u.chmod(0o644)
+    privatize_update(_task(TaskPrivacy(mode="local", clip=1.0, noise_multiplier=1.0, delta=1e-5)), u, g)
+    assert u.stat().st_mode & 0o077 == 0

@@ -342,6 +342,8 @@ class Agent:
             self._hold(task, admission)
             return
         self._audit(AuditEvent.DECIDED, task, decision="run", reason=admission.why)
+        if task.id not in self._masked:
+            self._masked_round(task)  # secure aggregation's key exchange runs beside download and training
         task_dir = self.task_dir(task.id)
         private_dir(self.settings.work_dir)
         private_dir(task_dir)
@@ -369,7 +371,6 @@ class Agent:
             cases=admission.n_cases,
         )
         started = time.monotonic()
-        self._masked_round(task)
         try:
             dataset_path = materialize(admission.cohort, self.catalog, task_dir)
             cache_dir = self.cache_dir(task)
@@ -627,7 +628,7 @@ class Agent:
     def _clean(self, task_id: str) -> None:
         """Drop the bulky files of a finished task; its logs and small JSON files stay."""
         task_dir = self.task_dir(task_id)
-        for name in (WEIGHTS_FILE, RESULT_WEIGHTS_FILE):
+        for name in (WEIGHTS_FILE, RESULT_WEIGHTS_FILE, MASKED_FILE):
             (task_dir / name).unlink(missing_ok=True)
         shutil.rmtree(task_dir / SCRATCH_DIR, ignore_errors=True)
 

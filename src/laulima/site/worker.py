@@ -385,7 +385,7 @@ def write_safetensors(path: Path, weights: Weights, metadata: dict[str, str]) ->
     size = 0
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(open_private(tmp), "wb") as fh:  # owner-only from its first byte
             for chunk in safetensors_chunks(weights, metadata):
                 digest.update(chunk)
                 fh.write(chunk)
