@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from laulima.core.protocol import TaskKind
 from laulima.report import ArmEvaluation, Overlay, collect_versions, label_colours, report_meta, write_report
 from laulima.terminal import format_metric
 from tests.helpers import report_data as rd
@@ -263,3 +264,144 @@ def test_tables_are_wrapped_so_they_scroll_inside_the_page(full_report):
     page = full_report[0].read_text()
     assert page.count('<div class="table-wrap"><table') == page.count("<table")
     assert ".table-wrap { max-width: 100%; overflow-x: auto; }" in page
+
+
+# -- differential privacy and secure aggregation ---------------------------------------------
+PRIVACY = {
+    "differential_privacy": True,
+    "mode": "distributed",
+    "clip": 1.5,
+    "noise_multiplier": 3.125,
+    "target_epsilon": 8.0,
+    "delta": 1e-5,
+    "secure_aggregation": True,
+}
+NO_LOCAL = "under differential privacy no site trains a local-only model"
+UTILITY = {
+    "benchmark": "privacy_utility",
+    "preset": "quick",
+    "mode": "distributed",
+    "secure_aggregation": True,
+    "clip": 1.5,
+    "delta": 1e-5,
+    "rounds": 20,
+    "runs": [
+        {"target_epsilon": None, "noise_multiplier": None, "dice_mean": 0.7111,
+         "dice": {"dice_wt": 0.81, "dice_tc": 0.7, "dice_et": 0.62}, "wall_s": 300.0},
+        {"target_epsilon": 8.0, "noise_multiplier": 3.1, "dice_mean": 0.4222,
+         "dice": {"dice_wt": 0.5, "dice_tc": 0.42, "dice_et": 0.35}, "wall_s": 320.5},
+        {"target_epsilon": 1.0, "noise_multiplier": 14.2, "dice_mean": 0.0333,
+         "dice": {"dice_wt": 0.05, "dice_tc": 0.03, "dice_et": 0.02}, "wall_s": 330.0},
+        {"target_epsilon": 3.0, "noise_multiplier": 6.0, "dice_mean": 0.1444,
+         "dice": {"dice_wt": 0.2, "dice_tc": 0.13, "dice_et": 0.1}, "wall_s": 310.0},
+    ],
+}  # fmt: skip
+
+
+def site_epsilon(site: str, rnd: int) -> float:
+    """Distinct per site and round, so a misplaced cell shows."""
+    return round(2.0 * rnd + 0.01 * rd.SITES.index(site), 4)
+
+
+def private_data(**extra) -> rd.ReportData:
+    """A run under distributed DP and secure aggregation: no local-only models, ε with every update."""
+    data = rd.report_data(privacy=dict(PRIVACY), absent={"local-only models": NO_LOCAL}, **extra)
+    data.arms = [a for a in data.arms if not a.name.startswith("local:")]
+    data.rounds = [
+        r.model_copy(update={"metrics": {**r.metrics, "privacy_epsilon": site_epsilon(r.site, r.round)}})
+        if r.kind == TaskKind.TRAIN
+        else r
+        for r in data.rounds
+    ]
+    return data
+
+
+@pytest.fixture(scope="module")
+def private_report(tmp_path_factory) -> tuple[Path, rd.ReportData]:
+    data = private_data(privacy_utility=UTILITY)
+    return write_report(data, tmp_path_factory.mktemp("private")), data
+
+
+def test_the_epsilon_of_every_site_and_round_is_in_report_json(private_report):
+    path, _ = private_report
+    privacy = json.loads((path.parent / "report.json").read_text())["privacy"]
+    n_rounds = 4  # rd.rounds()
+    assert privacy["epsilon_per_round"] == {
+        s: {str(r): site_epsilon(s, r) for r in range(1, n_rounds + 1)} for s in rd.SITES
+    }
+    assert privacy["epsilon_final"] == {s: {"round": n_rounds, "epsilon": site_epsilon(s, n_rounds)} for s in rd.SITES}
+    assert {k: privacy[k] for k in PRIVACY} == PRIVACY  # mode, clip, noise multiplier, δ, secure aggregation
+    summary = json.loads((path.parent / "report.json").read_text())["summary"]
+    assert summary["epsilon_final"] == {s: site_epsilon(s, n_rounds) for s in rd.SITES}
+
+
+def test_the_page_shows_the_privacy_settings_and_epsilon_per_site_and_round(private_report):
+    path, _ = private_report
+    page = path.read_text()
+    tables = parse(page).tables
+    assert tables["epsilon-table"][0] == ["", *rd.SITES]
+    assert tables["epsilon-table"][1] == ["ε after the last round", "8.00", "8.01", "8.02"]
+    assert tables["epsilon-table"][2] == ["last round", "4", "4", "4"]
+    assert tables["epsilon-rounds-table"][1] == ["1", "2.00", "2.01", "2.02"]
+    assert len(tables["epsilon-rounds-table"]) == 1 + 4
+    settings = re.search(r'<p id="privacy-settings">(.*?)</p>', page).group(1)
+    for part in ("distributed", "clip 1.5", "noise multiplier 3.125", "ε 8", "δ 1e-05", "secure aggregation on"):
+        assert part in settings, (part, settings)
+    assert "ε = 8.02" in page  # the headline card: the most any site spent
+    assert (path.parent / "privacy_epsilon.png").is_file() and '<img src="privacy_epsilon.png"' in page
+
+
+def test_a_private_run_says_why_it_has_no_local_only_models(private_report):
+    path, _ = private_report
+    page = path.read_text()
+    assert f'<p class="note absent">No local-only models: {NO_LOCAL}</p>' in page
+    assert [row[0] for row in parse(page).tables["comparison-table"][2:]] == ["federated", "centralized"]
+    assert "best local-only" not in page and "sites where federated beats" not in page
+    report = json.loads((path.parent / "report.json").read_text())
+    assert report["summary"]["absent"] == {"local-only models": NO_LOCAL}
+    assert "best_local" not in report["summary"] and report["summary"]["sites_where_federated_beats_local"] == []
+    assert "x centralized" in report["summary"]["verdict"]
+
+
+def test_the_privacy_utility_line_is_tabled_by_epsilon_and_plotted(private_report):
+    path, _ = private_report
+    page = path.read_text()
+    rows = parse(page).tables["privacy-utility-table"]
+    assert rows[0] == [
+        "target ε", "noise multiplier", "mean Dice", "Dice whole tumour", "Dice tumour core", "Dice enhancing tumour",
+        "wall (s)",
+    ]  # fmt: skip
+    assert [r[0] for r in rows[1:]] == ["1", "3", "8", "∞ (no differential privacy)"]
+    assert rows[1] == ["1", "14.2", "0.0333", "0.0500", "0.0300", "0.0200", "330"]
+    assert rows[4][1:3] == ["—", "0.7111"]
+    assert (path.parent / "privacy_utility.png").is_file() and '<img src="privacy_utility.png"' in page
+    assert json.loads((path.parent / "report.json").read_text())["privacy_utility"] == UTILITY
+
+
+def test_a_report_without_privacy_has_no_privacy_section(full_report):
+    path, _ = full_report
+    page = path.read_text()
+    assert 'id="privacy"' not in page and "epsilon-table" not in page
+    assert not (path.parent / "privacy_epsilon.png").exists() and not (path.parent / "privacy_utility.png").exists()
+    report = json.loads((path.parent / "report.json").read_text())
+    assert report["privacy"] is None and report["privacy_utility"] is None and "epsilon_final" not in report["summary"]
+
+
+def test_secure_aggregation_alone_shows_its_settings_and_no_epsilon(tmp_path):
+    settings = {"differential_privacy": False, "mode": None, "clip": 1.5, "noise_multiplier": None,
+                "target_epsilon": None, "delta": None, "secure_aggregation": True}  # fmt: skip
+    data = rd.report_data(privacy=settings)
+    page = write_report(data, tmp_path).read_text()
+    assert "no differential privacy (updates clipped to 1.5); secure aggregation on" in page
+    assert "No site reported an ε" in page and not (tmp_path / "privacy_epsilon.png").exists()
+
+
+def test_an_epsilon_without_noise_reads_infinite_and_is_not_plotted(tmp_path):
+    data = private_data()
+    data.rounds = [
+        r.model_copy(update={"metrics": {**r.metrics, "privacy_epsilon": 1e15}}) if r.kind == TaskKind.TRAIN else r
+        for r in data.rounds
+    ]
+    page = write_report(data, tmp_path).read_text()
+    assert parse(page).tables["epsilon-table"][1] == ["ε after the last round", "∞", "∞", "∞"]
+    assert not (tmp_path / "privacy_epsilon.png").exists()

@@ -9,17 +9,26 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
+from laulima.core.protocol import MetricRecord, TaskKind
 from laulima.report import ArmEvaluation
 from laulima.terminal import (
+    EPSILON_METRIC,
     ComparisonColumn,
     budget_line,
     compare_arms,
     comparison_table,
     comparison_verdict,
+    epsilon_by_site,
+    final_epsilon,
+    format_epsilon,
     format_metric,
     headline_metrics,
     metric_label,
     ordered_metrics,
+    privacy_line,
+    privacy_settings,
+    privacy_settings_line,
+    privacy_table,
 )
 from tests.helpers import report_data as rd
 
@@ -189,3 +198,156 @@ def test_the_verdict_without_baselines_says_so_without_failing():
     assert verdict.ratio_to_centralized is None and verdict.margin_over_best_local is None
     assert verdict.line().startswith("federated mean Dice")
     assert comparison_verdict([], sites=[]).line() == "no federated mean Dice to compare"
+
+
+# -- differential privacy ------------------------------------------------------------------
+def _private_records() -> list[MetricRecord]:
+    """Two sites' train records with ε (site-b one round behind), an evaluation and a cross-site record."""
+    records = [
+        MetricRecord(round=r, site=s, kind=TaskKind.TRAIN, n_samples=4, metrics={"loss": 0.5, EPSILON_METRIC: e})
+        for s, rounds in {"site-a": {1: 2.5, 2: 3.75}, "site-b": {1: 2.5}}.items()
+        for r, e in rounds.items()
+    ]
+    records.append(
+        MetricRecord(round=2, site="site-a", kind=TaskKind.EVALUATE, n_samples=2, metrics={"dice_mean": 0.5})
+    )
+    records.append(
+        MetricRecord(
+            round=3, site="site-a", kind=TaskKind.EVALUATE, n_samples=2, metrics={"dice_mean": 0.5}, model="global"
+        )
+    )
+    return records
+
+
+def test_the_epsilon_metric_is_the_one_the_sites_report():
+    from laulima.site.update_privacy import EPSILON_METRIC as SITE_METRIC
+
+    assert EPSILON_METRIC == SITE_METRIC
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (7.98123, "7.98"),
+        (0.9999984, "1.00"),
+        (0.5, "0.50"),
+        (0.0123, "0.012"),
+        (1e15, "∞"),
+        (math.inf, "∞"),
+        (None, "n/a"),
+        (math.nan, "n/a"),
+    ],
+)
+def test_epsilon_is_readable(value, text):
+    assert format_epsilon(value) == text
+
+
+def test_epsilon_per_site_and_round_comes_from_the_train_records():
+    records = _private_records()
+    assert epsilon_by_site(records) == {"site-a": {1: 2.5, 2: 3.75}, "site-b": {1: 2.5}}
+    assert final_epsilon(records) == {"site-a": (2, 3.75), "site-b": (1, 2.5)}
+    assert epsilon_by_site([r for r in records if EPSILON_METRIC not in r.metrics]) == {}
+
+
+def test_the_privacy_line_names_each_sites_epsilon_and_delta():
+    line = privacy_line(_private_records(), delta=1e-5)
+    assert line == (
+        "differential privacy: ε after each site's last round (each site's own accounting, δ 1e-05): "
+        "site-a 3.75 (round 2), site-b 2.50 (round 1)"
+    )
+    same = [r for r in _private_records() if r.site == "site-a"]
+    assert privacy_line(same) == "differential privacy: ε after round 2 (each site's own accounting): site-a 3.75"
+    assert privacy_line(rd.rounds()) is None
+
+
+def test_the_privacy_table_has_a_row_per_round_and_a_column_per_site():
+    table = privacy_table(_private_records(), delta=1e-5)
+    assert table is not None
+    text = render(table)
+    assert "differential privacy: site-level ε spent so far at δ = 1e-05" in " ".join(text.split())
+    assert [line.split() for line in text.splitlines() if "round" in line] == [
+        ["┃", "round", "┃", "site-a", "┃", "site-b", "┃"]
+    ]
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in text.splitlines() if line.startswith("│")]
+    assert rows == [["1", "2.50", "2.50"], ["2", "3.75", ""]]
+    assert privacy_table(rd.rounds()) is None
+
+
+def test_privacy_settings_are_read_from_the_hubs_spec():
+    spec = {
+        "privacy": {
+            "mode": "distributed",
+            "clip": 1.5,
+            "noise_multiplier": 3.125,
+            "target_epsilon": 8.0,
+            "delta": 1e-5,
+        },
+        "secure_aggregation": {"clip": None, "phase_timeout_s": 120.0},
+    }
+    settings = privacy_settings(spec)
+    assert settings == {
+        "differential_privacy": True, "mode": "distributed", "clip": 1.5, "noise_multiplier": 3.125,
+        "target_epsilon": 8.0, "delta": 1e-5, "secure_aggregation": True,
+    }  # fmt: skip
+    assert privacy_settings_line(settings) == (
+        "differential privacy: distributed, clip 1.5, noise multiplier 3.125 (calibrated for ε 8), δ 1e-05; "
+        "secure aggregation on"
+    )
+    assert privacy_settings({"name": "x"}) is None
+    only_secagg = privacy_settings({"secure_aggregation": {"clip": 2.0}})
+    assert privacy_settings_line(only_secagg) == "no differential privacy (updates clipped to 2); secure aggregation on"
+    local = privacy_settings({"privacy": {"clip": 1.0, "noise_multiplier": 2.0, "delta": 1e-5}})
+    assert local is not None and local["mode"] == "local" and not local["secure_aggregation"]
+
+
+def test_the_settings_line_before_the_hub_calibrated_the_noise():
+    settings = privacy_settings({"privacy": {"mode": "local", "clip": 1.35, "target_epsilon": 8.0, "delta": 1e-5}})
+    assert privacy_settings_line(settings) == (
+        "differential privacy: local, clip 1.35, noise multiplier to be calibrated by the hub for ε 8, δ 1e-05; "
+        "secure aggregation off"
+    )
+
+
+def test_experiment_status_shows_the_privacy_settings_and_epsilon_per_round(monkeypatch):
+    from typer.testing import CliRunner
+
+    import laulima.client
+    from laulima.cli import app
+    from laulima.core.protocol import ExperimentPublic, ExperimentStatus
+
+    spec = {
+        "name": "private",
+        "privacy": {"mode": "distributed", "clip": 1.35, "noise_multiplier": 3.1, "target_epsilon": 8.0, "delta": 1e-5},
+        "secure_aggregation": {"clip": 1.35},
+    }
+    experiment = ExperimentPublic(
+        id=7, name="private", status=ExperimentStatus.RUNNING, rounds_done=2, rounds=20, created_at=0.0,
+        finished_at=None, global_digest="0" * 64, error=None, spec=spec, owner="me",
+    )  # fmt: skip
+
+    class FakeClient:
+        def __init__(self, *args, **kwargs) -> None: ...
+        def __enter__(self) -> FakeClient:
+            return self
+
+        def __exit__(self, *exc) -> None: ...
+        def experiment(self, experiment_id):
+            return experiment
+
+        def rounds(self, experiment_id):
+            return []
+
+        def metrics(self, experiment_id):
+            return _private_records()
+
+        def refusals(self, experiment_id):
+            return []
+
+    monkeypatch.setattr(laulima.client, "Client", FakeClient)
+    result = CliRunner().invoke(app, ["experiment", "status", "7", "--hub", "http://hub", "--token", "t"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "differential privacy: distributed, clip 1.35, noise multiplier 3.1 (calibrated for ε 8)" in text
+    assert "secure aggregation on" in text
+    assert "differential privacy: site-level ε spent so far at δ = 1e-05" in text
+    assert "│ 2 │ 3.75 │ │" in text

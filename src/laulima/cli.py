@@ -17,7 +17,15 @@ from laulima.cli_algorithm import algorithm_app
 from laulima.cli_nnunet import nnunet_app
 from laulima.cli_security import ca_app, site_enroll, site_init, token_app
 from laulima.cli_security import hub as hub_command
-from laulima.cli_site_admin import hub_audit_app, jobs_app, policy_app, site_approve, site_audit_app, site_reject
+from laulima.cli_site_admin import (
+    hub_audit_app,
+    jobs_app,
+    policy_app,
+    site_approve,
+    site_audit_app,
+    site_privacy,
+    site_reject,
+)
 from laulima.errors import (
     AlgorithmError,
     ConfigurationError,
@@ -75,6 +83,7 @@ site_app.add_typer(site_audit_app, name="audit")
 app.add_typer(nnunet_app, name="nnunet")
 site_app.command("approve")(site_approve)
 site_app.command("reject")(site_reject)
+site_app.command("privacy")(site_privacy)
 
 
 def _fail(exc: LaulimaError) -> NoReturn:
@@ -527,7 +536,7 @@ def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None
     from rich.markup import escape
 
     from laulima.client import Client
-    from laulima.terminal import metrics_table
+    from laulima.terminal import metrics_table, privacy_settings, privacy_settings_line, privacy_table
 
     with Client(hub_url, token) as client:
         exp = client.experiment(experiment_id)
@@ -548,6 +557,8 @@ def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None
         console.print(f"[yellow]{exp.waiting}[/]")
     if exp.algorithm_digest:
         console.print(f"algorithm {escape(str(exp.spec.get('algorithm', '?')))} ({exp.algorithm_digest[:12]})")
+    if (privacy := privacy_settings(exp.spec)) is not None:
+        console.print(escape(privacy_settings_line(privacy)))
     for site, note in sorted(exp.site_notes.items()):  # sites' own words: never read as markup
         colour = "yellow" if note.startswith("waiting") else "red"
         console.print(f"[{colour}]{escape(site)}[/]: {escape(note)}")
@@ -557,6 +568,8 @@ def experiment_status(experiment_id: int, hub_url: HubUrl, token: Token) -> None
         table.add_row(str(r.index), r.status, ", ".join(r.sites), str(r.n_updates), left_out)
     console.print(table)
     console.print(metrics_table(metrics))
+    if (epsilons := privacy_table(metrics, delta=(privacy or {}).get("delta"))) is not None:
+        console.print(epsilons)  # the sites' train records: metrics_table shows the evaluations only
     for ref in refusals:
         console.print(f"[yellow]refused[/] {ref.site} task {ref.task_id}: {ref.status} {ref.reason}")
 
@@ -676,16 +689,48 @@ def demo(
         Path | None,
         typer.Option(help="JSON lines of benchmarks/strategies.py to include in the report."),
     ] = None,
+    dp: Annotated[
+        bool,
+        typer.Option(
+            "--dp",
+            help="Site-level differential privacy: every site clips and noises its update (target ε 8, δ 1e-5; "
+            "distributed noise with --secure-aggregation, else local). No local-only models then.",
+        ),
+    ] = False,
+    epsilon: Annotated[
+        float | None,
+        typer.Option("--epsilon", min=0.01, help="The target ε over all rounds (implies --dp; default 8)."),
+    ] = None,
+    secure_aggregation: Annotated[
+        bool,
+        typer.Option(
+            "--secure-aggregation",
+            help="Secure aggregation: the hub learns only the sum of the sites' masked updates. No local-only "
+            "models then.",
+        ),
+    ] = False,
+    privacy_utility: Annotated[
+        Path | None,
+        typer.Option(help="The JSON line of benchmarks/privacy_utility.py to plot in the report (Dice against ε)."),
+    ] = None,
 ) -> None:
     """Federated brain tumour segmentation across three simulated hospitals, with a report."""
-    from laulima.demo import presets, read_strategy_comparison, run_demo
+    import dataclasses
+
+    from laulima.demo import DEFAULT_EPSILON, presets, read_privacy_utility, read_strategy_comparison, run_demo
 
     available = presets(task)
     name = preset or ("quick" if quick else "default")
     if name not in available:
         raise ConfigurationError(f"--preset {name!r}: choose one of {', '.join(available)}", field="preset")
+    chosen = available[name]
+    if dp or epsilon is not None:
+        chosen = dataclasses.replace(chosen, target_epsilon=epsilon if epsilon is not None else DEFAULT_EPSILON)
+    if secure_aggregation:
+        chosen = dataclasses.replace(chosen, secure_aggregation=True)
     rows = read_strategy_comparison(strategy_comparison) if strategy_comparison is not None else None
-    run_demo(available[name], workdir, console, baselines=baselines, strategy_comparison=rows)
+    utility = read_privacy_utility(privacy_utility) if privacy_utility is not None else None
+    run_demo(chosen, workdir, console, baselines=baselines, strategy_comparison=rows, privacy_utility=utility)
 
 
 @app.command()

@@ -11,11 +11,19 @@ comparison was computed by the sites on their own test subjects. Then the report
 TensorBoard logs and the model are written.
 
 ``--task brain-tissue`` runs the earlier demo (CSF, grey and white matter on T1w phantoms).
+
+``--dp`` adds site-level differential privacy (each site clips and noises its update; target
+ε 8 at δ 1e-5 unless ``--epsilon``), ``--secure-aggregation`` masks the updates so the hub
+learns only their sum (with both, the noise is distributed among the sites). Either turns the
+local-only models off — they would leave their sites without clipping, noise or masking — so
+the comparison is federated against centralized, and the report says so and shows the ε each
+site spent per round.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -25,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 
 from laulima.core.crosssite import GLOBAL, MODEL, local_label, pooled, round_records
 from laulima.core.protocol import (
@@ -41,12 +50,43 @@ from laulima.core.weights import Weights, from_safetensors, to_safetensors
 from laulima.errors import ConfigurationError, LaulimaError
 from laulima.report import ArmEvaluation, ReportData, report_meta, write_report
 from laulima.sim import LocalFederation, site_names
-from laulima.terminal import SimProgress, budget_line, comparison_table, comparison_verdict
+from laulima.terminal import (
+    SimProgress,
+    budget_line,
+    comparison_table,
+    comparison_verdict,
+    privacy_line,
+    privacy_settings,
+    privacy_settings_line,
+)
 
-__all__ = ["PRESETS", "TASKS", "DemoOutcome", "DemoPreset", "presets", "read_strategy_comparison", "run_demo"]
+__all__ = [
+    "DEFAULT_DELTA",
+    "DEFAULT_EPSILON",
+    "PRESETS",
+    "TASKS",
+    "UPDATE_CLIP",
+    "DemoOutcome",
+    "DemoPreset",
+    "presets",
+    "read_privacy_utility",
+    "read_strategy_comparison",
+    "run_demo",
+]
 
 ALGORITHM = "laulima.algorithms.segmentation:UNetSegmentation"
 TASKS = ("brain-tumour", "brain-tissue")
+
+DEFAULT_EPSILON = 8.0
+"""``laulima demo --dp``'s target ε over all rounds (``--epsilon`` changes it)."""
+DEFAULT_DELTA = 1e-5
+UPDATE_CLIP = 1.35
+"""L2 bound of a site's update (its model minus the model it was given) under ``--dp`` and
+``--secure-aggregation``. Chosen near the median norm of the step, which clips about half the
+updates (DP-FedAvg's usual choice, Andrew et al. 2021): the quick tumour preset run once
+without noise (``noise_multiplier = 0``, clip 1e6, so nothing was clipped) wrote 60 norms into
+the sites' audit logs (``update_norm``; 3 sites x 20 rounds): median 1.354, quartiles 0.80 and
+1.89, falling from 3.4 in round 1 to 0.14-0.19 in round 20 as the poly learning rate decays."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +114,44 @@ class DemoPreset:
     evaluate_every: int = 1
     strategy: Mapping[str, Any] = field(default_factory=lambda: {"name": "fedavg"})
     """The spec's ``[strategy]`` table (benchmarks/strategies.py swaps it)."""
+    target_epsilon: float | None = None
+    """Site-level differential privacy (the spec's ``[privacy]``): the ε over all rounds the hub
+    calibrates the noise to; None (and no ``noise_multiplier``): no differential privacy."""
+    noise_multiplier: float | None = None
+    """Given instead of ``target_epsilon``: the noise std over ``clip`` (0: clipping only, ε = ∞)."""
+    delta: float = DEFAULT_DELTA
+    clip: float = UPDATE_CLIP
+    """L2 bound of a site's update, for differential privacy and secure aggregation alike."""
+    secure_aggregation: bool = False
+    """The spec's ``[secure_aggregation]``: the hub learns only the sum of the sites' updates."""
+    dp_mode: str | None = None
+    """``local`` or ``distributed``; None: distributed under secure aggregation, else local."""
+
+    @property
+    def differential_privacy(self) -> bool:
+        return self.target_epsilon is not None or self.noise_multiplier is not None
+
+    @property
+    def private(self) -> bool:
+        """Differential privacy or secure aggregation: then no site trains a local-only model
+        (it would leave its site without clipping, noise or masking; the spec refuses it)."""
+        return self.differential_privacy or self.secure_aggregation
+
+    def privacy_table(self) -> dict[str, Any] | None:
+        """The spec's ``[privacy]`` table, or None."""
+        if not self.differential_privacy:
+            return None
+        mode = self.dp_mode or ("distributed" if self.secure_aggregation else "local")
+        table: dict[str, Any] = {"mode": mode, "clip": self.clip, "delta": self.delta}
+        if self.noise_multiplier is not None:
+            table["noise_multiplier"] = self.noise_multiplier
+        else:
+            table["target_epsilon"] = self.target_epsilon
+        return table
+
+    def secure_aggregation_table(self) -> dict[str, Any] | None:
+        """The spec's ``[secure_aggregation]`` table, or None."""
+        return {"clip": self.clip} if self.secure_aggregation else None
 
     @property
     def steps_per_arm(self) -> int:
@@ -103,26 +181,29 @@ class DemoPreset:
         }
 
     def spec(self, *, cross_site: bool = False) -> ExperimentSpec:
-        """The federated experiment; ``cross_site``: the sites also train local-only models and
-        evaluate every model (the comparison the demo prints)."""
-        return parse_spec(
-            {
-                "name": f"{self.task}-{self.strategy['name']}-{self.name}",
-                "algorithm": ALGORITHM,
-                "dataset": self.task,
-                "rounds": self.rounds,
-                "local_steps": self.local_steps,
-                "min_sites": self.n_sites,
-                "round_timeout_s": self.round_timeout_s,
-                "seed": self.seed,
-                "strategy": dict(self.strategy),
-                "evaluation": {
-                    "every": self.evaluate_every, "final": True, "cross_site": cross_site, "local_models": cross_site,
-                },
-                "config": self.params(),
+        """The federated experiment; ``cross_site``: the sites also evaluate every model (the
+        comparison the demo prints) and, unless the run is private, train local-only models."""
+        local_models = cross_site and not self.private
+        data: dict[str, Any] = {
+            "name": f"{self.task}-{self.strategy['name']}-{self.name}",
+            "algorithm": ALGORITHM,
+            "dataset": self.task,
+            "rounds": self.rounds,
+            "local_steps": self.local_steps,
+            "min_sites": self.n_sites,
+            "round_timeout_s": self.round_timeout_s,
+            "seed": self.seed,
+            "strategy": dict(self.strategy),
+            "evaluation": {
+                "every": self.evaluate_every, "final": True, "cross_site": cross_site, "local_models": local_models,
             },
-            source=f"demo preset {self.name!r}",
-        )  # fmt: skip
+            "config": self.params(),
+        }  # fmt: skip
+        if (privacy := self.privacy_table()) is not None:
+            data["privacy"] = privacy
+        if (secagg := self.secure_aggregation_table()) is not None:
+            data["secure_aggregation"] = secagg
+        return parse_spec(data, source=f"demo preset {self.name!r}")
 
     def evaluation_spec(self, model: str) -> ExperimentSpec:
         """An evaluation-only experiment: the sites score a model trained elsewhere."""
@@ -195,6 +276,8 @@ class DemoOutcome:
     metrics: list[MetricRecord]
     arms: list[ArmEvaluation]
     wall_time_s: dict[str, float] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None
+    """The privacy settings the hub ran (noise multiplier calibrated), or None."""
 
 
 def run_demo(
@@ -204,12 +287,15 @@ def run_demo(
     *,
     baselines: bool = True,
     strategy_comparison: list[dict[str, Any]] | None = None,
+    privacy_utility: dict[str, Any] | None = None,
 ) -> DemoOutcome:
     """Run the whole demonstration under ``workdir`` (replaced if it exists).
 
-    ``baselines``: also the local-only models (trained and scored by the sites) and the
-    centralized model; without them only the federated model is scored (at every site).
-    ``strategy_comparison``: rows of benchmarks/strategies.py for the report."""
+    ``baselines``: also the local-only models (trained and scored by the sites; not under
+    differential privacy or secure aggregation) and the centralized model; without them only
+    the federated model is scored (at every site). ``strategy_comparison``: rows of
+    benchmarks/strategies.py for the report; ``privacy_utility``: the line of
+    benchmarks/privacy_utility.py."""
     from laulima.baselines import run_baseline
     from laulima.demo_overlay import prediction_overlay
     from laulima.export import export_model
@@ -250,9 +336,13 @@ def run_demo(
         f"[bold]federated[/]: {spec.rounds} rounds x {spec.local_steps} steps on {preset.n_sites} sites, "
         f"{spec.strategy.name} (hub and agents as separate processes; logs under {workdir})"
     )
+    if preset.private and baselines:
+        console.print(f"  [yellow]no local-only models[/]: {_NO_LOCAL_MODELS}")
     t = time.monotonic()
     with LocalFederation(workdir, preset.n_sites, preset.task, seed=preset.seed) as fed:
         exp = fed.submit(spec)
+        if preset.private:  # as the hub accepted it: target_epsilon calibrated into noise_multiplier
+            console.print(f"  {escape(privacy_settings_line(privacy_settings(exp.spec)))}")
         phase_seen: dict[ExperimentPhase | None, float] = {}
         """When each phase was first seen: the local models' share of the wall time."""
         with SimProgress(console, spec.rounds) as progress:
@@ -263,6 +353,7 @@ def run_demo(
 
             exp = fed.wait(exp.id, timeout=_timeout(preset, spec.rounds), on_progress=on_progress)
         _check_completed(exp, workdir)
+        privacy = privacy_settings(exp.spec)  # as the hub ran it: target_epsilon calibrated into noise_multiplier
         # The per-round records; those of round rounds + 1 (labelled by model) are the cross-site matrix.
         metrics = round_records(fed.client.metrics(exp.id))
         weights = {"federated": _download(fed, exp.id, None, workdir / "global.safetensors")}
@@ -304,12 +395,15 @@ def run_demo(
             )
 
     # 4. The model, TensorBoard, a look at one test subject, the report and the verdict.
+    spec_json = spec.model_dump(mode="json")
+    if "privacy" in spec_json and exp.spec.get("privacy"):
+        spec_json["privacy"] = exp.spec["privacy"]  # with the noise multiplier the hub calibrated
     overlay = prediction_overlay(datasets, weights, params)
     model_dir = export_model(
         weights["federated"], params, workdir / "model",
         card={
             "experiment": exp.name, "rounds": exp.rounds_done, "sites": names, "strategy": spec.strategy.name,
-            "spec": spec.model_dump(mode="json"), "dice_pooled": arms[0].pooled,
+            "spec": spec_json, "dice_pooled": arms[0].pooled,
             "data": "synthetic brain MRI phantoms from the MNI152 template (not patients)",
         },
     )  # fmt: skip
@@ -321,6 +415,8 @@ def run_demo(
         "optimizer_steps_per_local_model": preset.steps_per_site, "batch_size": preset.batch_size,
         "unet_channels": list(preset.unet_channels), "volume": f"{preset.shape} at {preset.spacing_mm} mm",
     }  # fmt: skip
+    if preset.private:  # no local-only models to budget for
+        del budget["optimizer_steps_per_local_model"]
     data = ReportData(
         title=f"Laulima demo: federated {_TITLES[preset.task]} ({preset.name} preset)",
         description=(
@@ -333,17 +429,35 @@ def run_demo(
         rounds=metrics,
         arms=arms,
         wall_time_s=times,
-        notes=_notes(preset, baselines),
-        meta=report_meta(strategy=spec.strategy.name, seed=preset.seed, spec=spec.model_dump(mode="json")),
+        notes=_notes(preset, baselines, privacy, n_parameters=sum(int(w.size) for w in weights["federated"].values())),
+        meta=report_meta(strategy=spec.strategy.name, seed=preset.seed, spec=spec_json),
         overlay=overlay,
         strategy_comparison=strategy_comparison,
+        privacy=privacy,
+        privacy_utility=privacy_utility,
+        absent={"local-only models": _NO_LOCAL_MODELS} if baselines and preset.private else {},
     )
     html = write_report(data, workdir / "report")
     console.print(comparison_table(arms, budget_line=budget_line(budget), sites=names))
     if baselines:
         console.print(comparison_verdict(arms, sites=names).line())
+        if preset.private:
+            console.print(f"[yellow]no local-only models[/]: {_NO_LOCAL_MODELS}")
+    if privacy is not None:
+        console.print(escape(privacy_settings_line(privacy)))
+        if (spent := privacy_line(metrics, delta=privacy.get("delta"))) is not None:
+            console.print(f"[bold]{escape(spent)}[/]")
     console.print(f"report → {html}\nmodel → {model_dir}\nTensorBoard → tensorboard --logdir {tb_dir.parent}")
-    return DemoOutcome(html, html.with_name("report.json"), model_dir, tb_dir, exp.id, metrics, arms, times)
+    return DemoOutcome(
+        html, html.with_name("report.json"), model_dir, tb_dir, exp.id, metrics, arms, times, privacy=privacy
+    )
+
+
+_NO_LOCAL_MODELS = (
+    "under differential privacy or secure aggregation no site trains a local-only model — it would leave its "
+    "site without clipping, noise or masking (the spec sets evaluation.local_models = false) — so the comparison "
+    "is federated against centralized, with the global model evaluated at every site"
+)
 
 
 _TITLES = {"brain-tumour": "brain tumour segmentation", "brain-tissue": "brain tissue segmentation"}
@@ -417,21 +531,33 @@ def _labels(datasets: dict[str, Path]) -> dict[int, str]:
     return dict(load_dataset(next(iter(datasets.values()))).labels)
 
 
-def _notes(preset: DemoPreset, baselines: bool) -> list[str]:
+def _notes(
+    preset: DemoPreset, baselines: bool, privacy: Mapping[str, Any] | None = None, *, n_parameters: int = 0
+) -> list[str]:
+    local_models = baselines and not preset.private
+    scored = "global model's and each local-only model's" if local_models else "global model's"
     notes = [
-        "Every score was computed by the sites on their own test subjects and reported through the hub: the "
-        "global model's and each local-only model's in the federated experiment's cross-site evaluation, the "
+        f"Every score was computed by the sites on their own test subjects and reported through the hub: the "
+        f"{scored} in the federated experiment's cross-site evaluation, the "
         "centralized model's in an evaluation-only experiment. 'Pooled' weighs each site by its test subjects.",
     ]
     if baselines:
-        notes += [
+        notes.append(
             f"The centralized model was trained for {preset.steps_per_arm} optimizer steps on all sites' training "
             f"data pooled — possible only in a simulation: the federated run's total ({preset.rounds} rounds x "
-            f"{preset.local_steps} local steps x {preset.n_sites} sites).",
-            f"Each local-only model was trained by its site, on its own data only, for {preset.steps_per_site} "
-            "steps: what that site computed in the federation, so the local-only models together use the same "
-            "budget. Those models left their sites to be evaluated at the others.",
-        ]
+            f"{preset.local_steps} local steps x {preset.n_sites} sites)."
+            + (" It has no differential privacy, so the gap to it includes what privacy costs." if privacy else "")
+        )
+        if local_models:
+            notes.append(
+                f"Each local-only model was trained by its site, on its own data only, for {preset.steps_per_site} "
+                "steps: what that site computed in the federation, so the local-only models together use the same "
+                "budget. Those models left their sites to be evaluated at the others."
+            )
+        else:
+            notes.append(f"No local-only models: {_NO_LOCAL_MODELS}.")
+    if privacy is not None:
+        notes += _privacy_notes(preset, privacy, n_parameters)
     notes.append(
         "The segmentation overlay is drawn by the demo from one site's test phantom, which only a simulation can read."
     )
@@ -441,6 +567,79 @@ def _notes(preset: DemoPreset, baselines: bool) -> list[str]:
             "and enhancing) and enhancing tumour; mean Dice is their mean, HD95 the 95th-percentile Hausdorff distance."
         )
     return notes
+
+
+def _privacy_notes(preset: DemoPreset, privacy: Mapping[str, Any], n_parameters: int) -> list[str]:
+    """What the privacy settings mean for this run, with the size of the noise against the signal."""
+    from laulima.core.privacy.tasks import secure_threshold
+
+    clip = privacy.get("clip")
+    notes = ["The sites clipped their updates."]
+    if isinstance(clip, int | float):
+        why = (
+            ", near the median norm of a site's step measured in the quick preset without differential privacy "
+            "(UPDATE_CLIP in laulima/demo.py)"
+            if clip == UPDATE_CLIP
+            else ""
+        )
+        notes = [
+            f"Each site clipped the step of its update (its model minus the model it was given) to L2 norm {clip:g} "
+            f"before it left the site{why}."
+        ]
+    if privacy.get("secure_aggregation"):
+        notes.append(
+            "Secure aggregation: the sites masked their quantised updates, so the hub learned only their sum, never "
+            "one site's update."
+        )
+    sigma = privacy.get("noise_multiplier")
+    if privacy.get("differential_privacy") and isinstance(sigma, int | float) and isinstance(clip, int | float):
+        n = preset.n_sites
+        distributed = privacy.get("mode") == "distributed"
+        # Noise std per coordinate of the averaged update: local, n sites each add sigma*C; distributed, each adds
+        # sigma*C/sqrt(t) (t: the secure-aggregation threshold), so the sum carries sigma*C*sqrt(n/t).
+        threshold = secure_threshold(n, None) if distributed else 1
+        per_coordinate = sigma * clip * math.sqrt(n / threshold) / n
+        target = privacy.get("target_epsilon")
+        calibrated = f", calibrated by the hub for ε = {target:g} over {preset.rounds} rounds" if target else ""
+        notes.append(
+            f"Site-level differential privacy ({privacy.get('mode')}): Gaussian noise of std {sigma:.3g} x {clip:g}"
+            + (" in all, shared among the sites under secure aggregation" if distributed else " added by every site")
+            + f" (noise multiplier {sigma:.3g}{calibrated}, δ = {privacy.get('delta'):g}). Each site accounted its "
+            "own ε after every round (the privacy_epsilon train metric, tabled in this report)."
+        )
+        if n_parameters:
+            noise_norm = per_coordinate * math.sqrt(n_parameters)
+            notes.append(
+                f"Scale of the noise: the averaged update carries noise of std {per_coordinate:.3g} on each of the "
+                f"model's {n_parameters:,} parameters, an L2 norm of about {noise_norm:.3g}, against at most "
+                f"{clip:g} for the average of the clipped steps. With {n} sites site-level differential privacy "
+                "costs much accuracy; DP-FedAvg is designed for federations of many more sites."
+            )
+    return notes
+
+
+def read_privacy_utility(path: Path) -> dict[str, Any]:
+    """The JSON line benchmarks/privacy_utility.py printed (the file's last non-empty line), for the report."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"{path}: cannot read the privacy-utility line ({exc})", file=str(path)) from exc
+    if not lines:
+        raise ConfigurationError(
+            f"{path}: empty; expected the line benchmarks/privacy_utility.py prints", file=str(path)
+        )
+    try:
+        line = json.loads(lines[-1])
+    except json.JSONDecodeError as exc:
+        raise ConfigurationError(f"{path}, line {len(lines)}: not JSON ({exc.msg})", file=str(path)) from exc
+    runs = line.get("runs") if isinstance(line, dict) else None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "dice_mean" in r for r in runs):
+        raise ConfigurationError(
+            f"{path}: expected an object with 'runs', each with a 'dice_mean' (the line of "
+            "benchmarks/privacy_utility.py)",
+            file=str(path),
+        )
+    return line
 
 
 def read_strategy_comparison(path: Path) -> list[dict[str, Any]]:

@@ -32,15 +32,20 @@ from numpy.typing import NDArray
 from laulima.core.crosssite import round_records
 from laulima.core.protocol import MetricRecord, TaskKind
 from laulima.terminal import (
+    INFINITE_EPSILON,
     Comparison,
     Verdict,
     budget_line,
     compare_arms,
     comparison_verdict,
+    epsilon_by_site,
+    final_epsilon,
+    format_epsilon,
     format_metric,
     headline_metrics,
     metric_label,
     ordered_metrics,
+    privacy_settings_line,
     weighted_mean,
 )
 
@@ -134,6 +139,16 @@ class ReportData:
     numeric fields (rounds, wall_s, ...)."""
     metric_labels: dict[str, str] = field(default_factory=dict)
     """Overrides of the readable metric names (:func:`laulima.terminal.metric_label`)."""
+    privacy: dict[str, Any] | None = None
+    """The run's privacy settings (:func:`laulima.terminal.privacy_settings` of the hub's spec:
+    mode, clip, noise multiplier, δ, secure aggregation on/off); None: neither was used. The ε
+    each site spent is read from the train records of :attr:`rounds`."""
+    privacy_utility: dict[str, Any] | None = None
+    """benchmarks/privacy_utility.py's JSON line: ``runs``, each with ``target_epsilon`` (None: no
+    differential privacy), ``noise_multiplier``, ``dice_mean``, ``dice`` (per region), ``wall_s``."""
+    absent: dict[str, str] = field(default_factory=dict)
+    """Models the comparison usually has and this run does not, with why (e.g. the local-only
+    models under differential privacy), so no table or verdict reads as if they lost."""
 
     def label(self, key: str) -> str:
         return self.metric_labels.get(key) or metric_label(key)
@@ -170,7 +185,28 @@ class ReportData:
         verdict = self.verdict()
         out["sites_where_federated_beats_local"] = list(verdict.sites_won)
         out["verdict"] = verdict.line()
+        if self.absent:
+            out["absent"] = dict(self.absent)
+        if final := final_epsilon(self.rounds):
+            out["epsilon_final"] = {site: eps for site, (_, eps) in final.items()}
         return out
+
+    def epsilon(self) -> dict[str, dict[int, float]]:
+        """Per site and round, the site-level ε the experiment had cost the site (its own accounting)."""
+        return epsilon_by_site(self.rounds)
+
+    def privacy_json(self) -> dict[str, Any] | None:
+        """The privacy settings with the ε per site and round, and after each site's last round."""
+        epsilons = self.epsilon()
+        if self.privacy is None and not epsilons:
+            return None
+        final = final_epsilon(self.rounds)
+        return {
+            **(self.privacy or {}),
+            "epsilon_per_round": {site: {str(r): v for r, v in rs.items()} for site, rs in epsilons.items()},
+            "epsilon_final": {site: {"round": r, "epsilon": v} for site, (r, v) in final.items()},
+            "epsilon_note": f"site-level ε (each site's own accounting); {INFINITE_EPSILON:g} stands for ∞",
+        }
 
     def to_json(self) -> dict[str, Any]:
         comparison = self.comparison()
@@ -195,6 +231,8 @@ class ReportData:
             "meta": self.meta,
             "overlay": self.overlay.describe() if self.overlay else None,
             "strategy_comparison": self.strategy_comparison,
+            "privacy": self.privacy_json(),
+            "privacy_utility": self.privacy_utility,
         }
 
 
@@ -354,12 +392,82 @@ def _plot_comparison_sites(data: ReportData, path: Path) -> bool:
     return _bars(data, path, groups, title=title, ylabel="mean Dice")
 
 
+def _plot_epsilon(data: ReportData, path: Path) -> bool:
+    """ε spent per round at each site (sites with equal noise and rounds coincide)."""
+    finite = {
+        site: {r: v for r, v in rounds.items() if math.isfinite(v) and v < INFINITE_EPSILON}
+        for site, rounds in data.epsilon().items()
+    }
+    if not any(finite.values()):
+        return False
+    settings = data.privacy or {}
+    markers = "os^Dvp*"
+    with _figure() as (fig, axes):
+        ax = axes[0][0]
+        for i, (site, rounds) in enumerate(finite.items()):
+            ax.plot(list(rounds), list(rounds.values()), marker=markers[i % len(markers)], ms=4, label=site, alpha=0.8)
+        if (target := settings.get("target_epsilon")) is not None:
+            ax.axhline(float(target), color="tab:red", ls="--", label=f"target ε {float(target):g}")
+        ax.set_ylim(bottom=0)
+        _integer_rounds(ax)
+        delta = settings.get("delta")
+        at = _delta_text(delta, " at δ = {}")
+        title = f"Site-level ε spent after each round{at}, as each site accounted it"
+        return _finish(fig, ax, path, title, "ε", dice=False)
+
+
+def utility_runs(data: ReportData) -> list[dict[str, Any]]:
+    """The privacy-utility runs that carry a Dice, finite ε in increasing order, then ∞ (no privacy)."""
+    runs = [r for r in (data.privacy_utility or {}).get("runs") or [] if _number(r.get("dice_mean")) is not None]
+    return sorted(runs, key=lambda r: _number(r.get("target_epsilon")) or math.inf)
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _delta_text(value: object, template: str) -> str:
+    """``template`` with δ filled in, or nothing when δ is unknown."""
+    number = _number(value)
+    return "" if number is None else template.format(f"{number:g}")
+
+
+def _plot_privacy_utility(data: ReportData, path: Path) -> bool:
+    """Federated Dice against the target ε (log scale); no differential privacy (ε = ∞) as a line."""
+    runs = utility_runs(data)
+    if not runs:
+        return False
+    finite = [r for r in runs if _number(r.get("target_epsilon")) is not None]
+    unbounded = [r for r in runs if _number(r.get("target_epsilon")) is None]
+    regions = list(dict.fromkeys(k for r in runs for k in (r.get("dice") or {}) if k != HEADLINE))
+    delta = (data.privacy_utility or {}).get("delta")
+    with _figure() as (fig, axes):
+        ax = axes[0][0]
+        if finite:
+            xs = [float(r["target_epsilon"]) for r in finite]
+            ax.plot(xs, [float(r["dice_mean"]) for r in finite], "k-o", lw=2.5, label=data.label(HEADLINE))
+            for key in regions:
+                ys = [_number((r.get("dice") or {}).get(key)) for r in finite]
+                ax.plot(xs, [math.nan if y is None else y for y in ys], marker=".", label=data.label(key))
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+            ax.minorticks_off()
+        for run in unbounded:
+            ax.axhline(float(run["dice_mean"]), color="tab:gray", ls="--", label="no differential privacy (ε = ∞)")
+        at = _delta_text(delta, " (δ = {})")
+        ax.set_xlabel(f"target ε over all rounds{at}; smaller is more private")
+        title = "Privacy against utility: the federated model's Dice at each ε (benchmarks/privacy_utility.py)"
+        return _finish(fig, ax, path, title, "Dice (pooled)")
+
+
 _PLOTS: tuple[tuple[str, str, Callable[[ReportData, Path], bool]], ...] = (
     ("comparison.png", "Dice per region, every model, pooled over all sites", _plot_comparison),
     ("comparison_sites.png", "mean Dice of every model on each site's test subjects", _plot_comparison_sites),
     ("comparison_hd95.png", "HD95 per region, every model, pooled over all sites", _plot_comparison_hd95),
     ("federated_rounds.png", "federated model per round, pooled", _plot_rounds),
     ("sites_rounds.png", "federated model per round, on each site", _plot_sites),
+    ("privacy_epsilon.png", "site-level ε spent per round, at each site", _plot_epsilon),
+    ("privacy_utility.png", "federated Dice against the privacy budget ε", _plot_privacy_utility),
 )
 
 
@@ -443,6 +551,7 @@ def _html(data: ReportData, figures: Mapping[str, str], overlay: str | None) -> 
         _all_metrics_html(data),
         _sites_html(data),
         _strategies_html(data),
+        _privacy_utility_html(data),
         _list_html("Budget", [f"{k.replace('_', ' ')}: {v}" for k, v in data.budget.items()]),
         _list_html("Wall time", [f"{k.replace('_', ' ')}: {v:.1f} s" for k, v in data.wall_time_s.items()]),
         _list_html("Notes", data.notes),
@@ -460,8 +569,10 @@ def _html(data: ReportData, figures: Mapping[str, str], overlay: str | None) -> 
 </header>
 <section id="comparison">
 {_comparison_html(data)}
+{_absent_html(data)}
 {_spec_html(data.meta)}
 </section>
+{_privacy_html(data)}
 {"".join(sections)}
 <p>Machine-readable: <a href="report.json">report.json</a>.</p>
 </body></html>
@@ -498,6 +609,13 @@ def _headline_html(data: ReportData) -> str:
         won = f": {', '.join(v.sites_won)}" if v.sites_won else ""
         cards.append(
             (f"{len(v.sites_won)} of {len(v.sites_compared)}", f"sites where federated beats the site's own model{won}")
+        )
+    if final := final_epsilon(data.rounds):
+        largest = max(eps for _, eps in final.values())
+        delta = (data.privacy or {}).get("delta")
+        at = _delta_text(delta, " at δ = {}")
+        cards.append(
+            (f"ε = {format_epsilon(largest)}", f"site-level differential privacy{at}, the most any site spent")
         )
     body = "".join(
         f'<div class="card"><div class="value">{_e(value)}</div><div class="what">{_e(what)}</div></div>'
@@ -537,6 +655,85 @@ def _comparison_html(data: ReportData) -> str:
         f"<thead><tr>{''.join(groups)}</tr><tr>{head}</tr></thead>"
         f"<tbody>{''.join(rows)}</tbody></table></div>"
     )
+
+
+def _absent_html(data: ReportData) -> str:
+    """What the comparison lacks and why, right under it (e.g. no local-only models under privacy)."""
+    return "".join(f'<p class="note absent">No {_e(what)}: {_e(why)}</p>' for what, why in data.absent.items())
+
+
+def _privacy_html(data: ReportData) -> str:
+    """The privacy settings and the ε each site spent: after its last round, then per round."""
+    block = data.privacy_json()
+    if block is None:
+        return ""
+    settings = f'<p id="privacy-settings">{_e(privacy_settings_line(data.privacy))}</p>'
+    epsilons = data.epsilon()
+    if not epsilons:
+        return f'<section id="privacy"><h2>Privacy</h2>{settings}<p>No site reported an ε.</p></section>'
+    sites = list(epsilons)
+    rounds = sorted({r for by_round in epsilons.values() for r in by_round})
+    head = "".join(f'<th scope="col">{_e(s)}</th>' for s in sites)
+    final = final_epsilon(data.rounds)
+    last = "".join(f"<td>{_e(format_epsilon(final[s][1]))}</td>" for s in sites)
+    last_rounds = "".join(f"<td>{final[s][0]}</td>" for s in sites)
+    per_round = "".join(
+        f'<tr><th scope="row">{r}</th>'
+        + "".join(f"<td>{_e(format_epsilon(epsilons[s][r]))}</td>" if r in epsilons[s] else "<td></td>" for s in sites)
+        + "</tr>"
+        for r in rounds
+    )
+    delta = (data.privacy or {}).get("delta")
+    at = _delta_text(delta, " at δ = {}")
+    return (
+        '<section id="privacy"><h2>Privacy</h2>'
+        f"{settings}"
+        f"<p>Site-level ε{at}: what this experiment cost each site's dataset, as the site itself accounted it "
+        "(Rényi-DP accountant, reported with each update as the train metric privacy_epsilon).</p>"
+        '<div class="table-wrap"><table id="epsilon-table">'
+        f'<thead><tr><th scope="col"></th>{head}</tr></thead><tbody>'
+        f'<tr><th scope="row">ε after the last round</th>{last}</tr>'
+        f'<tr><th scope="row">last round</th>{last_rounds}</tr></tbody></table></div>'
+        "<details><summary>ε per round</summary>"
+        '<div class="table-wrap"><table id="epsilon-rounds-table">'
+        f'<thead><tr><th scope="col">round</th>{head}</tr></thead><tbody>{per_round}</tbody></table></div>'
+        "</details></section>"
+    )
+
+
+def _privacy_utility_html(data: ReportData) -> str:
+    """benchmarks/privacy_utility.py's runs: ε, noise multiplier, Dice (mean and per region), wall time."""
+    runs = utility_runs(data)
+    if not runs:
+        return ""
+    line = data.privacy_utility or {}
+    regions = list(dict.fromkeys(k for r in runs for k in (r.get("dice") or {}) if k != HEADLINE))
+    heads = ["target ε", "noise multiplier", data.label(HEADLINE), *map(data.label, regions), "wall (s)"]
+    head = "".join(f'<th scope="col">{_e(h)}</th>' for h in heads)
+    body = "".join(
+        f'<tr><th scope="row">{_e(_epsilon_label(r.get("target_epsilon")))}</th>'
+        f"<td>{_e(_plain(r.get('noise_multiplier')) or '—')}</td>"
+        f"<td>{_e(format_metric(HEADLINE, _number(r.get('dice_mean'))))}</td>"
+        + "".join(f"<td>{_e(format_metric(k, _number((r.get('dice') or {}).get(k))))}</td>" for k in regions)
+        + f"<td>{_e(_plain(r.get('wall_s')))}</td></tr>"
+        for r in runs
+    )
+    setting = ", ".join(
+        f"{_field_label(k)} {_plain(line[k])}"
+        for k in ("preset", "mode", "secure_aggregation", "clip", "delta", "rounds", "local_steps", "sites")
+        if k in line
+    )
+    return (
+        '<section id="privacy-utility"><h2>Privacy against utility</h2>'
+        f"<p>The federated model's pooled Dice at each target ε (benchmarks/privacy_utility.py: {_e(setting)}).</p>"
+        '<div class="table-wrap"><table id="privacy-utility-table">'
+        f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div></section>"
+    )
+
+
+def _epsilon_label(value: object) -> str:
+    number = _number(value)
+    return "∞ (no differential privacy)" if number is None else f"{number:g}"
 
 
 def _plots_html(figures: Mapping[str, str]) -> str:

@@ -19,6 +19,7 @@ from laulima.core.crosssite import round_records
 from laulima.core.protocol import ExperimentPublic, MetricRecord, TaskKind
 
 __all__ = [
+    "EPSILON_METRIC",
     "ArmLike",
     "Comparison",
     "ComparisonColumn",
@@ -29,17 +30,32 @@ __all__ = [
     "compare_arms",
     "comparison_table",
     "comparison_verdict",
+    "epsilon_by_site",
+    "final_epsilon",
+    "format_epsilon",
     "format_metric",
     "headline_metrics",
     "lower_is_better",
     "metric_label",
     "metrics_table",
     "ordered_metrics",
+    "privacy_line",
+    "privacy_settings",
+    "privacy_settings_line",
+    "privacy_table",
     "weighted_mean",
 ]
 
 #: Bookkeeping values algorithms report that do not belong in a results table.
 HIDDEN_METRICS = frozenset({"held_out_test", "steps"})
+
+EPSILON_METRIC = "privacy_epsilon"
+"""The train metric in which each site reports the site-level ε the experiment has cost it so far
+(``laulima.site.update_privacy.EPSILON_METRIC``; not imported from there, which loads numpy and the
+privacy accountant, for a name)."""
+
+INFINITE_EPSILON = 1e15
+"""What a site reports as ε when its updates carried no noise (JSON has no infinity)."""
 
 
 def weighted_mean(records: list[MetricRecord]) -> dict[str, float]:
@@ -114,13 +130,117 @@ class SimProgress:
         for site in sorted({m.site for m in metrics} | set(done)):
             rec = done.get(site)
             state = "[green]update received[/]" if rec else "[yellow]training…[/]"
-            shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(rec.metrics.items())) if rec else ""
+            shown = ", ".join(_progress_metric(k, v) for k, v in sorted(rec.metrics.items())) if rec else ""
             grid.add_row(site, state, shown)
         if evals:
             last = max(m.round for m in evals)
             mean = weighted_mean([m for m in evals if m.round == last])
             grid.add_row(f"global model, round {last}", ", ".join(f"{k}={v:.3f}" for k, v in sorted(mean.items())))
         self._live.update(Group(self._progress, grid))
+
+
+def _progress_metric(key: str, value: float) -> str:
+    return f"ε={format_epsilon(value)}" if key == EPSILON_METRIC else f"{key}={value:.3f}"
+
+
+# -- differential privacy ------------------------------------------------------------------
+def epsilon_by_site(metrics: Iterable[MetricRecord]) -> dict[str, dict[int, float]]:
+    """Per site, per round, the ε the site reported with its update (:data:`EPSILON_METRIC` of
+    its train records); empty when no site ran under differential privacy."""
+    out: dict[str, dict[int, float]] = defaultdict(dict)
+    for m in round_records(metrics):
+        if m.kind == TaskKind.TRAIN and EPSILON_METRIC in m.metrics:
+            out[m.site][m.round] = float(m.metrics[EPSILON_METRIC])
+    return {site: dict(sorted(out[site].items())) for site in sorted(out)}
+
+
+def final_epsilon(metrics: Iterable[MetricRecord]) -> dict[str, tuple[int, float]]:
+    """Per site, its last reported round and the ε the experiment had cost it then."""
+    return {site: max(by_round.items()) for site, by_round in epsilon_by_site(metrics).items() if by_round}
+
+
+def format_epsilon(value: float | None) -> str:
+    """ε to two decimals (two significant digits below 0.1); "∞" for updates without noise."""
+    if value is None or math.isnan(value):
+        return "n/a"
+    if math.isinf(value) or value >= INFINITE_EPSILON:
+        return "∞"
+    return f"{value:.2g}" if value < 0.095 else f"{value:.2f}"
+
+
+def privacy_settings(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The privacy settings of a spec (as the hub stores it: ``noise_multiplier`` calibrated):
+    ``differential_privacy``, ``mode``, ``clip``, ``noise_multiplier``, ``target_epsilon``,
+    ``delta`` and ``secure_aggregation`` (on/off); None when it has neither table."""
+    privacy, secagg = spec.get("privacy"), spec.get("secure_aggregation")
+    if not privacy and not secagg:
+        return None
+    privacy, secagg = privacy or {}, secagg or {}
+    clip = secagg.get("clip") or privacy.get("clip")
+    if privacy.get("clip") is not None and clip is not None:
+        clip = min(clip, privacy["clip"])  # the site clips to the tighter bound
+    return {
+        "differential_privacy": bool(privacy),
+        "mode": privacy.get("mode", "local") if privacy else None,
+        "clip": clip,
+        "noise_multiplier": privacy.get("noise_multiplier"),
+        "target_epsilon": privacy.get("target_epsilon"),
+        "delta": privacy.get("delta") if privacy else None,
+        "secure_aggregation": bool(secagg),
+    }
+
+
+def privacy_settings_line(settings: Mapping[str, Any] | None) -> str:
+    """E.g. "differential privacy: distributed, clip 1.5, noise multiplier 3.1 (calibrated for ε 8),
+    δ 1e-05; secure aggregation on"."""
+    if not settings:
+        return "no differential privacy, no secure aggregation"
+    if settings.get("differential_privacy"):
+        parts = [f"differential privacy: {settings.get('mode')}", f"clip {_g(settings.get('clip'))}"]
+        target, sigma = settings.get("target_epsilon"), settings.get("noise_multiplier")
+        if sigma is None and target is not None:
+            noise = f"noise multiplier to be calibrated by the hub for ε {_g(target)}"
+        else:
+            calibrated = f" (calibrated for ε {_g(target)})" if target is not None else ""
+            noise = f"noise multiplier {_g(sigma)}{calibrated}"
+        parts += [noise, f"δ {_g(settings.get('delta'))}"]
+        dp = ", ".join(parts)
+    else:
+        dp = f"no differential privacy (updates clipped to {_g(settings.get('clip'))})"
+    return f"{dp}; secure aggregation {'on' if settings.get('secure_aggregation') else 'off'}"
+
+
+def _g(value: object) -> str:
+    return "?" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def privacy_line(metrics: Iterable[MetricRecord], *, delta: float | None = None) -> str | None:
+    """ε per site after its last round, e.g. "differential privacy: ε after round 20 (each site's own
+    accounting, δ 1e-05): site-a 7.98, site-b 7.98"; None when no site reported ε."""
+    final = final_epsilon(metrics)
+    if not final:
+        return None
+    rounds = sorted({r for r, _ in final.values()})
+    when = f"round {rounds[0]}" if len(rounds) == 1 else "each site's last round"
+    at = f", δ {_g(delta)}" if delta is not None else ""
+    if len(rounds) == 1:
+        per_site = ", ".join(f"{site} {format_epsilon(eps)}" for site, (_, eps) in final.items())
+    else:
+        per_site = ", ".join(f"{site} {format_epsilon(eps)} (round {r})" for site, (r, eps) in final.items())
+    return f"differential privacy: ε after {when} (each site's own accounting{at}): {per_site}"
+
+
+def privacy_table(metrics: Iterable[MetricRecord], *, delta: float | None = None) -> Table | None:
+    """ε per round (rows) and site (columns), as each site accounted it; None without differential privacy."""
+    by_site = epsilon_by_site(metrics)
+    if not by_site:
+        return None
+    sites = list(by_site)
+    at = f" at δ = {_g(delta)}" if delta is not None else ""
+    table = Table("round", *sites, title=f"differential privacy: site-level ε spent so far{at}")
+    for rnd in sorted({r for by_round in by_site.values() for r in by_round}):
+        table.add_row(str(rnd), *(format_epsilon(by_site[s].get(rnd)) if rnd in by_site[s] else "" for s in sites))
+    return table
 
 
 # -- metric names --------------------------------------------------------------------------
