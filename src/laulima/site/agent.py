@@ -106,7 +106,7 @@ class Agent:
         self.state = state
         self.audit = audit or AuditLog(settings.home)
         self.approvals = approvals or ApprovalStore(settings.home)
-        self.gate = Gate(settings.home, catalog, client, self.approvals)
+        self.gate = Gate(settings.home, catalog, client, self.approvals, audit=self.audit)
         self.audit_broken: str | None = None
         """Why the audit trail cannot be written (the agent then runs nothing), or None."""
         self.runner = runner or TaskRunner(time_limit_cap_s=settings.task_time_limit_s)
