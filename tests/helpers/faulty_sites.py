@@ -45,7 +45,10 @@ def drop_after_sharing(client: HubClient, name: str, *, rounds: int = 1, timeout
                 secagg = SecAggClient(
                     name,
                     RoundContext(
-                        experiment=task.experiment_id, round=task.round, threshold=task.secure_aggregation.threshold
+                        experiment=task.experiment_id,
+                        round=task.round,
+                        threshold=task.secure_aggregation.threshold,
+                        neighbours=task.secure_aggregation.neighbours,
                     ),
                 )
                 ad = secagg.advertise()

@@ -191,7 +191,8 @@ class SecureAggregationSpec(_Strict):
     """Secure aggregation (Bonawitz et al. 2017): the hub learns only the sum of the sites'
     updates. Sites agree pairwise masks (X25519), quantise their weighted, clipped update to
     integers modulo 2^32 and mask it; Shamir shares of the mask seeds let the hub remove the
-    masks of up to ``max_dropouts`` sites that drop out after masking."""
+    masks of up to ``max_dropouts`` sites that drop out after masking. With many sites the
+    masks and shares run over a sparse graph (SecAgg+, ``neighbours``)."""
 
     clip: Annotated[float, Field(gt=0, le=1e6)] | None = None
     """L2 bound of each site's update (needed to quantise without overflow); defaults to ``privacy.clip``."""
@@ -201,6 +202,27 @@ class SecureAggregationSpec(_Strict):
     phase_timeout_s: Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S)] = 120.0
     """How long the hub waits for missing sites at each phase after training (keys are awaited
     until the round's deadline): after it, the round goes on with those that answered."""
+    neighbours: Annotated[int, Field(ge=2, le=MAX_SITES)] | None = None
+    """SecAgg+ (Bell et al. 2020): each site masks pairwise with, and shares its secrets among,
+    only this many neighbours in a sparse graph drawn anew each round, instead of every other
+    site (O(k) instead of O(n) work and messages per site). Even. Default: the complete graph
+    (Bonawitz et al.) up to 16 sites, ``2 * ceil(log2 n)`` beyond. A site's update then stays
+    hidden unless ``k / 2 + 1`` of its own neighbours collude with the hub, and each
+    neighbourhood tolerates ``k / 2`` dropouts (besides ``max_dropouts`` over the round).
+    A value of at least the round's sites minus one is the complete graph."""
+
+    @field_validator("neighbours")
+    @classmethod
+    def _even_neighbours(cls, k: int | None) -> int | None:
+        if k is not None and k % 2:
+            reason = (
+                f"neighbours = {k} is odd: every site links to k / 2 sites on each side of the ring; "
+                f"give an even number such as {k + 1}"
+            )
+            raise PydanticCustomError(
+                "neighbours_odd", "{reason}", {"path": "secure_aggregation.neighbours", "reason": reason}
+            )
+        return k
 
 
 MAX_LOCAL_MODELS = 64

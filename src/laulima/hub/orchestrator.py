@@ -445,7 +445,12 @@ class Orchestrator:
                 )
                 for site in sorted(state.roster or ())
             ]
-            context = RoundContext(experiment=rnd.experiment_id, round=rnd.index, threshold=state.threshold)
+            context = RoundContext(
+                experiment=rnd.experiment_id,
+                round=rnd.index,
+                threshold=state.threshold,
+                neighbours=config.neighbours,
+            )
             summed = unmask(
                 total,
                 context,

@@ -1,7 +1,9 @@
 """Secure aggregation at the hub: the phases of a round, kept in the database.
 
 As soon as they start a training task (Bonawitz et al. 2017) sites advertise two public keys
-(*keys*) and send each roster member its encrypted Shamir shares (*shares*), while they train;
+(*keys*) and send each member of their neighbourhood in the round's graph (every roster member,
+with the complete graph; SecAgg+'s sparse graph with many sites) its encrypted Shamir shares
+(*shares*), while they train;
 then they upload their masked update through the ordinary update route (*masking*) and, once
 the hub names whose masked update arrived, answer with the shares that remove the masks
 (*unmasking*). The hub routes ciphertexts it cannot read
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
+from laulima.core.privacy.graph import communication_graph
 from laulima.core.privacy.messages import (
     Advertisement,
     Roster,
@@ -35,6 +38,7 @@ from laulima.core.privacy.messages import (
     UnmaskingAnswer,
 )
 from laulima.core.privacy.phases import PhaseView, decide_phase
+from laulima.core.privacy.secagg import RoundContext
 from laulima.core.protocol import ExperimentStatus, RoundStatus, TaskKind, TaskStatus
 from laulima.errors import Conflict, DataError, NotFound
 from laulima.hub.db import (
@@ -127,18 +131,26 @@ class SecureRounds:
             )
 
     def post_shares(self, task_id: str, site: Site, outbox: ShareOutbox) -> None:
-        """Phase 2: one ciphertext for every roster member, itself included, exactly."""
+        """Phase 2: one ciphertext for every member of the site's neighbourhood in the round's
+        graph (with the complete graph: every roster member), itself included, exactly."""
         with self.sessions.begin() as s:
             task, state = self._task(s, task_id, site)
             _expect_phase(state, "shares", task)
             roster = state.roster or ()
             _member(roster, site.name, "advertised keys in time", task)
-            if set(outbox.ciphertexts) != set(roster):
-                missing = sorted(set(roster) - set(outbox.ciphertexts))[:5]
-                extra = sorted(set(outbox.ciphertexts) - set(roster))[:5]
+            expected = _neighbourhood(task, state, site.name)
+            if set(outbox.ciphertexts) != expected:
+                missing = sorted(expected - set(outbox.ciphertexts))[:5]
+                extra = sorted(set(outbox.ciphertexts) - expected)[:5]
+                if len(expected) == len(roster):
+                    to = f"exactly the roster's {len(roster)} sites (missing {missing}, not in the roster {extra})"
+                else:
+                    to = (
+                        f"exactly the site's neighbourhood in the round's graph, its {len(expected) - 1} neighbours "
+                        f"and itself (missing {missing}, not in it {extra})"
+                    )
                 raise DataError(
-                    f"secure aggregation, round {task.round}: shares must go to exactly the roster's {len(roster)} "
-                    f"sites (missing {missing}, not in the roster {extra}); fetch the roster and share again",
+                    f"secure aggregation, round {task.round}: shares must go to {to}; fetch the roster and share again",
                     task=task_id,
                 )
             if s.scalar(_of(SecAggShare, task).where(SecAggShare.sender == site.name).limit(1)) is not None:
@@ -193,11 +205,14 @@ class SecureRounds:
             _expect_phase(state, "unmasking", task)
             survivors = state.survivors or ()
             _member(survivors, site.name, "sent its masked update in time", task)
-            dropped = set(state.shared or ()) - set(survivors)
-            if set(answer.self_mask) != set(survivors) or set(answer.masking_key) != dropped:
+            near = _neighbourhood(task, state, site.name)
+            alive = set(survivors) & near
+            dropped = (set(state.shared or ()) - set(survivors)) & near
+            if set(answer.self_mask) != alive or set(answer.masking_key) != dropped:
+                whose = "" if near >= set(state.roster or ()) else " in the site's neighbourhood"
                 raise DataError(
                     f"secure aggregation, round {task.round}: the answer must hold a self-mask share for each of the "
-                    f"{len(survivors)} survivors and a key share for each of the {len(dropped)} dropped sites, as "
+                    f"{len(alive)} survivors and a key share for each of the {len(dropped)} dropped sites{whose}, as "
                     "named by GET .../secagg/unmasking",
                     task=task_id,
                 )
@@ -435,6 +450,18 @@ def _extend_deadlines(s: Session, experiment_id: int, round_index: int, sites: f
         .where(Round.experiment_id == experiment_id, Round.index == round_index, Round.deadline < until)
         .values(deadline=until)
     )
+
+
+def _neighbourhood(task: Task, state: SecAggState, site: str) -> frozenset[str]:
+    """The site and its neighbours in the round's graph over the closed roster (all of it when
+    the graph is complete): the same graph the sites compute (core/privacy/graph.py)."""
+    config = secagg_config(task)
+    assert config is not None  # _task checked it
+    context = RoundContext(
+        experiment=task.experiment_id, round=task.round, threshold=state.threshold, neighbours=config.neighbours
+    )
+    graph = communication_graph(state.roster or (), context)
+    return graph.get(site, frozenset()) | {site}
 
 
 def _not_yet(state: SecAggState) -> SecAggPhase:

@@ -1,9 +1,10 @@
 """A site's side of secure aggregation over the hub's phase routes (hub/secure_rounds.py).
 
 As soon as a training task is admitted, :meth:`MaskedRound.prepare` runs beside the training
-(in a thread): the site advertises fresh keys, waits for the roster, sends each roster member
-its encrypted shares and waits for the shares addressed to it — Bonawitz et al.'s order, and
-the round's key exchange costs no time on top of training. Once the update is trained and
+(in a thread): the site advertises fresh keys, waits for the roster, sends each member of its
+neighbourhood in the round's graph (every roster member with the complete graph) its encrypted
+shares and waits for the shares addressed to it — Bonawitz et al.'s order, and the round's key
+exchange costs no time on top of training. Once the update is trained and
 privatised (site/update_privacy.py), :meth:`MaskedRound.finish` masks the quantised update,
 uploads it as the task's result and — once the hub names the survivors — answers with the
 shares that remove the masks. Keys live only in this process's memory for this round: an agent
@@ -62,7 +63,13 @@ class MaskedRound:
         self.config = config
         self.base = f"/tasks/{task.id}/secagg"
         self.secagg = SecAggClient(
-            site, RoundContext(experiment=task.experiment_id, round=task.round, threshold=config.threshold)
+            site,
+            RoundContext(
+                experiment=task.experiment_id,
+                round=task.round,
+                threshold=config.threshold,
+                neighbours=config.neighbours,
+            ),
         )
         self._thread: threading.Thread | None = None
         self._failure: Exception | None = None

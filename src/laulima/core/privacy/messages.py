@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "MASKED_TENSOR",
@@ -69,8 +69,9 @@ class TaskPrivacy(_Msg):
 
 class TaskSecureAggregation(_Msg):
     """How this round's updates are masked. ``threshold`` sites must mask and answer the
-    unmasking; ``max_weight`` bounds the weight a site applies (its sample count, or 1 under
-    DP), so every site quantises with the same scale and the sum cannot wrap."""
+    unmasking (and, with a sparse graph, a strict majority of each site's neighbourhood);
+    ``max_weight`` bounds the weight a site applies (its sample count, or 1 under DP), so every
+    site quantises with the same scale and the sum cannot wrap."""
 
     clip: Annotated[float, Field(gt=0, le=1e6)]
     sites: Annotated[int, Field(ge=2, le=MAX_ROSTER)]
@@ -81,6 +82,16 @@ class TaskSecureAggregation(_Msg):
     contribution: values are clamped to it and the quantisation scale is derived from it."""
     phase_timeout_s: Annotated[float, Field(gt=0, le=7 * 24 * 3600.0)]
     """How long the hub waits for the sites at the key and share phases before it goes on without the missing."""
+    neighbours: Annotated[int, Field(ge=0, le=MAX_ROSTER)] = 0
+    """Degree k of the round's communication graph (SecAgg+, :mod:`laulima.core.privacy.graph`):
+    each site masks with and shares among only its k neighbours; 0 is the complete graph."""
+
+    @field_validator("neighbours")
+    @classmethod
+    def _even(cls, k: int) -> int:
+        if k != 0 and (k < 2 or k % 2):
+            raise ValueError(f"neighbours must be 0 (the complete graph) or an even number >= 2, got {k}")
+        return k
 
 
 class SecAggPhase(BaseModel):

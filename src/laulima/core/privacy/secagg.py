@@ -8,22 +8,33 @@ reveal Shamir shares of their b_u. A site that drops out after sharing leaves it
 masks in the sum; the survivors then reveal shares of its masking key instead, which rebuilds
 exactly those masks. No site ever reveals both kinds of share for the same site.
 
-The rounds, for one :class:`RoundContext` (experiment, round, threshold t):
+With many sites, SecAgg+ (Bell et al., CCS 2020) replaces "every other site" by the site's k
+neighbours in a sparse k-regular graph that hub and sites derive from the roster and the
+:class:`RoundContext` (:mod:`laulima.core.privacy.graph`): pairwise masks only with
+neighbours, shares only among the neighbourhood N[u] (neighbours and u itself, k + 1 sites),
+threshold t_N = k / 2 + 1 per neighbourhood. With ``neighbours = 0`` (or k >= n - 1) the graph
+is complete, N[u] is the roster and t_N is t: exactly Bonawitz et al.
+
+The rounds, for one :class:`RoundContext` (experiment, round, threshold t, degree k):
 
 0. every selected site makes a :class:`SecAggClient` and publishes :meth:`~SecAggClient.advertise`
    (two X25519 public keys: c for encryption, s for masking); the advertisers are the roster.
-1. :meth:`~SecAggClient.share`: each site Shamir-splits b_u and its private s key (threshold t,
-   x = 1 + position in the roster sorted by name), one encrypted pair of shares per roster member.
-   The hub forwards them; the senders whose ciphertexts arrived form U2.
-2. :meth:`~SecAggClient.mask`: each site sends y_u = x_u + PRG(b_u) + Σ_{v ∈ U2, v ≠ u} ±PRG(s_uv).
+1. :meth:`~SecAggClient.share`: each site Shamir-splits b_u and its private s key (threshold t_N,
+   x = 1 + position in the whole roster sorted by name), one encrypted pair of shares per member
+   of N[u]. The hub forwards them; the senders whose ciphertexts arrived form U2.
+2. :meth:`~SecAggClient.mask`: each site sends y_u = x_u + PRG(b_u) + Σ_{v ∈ U2 ∩ N(u)} ±PRG(s_uv).
    The sites whose y_u is in the hub's sum are the survivors U3 ⊆ U2.
 3. :meth:`~SecAggClient.reveal`: survivors answer with b-shares of every survivor and s-shares of
-   every dropped site (U2 \\ U3); :func:`unmask` rebuilds the seeds from t answers each.
+   every dropped site (U2 \\ U3) in their neighbourhood; :func:`unmask` rebuilds each site's seeds
+   from t_N answers of that site's neighbourhood. A site refuses if fewer than t survivors in all,
+   or fewer than t_N in its neighbourhood, or if the survivors fall apart into unconnected parts
+   of the graph (the hub would learn each part's sum).
 
 The hub must forward to every site the ciphertexts of one and the same set U2 and pass that set
 to :func:`unmask` (:attr:`SecAggClient.senders` lets the transport check it).
 
-Derivations (``info`` is :meth:`RoundContext.info`, e.g. ``b"laulima-secagg/v1/exp=3/round=2/t=2"``):
+Derivations (``info`` is :meth:`RoundContext.info`, e.g. ``b"laulima-secagg/v1/exp=3/round=2/t=2"``,
+``.../t=11/k=10`` with a sparse graph):
 
 * share-encryption key of u and v: HKDF-SHA256(X25519(c_u, c_v), salt none, 32 bytes,
   info = info + b"/share-encryption") — the same for both directions; sender and receiver are
@@ -31,6 +42,9 @@ Derivations (``info`` is :meth:`RoundContext.info`, e.g. ``b"laulima-secagg/v1/e
 * pairwise mask seed s_uv: HKDF-SHA256(X25519(s_u, s_v), salt none, 32 bytes, info = info + b"/pairwise-mask").
   The sign is +1 for u when u < v (Python string order, i.e. by Unicode code points), else -1.
 * PRG: AES-256-CTR keystream under the seed (:func:`laulima.core.privacy.masks.expand`).
+* sparse graph (k > 0 and k < n - 1): the roster sorted by SHA-256(seed || name(site)) with
+  seed = SHA-256(info + b"/graph") is the ring; each site's neighbours are the k / 2 before and
+  the k / 2 after it, cyclically (:func:`laulima.core.privacy.graph.communication_graph`).
 
 Wire layouts (``name`` = u16 big-endian byte length, then the site name in UTF-8):
 
@@ -45,18 +59,25 @@ Wire layouts (``name`` = u16 big-endian byte length, then the site name in UTF-8
 What is protected, and what is not:
 
 * Against an honest-but-curious hub (it follows the protocol, but reads everything it sees),
-  and against fewer than t sites colluding with it, every individual update stays hidden: the
-  hub sees uniformly random masked vectors, and shares it cannot decrypt.
-* t sites colluding with the hub can rebuild a site's self-mask seed and masking key and so
-  reveal its individual update. Choose t (n_selected - max_dropouts) with that in mind.
+  and against fewer than t_N of a site's neighbourhood colluding with it (t sites with the
+  complete graph), every individual update stays hidden: the hub sees uniformly random masked
+  vectors, and shares it cannot decrypt.
+* t_N sites of a site's neighbourhood colluding with the hub can rebuild its self-mask seed and
+  masking key and so reveal its individual update (t of all sites with the complete graph).
+  Choose t (n_selected - max_dropouts) and k with that in mind; with a sparse graph the hub
+  does not choose the neighbourhoods (they come from the round's hash) but needs only t_N
+  colluders in the right place.
+* With a sparse graph, sites that collude with the hub (all of a group's neighbours outside
+  it) can cut the survivors into parts whose separate sums the hub then learns; the survivors
+  alone never do: the sites check that they form one connected part.
 * An active hub is out of scope: it could substitute public keys in the roster (no PKI signs
   them here) and so read shares, or tell different sites different survivor lists. The checks in
   :meth:`SecAggClient.reveal` stop the simple version of the latter, not every attack.
 * There is no range proof: a site may submit any vector within the modulus, and so skew the sum
   arbitrarily. Robust aggregation of individual updates is impossible by design under secure
   aggregation; clipping is each site's own duty.
-* Every key, seed and ciphertext is bound to (experiment, round, threshold) by ``info``: nothing
-  replays into another round. Keys and b are fresh per :class:`SecAggClient`, i.e. per round.
+* Every key, seed and ciphertext is bound to (experiment, round, threshold, degree) by ``info``:
+  nothing replays into another round. Keys and b are fresh per :class:`SecAggClient`, i.e. per round.
 """
 
 from __future__ import annotations
@@ -74,6 +95,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from laulima.core.privacy import shamir
+from laulima.core.privacy.graph import (
+    communication_graph,
+    connected,
+    is_complete,
+    neighbourhood_threshold,
+    validate_neighbours,
+)
 from laulima.core.privacy.masks import expand
 from laulima.errors import ConfigurationError, DataError, SecureAggregationError
 
@@ -96,11 +124,15 @@ _MASKING_KEY = "masking_key"
 
 @dataclass(frozen=True)
 class RoundContext:
-    """Binds every key, seed and ciphertext to one round, so nothing is replayable elsewhere."""
+    """Binds every key, seed and ciphertext to one round, so nothing is replayable elsewhere.
+
+    ``neighbours`` is the degree k of the round's communication graph
+    (:mod:`laulima.core.privacy.graph`): 0 or None for the complete graph, else an even k >= 2."""
 
     experiment: int
     round: int
     threshold: int
+    neighbours: int | None = 0
 
     def __post_init__(self) -> None:
         for name in ("experiment", "round", "threshold"):
@@ -111,10 +143,15 @@ class RoundContext:
                     f"RoundContext.{name} must be an integer >= {low}, got {value!r}",
                     field=name,
                 )
+        object.__setattr__(self, "neighbours", validate_neighbours(0 if self.neighbours is None else self.neighbours))
 
     def info(self) -> bytes:
-        """The label every derivation of this round includes."""
-        return f"laulima-secagg/v1/exp={self.experiment}/round={self.round}/t={self.threshold}".encode()
+        """The label every derivation of this round includes (the degree only for a sparse graph,
+        so the complete graph's label is Bonawitz et al.'s as before)."""
+        label = f"laulima-secagg/v1/exp={self.experiment}/round={self.round}/t={self.threshold}"
+        if self.neighbours:
+            label += f"/k={self.neighbours}"
+        return label.encode()
 
 
 @dataclass(frozen=True)
@@ -219,6 +256,9 @@ class SecAggClient:
         self._s = X25519PrivateKey.generate()
         self._b = secrets.token_bytes(KEY_BYTES)
         self._roster: dict[str, Advertised] | None = None
+        self._graph: dict[str, frozenset[str]] = {}
+        self._neighbourhood: frozenset[str] = frozenset()
+        self._local_threshold = context.threshold
         self._x: dict[str, int] = {}
         self._own_shares: tuple[bytes, bytes] | None = None
         self._received: dict[str, tuple[bytes, bytes]] = {}
@@ -238,9 +278,15 @@ class SecAggClient:
         """The two public keys to publish."""
         return Advertised(self._site, self._c.public_key().public_bytes_raw(), self._s.public_key().public_bytes_raw())
 
+    @property
+    def neighbourhood(self) -> tuple[str, ...]:
+        """This site and its neighbours in the round's graph (known once it shared), sorted."""
+        return tuple(sorted(self._neighbourhood))
+
     def share(self, roster: Sequence[Advertised]) -> dict[str, bytes]:
         """Encrypted Shamir shares of b and of the private masking key, receiver -> ciphertext (one per
-        roster member, this site included)."""
+        member of this site's neighbourhood in the round's graph, this site included: with the
+        complete graph, the whole roster)."""
         if self._roster is not None:
             raise DataError(f"site {self._site!r} already shared in this round; share once per round")
         by_name = _sorted_roster(roster)
@@ -263,18 +309,27 @@ class SecAggClient:
                 "the round cannot be unmasked, so this site does not share",
                 site=self._site,
             )
+        graph = communication_graph(by_name, self._context)
+        neighbourhood = graph[self._site] | {self._site}
+        local = neighbourhood_threshold(len(by_name), self._context)
         xs = _xs(list(by_name))
-        b_shares = shamir.split(self._b, threshold, list(xs.values()))
-        s_shares = shamir.split(self._s.private_bytes_raw(), threshold, list(xs.values()))
+        holders = [xs[name] for name in by_name if name in neighbourhood]
+        b_shares = shamir.split(self._b, local, holders)
+        s_shares = shamir.split(self._s.private_bytes_raw(), local, holders)
         info = self._context.info()
         out: dict[str, bytes] = {}
         for receiver, entry in by_name.items():
+            if receiver not in neighbourhood:
+                continue
             x = xs[receiver]
             key = _hkdf(_agree(self._c, entry.encryption_key, receiver), info + b"/share-encryption")
             header = _name_field(self._site) + _name_field(receiver)
             nonce = secrets.token_bytes(NONCE_BYTES)
             out[receiver] = nonce + AESGCM(key).encrypt(nonce, header + b_shares[x] + s_shares[x], info + header)
         self._roster = by_name
+        self._graph = graph
+        self._neighbourhood = neighbourhood
+        self._local_threshold = local
         self._x = xs
         self._own_shares = (b_shares[xs[self._site]], s_shares[xs[self._site]])
         self._received[self._site] = self._own_shares
@@ -293,6 +348,12 @@ class SecAggClient:
             if entry is None:
                 raise DataError(
                     f"shares from {sender!r}, which is not in this round's roster; refusing them",
+                    site=sender,
+                )
+            if sender not in self._neighbourhood:
+                raise DataError(
+                    f"shares from {sender!r}, which is not a neighbour of {self._site!r} in this round's graph; "
+                    "refusing them",
                     site=sender,
                 )
             header = _name_field(sender) + _name_field(self._site)
@@ -335,7 +396,7 @@ class SecAggClient:
         ]
 
     def mask(self, vector: np.ndarray) -> np.ndarray:
-        """y = x + PRG(b) + Σ_{v ∈ U2, v ≠ self} ±PRG(s_{self,v}) mod 2^32; once per round."""
+        """y = x + PRG(b) + Σ_{v ∈ U2 ∩ N(self)} ±PRG(s_{self,v}) mod 2^32; once per round."""
         if self._roster is None:
             raise DataError(f"site {self._site!r} must share and receive before it masks")
         if self._masked:
@@ -343,10 +404,10 @@ class SecAggClient:
                 f"site {self._site!r} already masked a vector in this round; masking twice would let the "
                 "hub subtract the two and learn their difference"
             )
-        if len(self._received) < self._context.threshold:
+        if len(self._received) < self._local_threshold:
             raise SecureAggregationError(
                 f"secure aggregation: {len(self._received)} site(s) shared with {self._site!r}, "
-                f"{self._context.threshold} needed; the round cannot be unmasked, so this site sends nothing",
+                f"{self._local_threshold} needed; the round cannot be unmasked, so this site sends nothing",
                 site=self._site,
             )
         x = _check_vector(vector, "the vector to mask")
@@ -361,7 +422,8 @@ class SecAggClient:
         return y
 
     def reveal(self, survivors: Sequence[str], dropped: Sequence[str]) -> dict[str, dict[str, bytes]]:
-        """The shares the hub needs to unmask: b-shares of the survivors, s-shares of the dropped sites."""
+        """The shares the hub needs to unmask: b-shares of the survivors, s-shares of the dropped sites,
+        each for those in this site's neighbourhood (the lists name the whole round's sites)."""
         alive = frozenset(_unique(survivors, "survivors"))
         gone = frozenset(_unique(dropped, "dropped"))
         if self._revealed is not None:
@@ -389,13 +451,18 @@ class SecAggClient:
                 f"this site {self._site!r} sent its masked vector but is not listed as a survivor; refusing to reveal",
                 site=self._site,
             )
+        assert self._roster is not None  # masked, so shared
         u2 = frozenset(self._received)
-        if alive | gone != u2:
-            extra = sorted((alive | gone) - u2)
-            missing = sorted(u2 - (alive | gone))
+        roster = frozenset(self._roster)
+        listed = alive | gone
+        near = listed & self._neighbourhood
+        if near != u2 or not listed <= roster:
+            extra = sorted((near - u2) | (listed - roster))
+            missing = sorted(u2 - near)
             raise DataError(
                 f"survivors and dropped sites must together be the {len(u2)} site(s) that shared with "
-                f"{self._site!r}; not among them: {extra}, left out: {missing}",
+                f"{self._site!r}{'' if self._neighbourhood == roster else ' among its neighbours'}"
+                f"; not among them: {extra}, left out: {missing}",
                 site=self._site,
             )
         if len(alive) < self._context.threshold:
@@ -404,9 +471,24 @@ class SecAggClient:
                 "cannot be unmasked, so this site reveals nothing",
                 site=self._site,
             )
+        if len(alive & self._neighbourhood) < self._local_threshold:
+            raise SecureAggregationError(
+                f"secure aggregation: {len(alive & self._neighbourhood)} survivor(s) in the neighbourhood of "
+                f"{self._site!r}, {self._local_threshold} needed; the round cannot be unmasked, so this site "
+                "reveals nothing",
+                site=self._site,
+            )
+        parts = connected(alive, self._graph)
+        if len(parts) > 1:
+            raise SecureAggregationError(
+                f"secure aggregation: the survivors split into {len(parts)} unconnected groups in the round's "
+                f"graph (sizes {[len(p) for p in parts]}); unmasking would reveal each group's sum, so "
+                f"{self._site!r} reveals nothing",
+                site=self._site,
+            )
         answer = {
-            _SELF_MASK: {u: self._received[u][0] for u in sorted(alive)},
-            _MASKING_KEY: {v: self._received[v][1] for v in sorted(gone)},
+            _SELF_MASK: {u: self._received[u][0] for u in sorted(alive & u2)},
+            _MASKING_KEY: {v: self._received[v][1] for v in sorted(gone & u2)},
         }
         self._revealed = (alive, gone, answer)
         return {kind: dict(shares) for kind, shares in answer.items()}
@@ -421,7 +503,9 @@ def unmask(
     reveals: Mapping[str, Mapping[str, Mapping[str, bytes]]],
 ) -> np.ndarray:
     """The sum mod 2^32 of the survivors' vectors, from the sum of their masked vectors and the reveal
-    answers (responder -> answer) of at least `threshold` survivors."""
+    answers (responder -> answer): a site's secrets are rebuilt from the answers of its neighbourhood
+    in the round's graph, of which at least the neighbourhood threshold are needed (with the
+    complete graph: `threshold` answers of any survivors)."""
     total = _check_vector(masked_sum, "the masked sum").copy()
     by_name = _sorted_roster(roster)
     xs = _xs(list(by_name))
@@ -448,22 +532,46 @@ def unmask(
             f"site {strangers[0]!r} answered the unmasking but is not a survivor; only survivors reveal",
             site=strangers[0],
         )
-    if len(reveals) < threshold:
+    graph = communication_graph(by_name, context)
+    complete = is_complete(len(by_name), context.neighbours or 0)
+    local = neighbourhood_threshold(len(by_name), context)
+    if complete and len(reveals) < threshold:
         raise SecureAggregationError(
             f"secure aggregation: {len(reveals)} of {len(u3)} sites answered the unmasking, "
             f"{threshold} needed; the round cannot be unmasked"
         )
+    parts = connected(u3, graph)
+    if len(parts) > 1:
+        raise SecureAggregationError(
+            f"secure aggregation: the survivors split into {len(parts)} unconnected groups in the round's graph "
+            f"(sizes {[len(p) for p in parts]}); the sites refuse to reveal, the round cannot be unmasked"
+        )
     dropped = sorted(set(u2) - set(u3))
-    responders = sorted(reveals)[:threshold]
-    for responder in responders:
+
+    def closed(site: str) -> frozenset[str]:
+        return graph[site] | {site}
+
+    holders: dict[str, list[str]] = {}
+    for owner in [*sorted(u3), *dropped]:
+        near = closed(owner)
+        answered = sorted(r for r in reveals if r in near)
+        if len(answered) < local:
+            raise SecureAggregationError(
+                f"secure aggregation: the neighbourhood of {owner!r} ({len(near)} sites) gave {len(answered)} "
+                f"unmasking answer(s), {local} needed; the round cannot be unmasked",
+                site=owner,
+            )
+        holders[owner] = answered[:local]
+    for responder in sorted({r for used in holders.values() for r in used}):
         answer = reveals[responder]
-        if set(answer) != {_SELF_MASK, _MASKING_KEY} or set(answer[_SELF_MASK]) != set(u3):
+        near = closed(responder)
+        if set(answer) != {_SELF_MASK, _MASKING_KEY} or set(answer[_SELF_MASK]) != set(u3) & near:
             raise DataError(
                 f"the unmasking answer of {responder!r} does not hold a share for exactly the survivors; "
                 "it answered other lists",
                 site=responder,
             )
-        if set(answer[_MASKING_KEY]) != set(dropped):
+        if set(answer[_MASKING_KEY]) != set(dropped) & near:
             raise DataError(
                 f"the unmasking answer of {responder!r} does not hold a share for exactly the dropped sites; "
                 "it answered other lists",
@@ -472,7 +580,7 @@ def unmask(
 
     def secret(kind: str, owner: str) -> bytes:
         try:
-            return shamir.combine({xs[r]: reveals[r][kind][owner] for r in responders}, threshold)
+            return shamir.combine({xs[r]: reveals[r][kind][owner] for r in holders[owner]}, local)
         except DataError as exc:
             raise SecureAggregationError(
                 f"secure aggregation: the shares of {owner!r} ({kind}) do not reconstruct ({exc}); "
@@ -493,7 +601,7 @@ def unmask(
                 "the round cannot be unmasked",
                 site=v,
             )
-        for u in sorted(u3):
+        for u in sorted(set(u3) & graph[v]):
             pairwise = expand(_pairwise_seed(private, by_name[u].masking_key, u, context), total.size)
             # u added +PRG(s_uv) when u < v, -PRG otherwise: take that back
             if u < v:

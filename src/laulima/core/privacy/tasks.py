@@ -5,17 +5,30 @@ disjoint groups of answers could both unmask), lowered by nothing but ``max_drop
 differential privacy every site weighs 1 (DP-FedAvg's fixed weights: a site's sensitivity is
 then ``clip`` whatever its size); otherwise a site weighs its sample count, capped at
 ``max_weight`` so the quantised sum cannot wrap.
+
+The communication graph's degree (SecAgg+, :mod:`laulima.core.privacy.graph`) is the spec's
+``neighbours``, or by default 0 — the complete graph, Bonawitz et al. as before — up to
+:data:`~laulima.core.privacy.graph.COMPLETE_UP_TO` sites and ``2 * ceil(log2 n)`` beyond; a
+degree that reaches every other site is sent as 0.
 """
 
 from __future__ import annotations
 
 import math
 
+from laulima.core.privacy.graph import COMPLETE_UP_TO, default_neighbours, is_complete
 from laulima.core.privacy.messages import TaskDpSgd, TaskPrivacy, TaskSecureAggregation
 from laulima.core.spec import ExperimentSpec
 from laulima.errors import ConfigurationError
 
-__all__ = ["NOISE_TAIL", "noise_std", "secure_threshold", "task_privacy", "task_secure_aggregation"]
+__all__ = [
+    "NOISE_TAIL",
+    "noise_std",
+    "secure_neighbours",
+    "secure_threshold",
+    "task_privacy",
+    "task_secure_aggregation",
+]
 
 NOISE_TAIL = 8.0
 """Gaussian noise is clamped at this many standard deviations when it is quantised: a
@@ -51,6 +64,15 @@ def secure_threshold(n_sites: int, max_dropouts: int | None) -> int:
     return max(2, n_sites - dropouts)
 
 
+def secure_neighbours(n_sites: int, neighbours: int | None) -> int:
+    """The graph's degree for a round of ``n_sites``: 0 (complete) or an even k < n - 1."""
+    if neighbours is None:
+        if n_sites <= COMPLETE_UP_TO:
+            return 0
+        neighbours = default_neighbours(n_sites)
+    return 0 if is_complete(n_sites, neighbours) else neighbours
+
+
 def noise_std(privacy: TaskPrivacy, threshold: int | None) -> float:
     """Std of the noise one site adds: all of it (local), or its share of the sum (distributed)."""
     std = privacy.noise_multiplier * privacy.clip
@@ -81,4 +103,5 @@ def task_secure_aggregation(spec: ExperimentSpec, n_sites: int, max_weight: int)
         max_weight=weight,
         bound=bound,
         phase_timeout_s=secagg.phase_timeout_s,
+        neighbours=secure_neighbours(n_sites, secagg.neighbours),
     )
