@@ -36,8 +36,9 @@ and agent logs) there instead of in a temporary folder removed at the end.
 A run that cannot complete is reported with an ``error`` (the rest go on): a hub or agent that
 died (its exit code, e.g. -9 from the kernel's OOM killer, and its last log line), rounds not
 aggregated from every site, or a secure configuration skipped because it would not fit in
-memory: every agent privatises its update at about the same time, at ~200 MB + 15 x the model
-each, so 20 sites x 76 MB (~26 GB) is skipped on a 24 GB machine unless ``--force``. The
+memory: every agent privatises and masks its update at about the same time, at ~200 MB + 5 x
+the model each (measured 480 MB at 76 MB), so configurations beyond the machine's memory are
+skipped unless ``--force``. The
 machine should be otherwise idle: on 2 cores every agent's CPU time adds to the round time.
 """
 
@@ -63,10 +64,11 @@ CLIP = 1e6
 """The largest L2 bound the spec allows; the identity step is zero anyway."""
 
 AGENT_BASE_MB = 200
-SECURE_AGENT_MB_PER_MODEL_MB = 15
-"""An agent's peak under secure aggregation is about 200 MB + 15 x the model: privatising the
-update (site/update_privacy.py) holds several float64 copies of it at once (measured: 1.29 GB
-at 76 MB). All agents privatise at about the same time, so 20 sites at 76 MB need ~26 GB."""
+SECURE_AGENT_MB_PER_MODEL_MB = 5
+"""An agent's peak under secure aggregation is about 200 MB + 5 x the model: privatising the
+update (site/update_privacy.py) holds one float64 vector of it and the quantised output, masking
+the vector, its mask and one PRG expansion (measured: 480 MB at 76 MB). All agents do this at
+about the same time, so 20 sites at 76 MB need ~12 GB."""
 
 
 def _secure_memory_shortfall(n_sites: int, model_mb: float) -> str | None:
