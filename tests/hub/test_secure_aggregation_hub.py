@@ -255,3 +255,29 @@ def test_a_site_that_masks_a_vector_outside_its_bound_gets_the_round_aborted(mak
     rnd = hub.wait_for(first_round, "round 1 to close")
     assert rnd["status"] == "aborted" and "above the clip bound" in rnd["note"], rnd
     assert hub.experiment(exp["id"])["global_digest"] == exp["global_digest"], "the global model is kept"
+
+
+def test_fedadam_steps_along_the_securely_aggregated_mean(make_hub):
+    from laulima.core.strategies import FedAdam, FitResult
+
+    hub: Hub = make_hub()
+    hub.register(*SITES)
+    given = make_weights(0)
+    exp = hub.submit(secure_spec(strategy={"name": "fedadam", "server_lr": 0.05}), given)
+    players = {site: Player(hub, site) for site in SITES}
+    for step in (Player.advertise, Player.share, Player.receive):
+        for p in players.values():
+            step(p)
+    models, weights = _models(given), {"site-a": 10, "site-b": 30, "site-c": 5}
+    for site, p in players.items():
+        assert p.upload(models[site], given, weights[site]).status_code == 200
+    for p in players.values():
+        p.unmask()
+    done = hub.wait_status(exp["id"], "completed")
+    r = hub.client.get(hub.url(f"/blobs/{done['global_digest']}"), headers=hub.admin)
+    got = from_safetensors(r.content)
+    plain = [FitResult(site, models[site], weights[site]) for site in SITES]
+    expected = FedAdam(server_lr=0.05).aggregate(given, plain)
+    for key in given:
+        np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
+    assert not np.allclose(got["fc.weight"], given["fc.weight"])
