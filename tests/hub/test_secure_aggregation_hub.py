@@ -125,17 +125,25 @@ def test_the_hub_returns_the_weighted_average_of_what_it_only_saw_masked(make_hu
         hub.clock.advance(61)  # the masking phase waits for a missing update until the round's deadline
     for site in alive:
         players[site].unmask()
-    done = hub.wait_status(exp["id"], "completed")
+    assert_weighted_average(hub, exp["id"], players["site-a"].task, given, {s: (models[s], weights[s]) for s in alive})
+
+
+def assert_weighted_average(
+    hub: Hub, exp_id: int, task: TaskPublic, given: Weights, sent: dict[str, tuple[Weights, int]]
+) -> None:
+    """The experiment completes with the weighted mean of ``sent`` (site -> model, weight),
+    within the round's quantisation bound."""
+    done = hub.wait_status(exp_id, "completed")
     r = hub.client.get(hub.url(f"/blobs/{done['global_digest']}"), headers=hub.admin)
     assert r.status_code == 200, r.text
     got = from_safetensors(r.content)
-    total = sum(weights[s] for s in alive)
-    config = players["site-a"].task.secure_aggregation
+    total = sum(weight for _, weight in sent.values())
+    config = task.secure_aggregation
     assert config is not None
     bound = error_bound(scale_for(config.bound, config.sites), config.sites) / total
     for key in given:
-        expected = sum(np.float64(models[s][key]) * weights[s] for s in alive) / total
-        np.testing.assert_allclose(got[key], expected, rtol=0, atol=bound + 1e-6)
+        expected = sum(np.float64(model[key]) * weight for model, weight in sent.values()) / total
+        np.testing.assert_allclose(got[key], expected, rtol=0, atol=bound + 1e-6, err_msg=key)
     assert not np.allclose(got["fc.weight"], given["fc.weight"])
 
 
