@@ -289,3 +289,35 @@ def test_fedadam_steps_along_the_securely_aggregated_mean(make_hub):
     for key in given:
         np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-5, err_msg=key)
     assert not np.allclose(got["fc.weight"], given["fc.weight"])
+
+
+def test_a_malformed_unmasking_answer_is_refused_and_a_wrong_share_only_aborts_the_round(make_hub):
+    hub: Hub = make_hub()
+    hub.register(*SITES)
+    given = make_weights(0)
+    exp = hub.submit(secure_spec(rounds=2), given)
+    players = {site: Player(hub, site) for site in SITES}
+    for step in (Player.advertise, Player.share, Player.receive):
+        for p in players.values():
+            step(p)
+    models = _models(given)
+    for site, p in players.items():
+        assert p.upload(models[site], given, 1).status_code == 200
+    a = players["site-a"]
+    assert a.get("unmasking").status_code == 200
+    short = {"self_mask": {s: _b64(b"x" * 10) for s in SITES}, "masking_key": {}}
+    assert a.post("unmasking", short).status_code == 422, "a share is 66 bytes"
+    # Well-formed but wrong shares from two sites: the sum cannot be unmasked correctly.
+    for name in ("site-a", "site-b"):
+        r = players[name].get("unmasking")
+        wrong = {"self_mask": {s: _b64(bytes([7]) * 66) for s in r.json()["survivors"]}, "masking_key": {}}
+        assert players[name].post("unmasking", wrong).status_code == 204
+    players["site-c"].unmask()
+
+    def first_round() -> dict[str, Any] | None:
+        rounds = hub.get(f"/experiments/{exp['id']}/rounds")
+        return rounds[0] if rounds and rounds[0]["status"] != "open" else None
+
+    rnd = hub.wait_for(first_round, "round 1 to close")
+    assert rnd["status"] == "aborted", rnd
+    assert hub.experiment(exp["id"])["status"] == "running", "one round is lost, not the experiment"

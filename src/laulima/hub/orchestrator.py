@@ -36,7 +36,7 @@ from laulima.core.spec import MAX_LOCAL_MODELS, MAX_TIMEOUT_S, ExperimentSpec
 from laulima.core.strategies import FitResult, NotEnoughResults, Strategy, build_strategy
 from laulima.core.strategies._fold import cast_back
 from laulima.core.weights import Weights, WeightsSchema, check_weights_finite, safetensors_chunks
-from laulima.errors import SecureAggregationError, WeightsError
+from laulima.errors import ConfigurationError, DataError, SecureAggregationError, WeightsError
 from laulima.hub.blobstore import BlobStore, experiment_key
 from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
 from laulima.hub.secure_rounds import SECAGG_CONFIG_KEY, SecAggState, SecureRounds, secagg_config
@@ -395,7 +395,8 @@ class Orchestrator:
         try:
             average = self._unmasked_average(spec, rnd, chosen, state, config)
             new_digest, state_digest = self._aggregate_average(spec, rnd, average)
-        except (SecureAggregationError, NonFiniteAggregate, NotEnoughResults) as exc:
+        except (DataError, ConfigurationError) as exc:  # what the sites sent cannot be unmasked (incl.
+            # SecureAggregationError, NonFiniteAggregate, NotEnoughResults): this round only, never the experiment
             return self._abort(exp, rnd, f"round {rnd.index}: {exc}")
         ok = self._checkpoint(exp, spec, rnd, updates, sorted(survivors), new_digest, state_digest, {})
         if ok:

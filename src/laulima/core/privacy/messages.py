@@ -45,7 +45,8 @@ _KEY_B64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{43}=$")]
 """A 32-byte X25519 public key, base64."""
 _CIPHERTEXT = Annotated[str, Field(min_length=4, max_length=MAX_CIPHERTEXT_B64, pattern=r"^[A-Za-z0-9+/]+={0,2}$")]
 _SITE = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
-_SHARE_B64 = Annotated[str, Field(min_length=4, max_length=128, pattern=r"^[A-Za-z0-9+/]+={0,2}$")]
+_SHARE_B64 = Annotated[str, Field(pattern=r"^[A-Za-z0-9+/]{88}$")]
+"""A 66-byte Shamir share (core/privacy/shamir.py), base64: anything else is refused on arrival."""
 
 
 class _Msg(BaseModel):
