@@ -417,6 +417,8 @@ def run_demo(
     }  # fmt: skip
     if preset.private:  # no local-only models to budget for
         del budget["optimizer_steps_per_local_model"]
+    n_parameters = sum(int(w.size) for w in weights["federated"].values())
+    notes = _notes(preset, baselines, privacy, n_parameters=n_parameters)
     data = ReportData(
         title=f"Laulima demo: federated {_TITLES[preset.task]} ({preset.name} preset)",
         description=(
@@ -429,7 +431,7 @@ def run_demo(
         rounds=metrics,
         arms=arms,
         wall_time_s=times,
-        notes=_notes(preset, baselines, privacy, n_parameters=sum(int(w.size) for w in weights["federated"].values())),
+        notes=notes,
         meta=report_meta(strategy=spec.strategy.name, seed=preset.seed, spec=spec_json),
         overlay=overlay,
         strategy_comparison=strategy_comparison,
@@ -447,6 +449,9 @@ def run_demo(
         console.print(escape(privacy_settings_line(privacy)))
         if (spent := privacy_line(metrics, delta=privacy.get("delta"))) is not None:
             console.print(f"[bold]{escape(spent)}[/]")
+        for note in _privacy_notes(preset, privacy, n_parameters)[-1:]:
+            if note.startswith("Scale of the noise"):  # why the private model scores what it scores
+                console.print(f"[yellow]{escape(note)}[/]")
     console.print(f"report → {html}\nmodel → {model_dir}\nTensorBoard → tensorboard --logdir {tb_dir.parent}")
     return DemoOutcome(
         html, html.with_name("report.json"), model_dir, tb_dir, exp.id, metrics, arms, times, privacy=privacy
