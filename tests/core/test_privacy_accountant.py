@@ -147,3 +147,12 @@ def test_bad_delta_raises(delta: float) -> None:
 def test_bad_calibration_inputs_raise(args: tuple[float, ...], field: str) -> None:
     with pytest.raises(ConfigurationError, match=field):
         noise_multiplier_for(*args)  # type: ignore[arg-type]
+
+
+def test_the_site_agent_starts_without_importing_the_accountant_library():
+    """dp_accounting (scipy, mpmath) takes most of a second to import: only a DP task pays it."""
+    import subprocess
+    import sys
+
+    code = "import sys, laulima.site.agent; sys.exit('dp_accounting' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

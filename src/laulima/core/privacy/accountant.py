@@ -11,15 +11,18 @@ a "record" is one site's whole contribution, with DP-SGD one training example.
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import dp_accounting
-from dp_accounting.rdp import RdpAccountant
-from dp_accounting.rdp.rdp_privacy_accountant import DEFAULT_RDP_ORDERS
+from functools import cache
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from laulima.errors import ConfigurationError
+
+if TYPE_CHECKING:  # dp_accounting (with scipy and mpmath) costs most of a second to import: only when ε is asked
+    import dp_accounting
 
 __all__ = [
     "RDP_ORDERS",
@@ -28,9 +31,27 @@ __all__ = [
     "noise_multiplier_for",
 ]
 
-RDP_ORDERS: tuple[float, ...] = tuple(float(order) for order in DEFAULT_RDP_ORDERS)
+RDP_ORDERS: tuple[float, ...]
 """Rényi orders the accountant evaluates: dp_accounting's defaults (1.1 ... 1024), which cover
-the ε range from well below 1 to a few hundred; ε is the minimum over them."""
+the ε range from well below 1 to a few hundred; ε is the minimum over them. Read on first use
+(module ``__getattr__``), so importing this module — every site agent does — stays cheap."""
+
+
+@cache
+def _dp() -> ModuleType:
+    return importlib.import_module("dp_accounting")
+
+
+@cache
+def _orders() -> tuple[float, ...]:
+    rdp = importlib.import_module("dp_accounting.rdp.rdp_privacy_accountant")
+    return tuple(float(order) for order in rdp.DEFAULT_RDP_ORDERS)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RDP_ORDERS":
+        return _orders()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 _MAX_NOISE_MULTIPLIER = 2.0**40
 """Upper end of the search in :func:`noise_multiplier_for`: beyond it no target is reachable."""
@@ -69,10 +90,11 @@ class GaussianRelease:
 
     def event(self) -> dp_accounting.DpEvent:
         """This release as a dp_accounting event (callers check ``noise_multiplier > 0`` first)."""
-        single: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(float(self.noise_multiplier))
+        dp = _dp()
+        single: dp_accounting.DpEvent = dp.GaussianDpEvent(float(self.noise_multiplier))
         if self.sampling_rate < 1:
-            single = dp_accounting.PoissonSampledDpEvent(float(self.sampling_rate), single)
-        return dp_accounting.SelfComposedDpEvent(single, self.count)
+            single = dp.PoissonSampledDpEvent(float(self.sampling_rate), single)
+        return dp.SelfComposedDpEvent(single, self.count)
 
 
 def _check_delta(delta: float) -> None:
@@ -88,11 +110,11 @@ def _composed(releases: Sequence[GaussianRelease]) -> dp_accounting.DpEvent | No
     events = [release.event() for release in releases if release.count > 0]
     if not events:
         return None
-    return events[0] if len(events) == 1 else dp_accounting.ComposedDpEvent(events)
+    return events[0] if len(events) == 1 else _dp().ComposedDpEvent(events)
 
 
 def _rdp_epsilon(event: dp_accounting.DpEvent, delta: float) -> float:
-    accountant = RdpAccountant(list(RDP_ORDERS))
+    accountant = _dp().rdp.RdpAccountant(list(_orders()))
     accountant.compose(event)
     return float(accountant.get_epsilon(delta))
 
@@ -150,7 +172,7 @@ def noise_multiplier_for(
 
     def make_event(sigma: float) -> dp_accounting.DpEvent:
         new = GaussianRelease(float(sigma), count, sampling_rate).event()
-        return dp_accounting.ComposedDpEvent([*previous, new]) if previous else new
+        return _dp().ComposedDpEvent([*previous, new]) if previous else new
 
     def gap(sigma: float) -> float:
         return _rdp_epsilon(make_event(sigma), delta) - te
@@ -171,12 +193,13 @@ def noise_multiplier_for(
         high, low = low, low / 2.0
     if gap(low) <= 0:  # even a vanishing noise multiplier fits: the target is far above anything spent
         return low
-    sigma = dp_accounting.calibrate_dp_mechanism(
-        lambda: RdpAccountant(list(RDP_ORDERS)),
+    dp = _dp()
+    sigma = dp.calibrate_dp_mechanism(
+        lambda: dp.rdp.RdpAccountant(list(_orders())),
         make_event,
         te,
         delta,
-        bracket_interval=dp_accounting.ExplicitBracketInterval(low, high),
+        bracket_interval=dp.ExplicitBracketInterval(low, high),
         tol=max(1e-9, 1e-7 * high),
     )
     return float(sigma)
