@@ -30,9 +30,9 @@ import numpy as np
 from numpy.typing import NDArray
 
 from laulima.core.crosssite import round_records
+from laulima.core.privacy.messages import INFINITE_EPSILON
 from laulima.core.protocol import MetricRecord, TaskKind
 from laulima.terminal import (
-    INFINITE_EPSILON,
     Comparison,
     Verdict,
     budget_line,

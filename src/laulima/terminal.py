@@ -16,6 +16,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from laulima.core.crosssite import round_records
+from laulima.core.privacy.messages import EPSILON_METRIC, INFINITE_EPSILON
 from laulima.core.protocol import ExperimentPublic, MetricRecord, TaskKind
 
 __all__ = [
@@ -49,13 +50,6 @@ __all__ = [
 #: Bookkeeping values algorithms report that do not belong in a results table.
 HIDDEN_METRICS = frozenset({"held_out_test", "steps"})
 
-EPSILON_METRIC = "privacy_epsilon"
-"""The train metric in which each site reports the site-level ε the experiment has cost it so far
-(``laulima.site.update_privacy.EPSILON_METRIC``; not imported from there, which loads numpy and the
-privacy accountant, for a name)."""
-
-INFINITE_EPSILON = 1e15
-"""What a site reports as ε when its updates carried no noise (JSON has no infinity)."""
 
 
 def weighted_mean(records: list[MetricRecord]) -> dict[str, float]:

@@ -26,18 +26,16 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from laulima.core.privacy.accountant import GaussianRelease, epsilon
 from laulima.core.privacy.clipping import gaussian_noise, secure_rng
+from laulima.core.privacy.messages import EPSILON_METRIC, INFINITE_EPSILON
 from laulima.core.privacy.quantize import quantize, scale_for
 from laulima.core.privacy.tasks import noise_std
 from laulima.core.protocol import MetaKey, TaskPublic
 from laulima.errors import WeightsError
+from laulima.site.privacy_ledger import experiment_epsilon
 from laulima.site.worker import write_safetensors
 
 __all__ = ["EPSILON_METRIC", "QUANTIZED_TENSOR", "PrivateUpdate", "privatize_update"]
-
-EPSILON_METRIC = "privacy_epsilon"
-"""The site-level ε this experiment has cost the site after this round (its own accounting)."""
 
 QUANTIZED_TENSOR = "secagg.quantized"
 """The site-local file's one tensor between privatising and masking (never sent)."""
@@ -93,9 +91,9 @@ def privatize_update(task: TaskPublic, update_path: Path, global_path: Path) -> 
     std = noise_std(privacy, secagg.threshold if secagg else None) if privacy is not None else 0.0
     spent = None
     if privacy is not None:
-        spent = epsilon([GaussianRelease(privacy.noise_multiplier, count=task.round)], privacy.delta)
+        spent = experiment_epsilon(privacy.noise_multiplier, task.round, privacy.delta)
         metrics = json.loads(metadata.get(MetaKey.METRICS, "{}"))
-        metrics[EPSILON_METRIC] = spent if math.isfinite(spent) else 1e15
+        metrics[EPSILON_METRIC] = spent if math.isfinite(spent) else INFINITE_EPSILON
         metadata[MetaKey.METRICS] = json.dumps(metrics)
     if secagg is not None:
         scale = scale_for(secagg.bound, secagg.sites)

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "EPSILON_METRIC",
+    "INFINITE_EPSILON",
     "MASKED_TENSOR",
     "MAX_CIPHERTEXT_B64",
     "MAX_ROSTER",
@@ -28,6 +30,13 @@ __all__ = [
     "Unmasking",
     "UnmaskingAnswer",
 ]
+
+EPSILON_METRIC = "privacy_epsilon"
+"""The train metric in which each site reports the site-level ε the experiment has cost it so
+far (its own accounting, site/update_privacy.py)."""
+
+INFINITE_EPSILON = 1e15
+"""What a site reports as ε when its updates carried no noise (metrics are finite; JSON has no infinity)."""
 
 MASKED_TENSOR = "secagg.masked"
 """The one tensor of a masked update: the site's weighted, clipped update (model minus the
