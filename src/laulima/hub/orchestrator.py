@@ -373,8 +373,7 @@ class Orchestrator:
         config = next((c for c in (secagg_config(t) for t, _ in tasks) if c is not None), None)
         if config is None:  # a round opened before the spec had secure aggregation: cannot be
             return self._fail(exp, rnd, f"round {rnd.index}: its tasks carry no secure aggregation", updates)
-        before = self.secure.state(exp.id, rnd.index, config.threshold)
-        state = self.secure.step(
+        state, changed = self.secure.step(
             exp.id,
             rnd.index,
             selected=json.loads(rnd.sites_json),
@@ -385,7 +384,6 @@ class Orchestrator:
         if state.phase == "aborted":
             return self._abort(exp, rnd, state.reason)
         if state.phase != "done":
-            changed = state.phase != before.phase
             if changed:
                 log.info("experiment %s: round %d secure aggregation at %s", exp.id, rnd.index, state.phase)
                 self._notify(json.loads(rnd.sites_json))
@@ -393,8 +391,7 @@ class Orchestrator:
         survivors = set(state.survivors or ())
         chosen = [u for u in updates if u.site in survivors]
         try:
-            average = self._unmasked_average(spec, rnd, chosen, state, config)
-            new_digest, state_digest = self._aggregate_average(spec, rnd, average)
+            new_digest, state_digest = self._aggregate_masked(spec, rnd, chosen, state, config)
         except (DataError, ConfigurationError) as exc:  # what the sites sent cannot be unmasked (incl.
             # SecureAggregationError, NonFiniteAggregate, NotEnoughResults): this round only, never the experiment
             return self._abort(exp, rnd, f"round {rnd.index}: {exc}")
@@ -412,10 +409,30 @@ class Orchestrator:
             self._notify(json.loads(rnd.sites_json))
         return closed
 
+    def _aggregate_masked(
+        self,
+        spec: ExperimentSpec,
+        rnd: Round,
+        updates: list[Update],
+        state: SecAggState,
+        config: TaskSecureAggregation,
+    ) -> tuple[str, str | None]:
+        """Hand the strategy the unmasked weighted mean as one result: FedAvg returns it, FedProx
+        too (its proximal term acts at the sites), FedAdam / FedYogi step along it; store it."""
+        global_w = LazyWeights.from_store(self.blobs, rnd.global_in_digest)
+        try:
+            average = self._unmasked_average(spec, rnd, global_w, updates, state, config)
+            result = FitResult(site="secure aggregate", weights=average, n_samples=1)
+            new, strategy_state = self._apply_strategy(spec, rnd, global_w, [result])
+        finally:
+            global_w.close()
+        return self._store_model(rnd, new, strategy_state)
+
     def _unmasked_average(
         self,
         spec: ExperimentSpec,
         rnd: Round,
+        global_w: LazyWeights,
         updates: list[Update],
         state: SecAggState,
         config: TaskSecureAggregation,
@@ -423,72 +440,50 @@ class Orchestrator:
         """The weighted mean of the survivors' models, from their masked updates: sum them
         modulo 2^32, remove the masks with the answered shares, dequantise, divide by the
         total weight and add the global model the round started from."""
-        global_w = LazyWeights.from_store(self.blobs, rnd.global_in_digest)
-        try:
-            schema = global_w.schema
-            keys = sorted(schema)
-            length = sum(int(np.prod(schema[k].shape)) for k in keys)
-            total = np.zeros(length, dtype=np.uint32)
-            weight = 0
-            for u in sorted(updates, key=lambda u: u.site):
-                masked = LazyWeights.from_store(self.blobs, u.digest)
-                try:
-                    np.add(total, np.asarray(masked[MASKED_TENSOR]).view(np.uint32), out=total)
-                finally:
-                    masked.close()
-                weight += config.max_weight if config.max_weight == 1 else u.n_samples
-            ads, answers = self.secure.material(rnd.experiment_id, rnd.index)
-            roster = [
-                Advertised(
-                    site=site,
-                    encryption_key=base64.b64decode(ads[site].encryption_key),
-                    masking_key=base64.b64decode(ads[site].masking_key),
-                )
-                for site in sorted(state.roster or ())
-            ]
-            context = RoundContext(
-                experiment=rnd.experiment_id,
-                round=rnd.index,
-                threshold=state.threshold,
-                neighbours=config.neighbours,
+        schema = global_w.schema
+        keys = sorted(schema)
+        length = sum(int(np.prod(schema[k].shape)) for k in keys)
+        total = np.zeros(length, dtype=np.uint32)
+        weight = 0
+        for u in sorted(updates, key=lambda u: u.site):
+            masked = LazyWeights.from_store(self.blobs, u.digest)
+            try:
+                np.add(total, np.asarray(masked[MASKED_TENSOR]).view(np.uint32), out=total)
+            finally:
+                masked.close()
+            weight += config.max_weight if config.max_weight == 1 else u.n_samples
+        ads, answers = self.secure.material(rnd.experiment_id, rnd.index)
+        roster = [
+            Advertised(
+                site=site,
+                encryption_key=base64.b64decode(ads[site].encryption_key),
+                masking_key=base64.b64decode(ads[site].masking_key),
             )
-            summed = unmask(
-                total,
-                context,
-                roster,
-                shared=list(state.shared or ()),
-                survivors=[u.site for u in sorted(updates, key=lambda u: u.site)],
-                reveals=answers,
-            )
-            scale = scale_for(config.bound, config.sites)
-            mean = dequantize(summed, scale) / float(weight)
-            if spec.privacy is None:
-                _check_within_clip(mean, config.clip, error_bound(scale, config.sites) / weight)
-            delta = unflatten(mean, {k: schema[k].shape for k in keys})
-            # In the model's dtypes (integer buffers rounded), as any site's model would be.
-            return {
-                k: cast_back(np.asarray(global_w[k], dtype=np.float64) + delta[k], np.dtype(schema[k].dtype))
-                for k in keys
-            }
-        finally:
-            global_w.close()
-
-    def _aggregate_average(self, spec: ExperimentSpec, rnd: Round, average: Weights) -> tuple[str, str | None]:
-        """Hand the strategy the unmasked mean as one result: FedAvg returns it, FedProx too
-        (its proximal term acts at the sites), FedAdam / FedYogi step along it."""
-        global_w = LazyWeights.from_store(self.blobs, rnd.global_in_digest)
-        try:
-            strategy = self._strategy(spec, rnd.strategy_state_digest)
-            new = strategy.aggregate(global_w, [FitResult(site="secure aggregate", weights=average, n_samples=1)])
-            new = _conform(new, global_w.schema)
-            _check_finite_aggregate(new, ["secure aggregate"])
-            state = strategy.state_dict()
-        finally:
-            global_w.close()
-        key = experiment_key(rnd.experiment_id)
-        digest = store_weights(self.blobs, new, key_id=key)
-        state_digest = store_weights(self.blobs, state, key_id=key) if state else None
-        return digest, state_digest
+            for site in sorted(state.roster or ())
+        ]
+        context = RoundContext(
+            experiment=rnd.experiment_id,
+            round=rnd.index,
+            threshold=state.threshold,
+            neighbours=config.neighbours,
+        )
+        summed = unmask(
+            total,
+            context,
+            roster,
+            shared=list(state.shared or ()),
+            survivors=[u.site for u in sorted(updates, key=lambda u: u.site)],
+            reveals=answers,
+        )
+        scale = scale_for(config.bound, config.sites)
+        mean = dequantize(summed, scale) / float(weight)
+        if spec.privacy is None:
+            _check_within_clip(mean, config.clip, error_bound(scale, config.sites) / weight)
+        delta = unflatten(mean, {k: schema[k].shape for k in keys})
+        # In the model's dtypes (integer buffers rounded), as any site's model would be.
+        return {
+            k: cast_back(np.asarray(global_w[k], dtype=np.float64) + delta[k], np.dtype(schema[k].dtype)) for k in keys
+        }
 
     # -- after training: local-only models, the cross-site matrix; or evaluate mode --------
     def _finale(self, exp: Experiment, spec: ExperimentSpec) -> bool:
@@ -699,14 +694,22 @@ class Orchestrator:
                 weights = LazyWeights.from_store(self.blobs, u.digest)
                 opened.append(weights)
                 results.append(FitResult(site=u.site, weights=weights, n_samples=u.n_samples))
-            strategy = self._strategy(spec, rnd.strategy_state_digest)
-            new = strategy.aggregate(global_w, results)
-            new = _conform(new, global_w.schema)
-            _check_finite_aggregate(new, [r.site for r in results])
-            state = strategy.state_dict()
+            new, state = self._apply_strategy(spec, rnd, global_w, results)
         finally:
             for w in opened:
                 w.close()
+        return self._store_model(rnd, new, state)
+
+    def _apply_strategy(
+        self, spec: ExperimentSpec, rnd: Round, global_w: LazyWeights, results: list[FitResult]
+    ) -> tuple[Weights, Weights]:
+        """The strategy's new model (checked: the global model's schema, finite) and its state."""
+        strategy = self._strategy(spec, rnd.strategy_state_digest)
+        new = _conform(strategy.aggregate(global_w, results), global_w.schema)
+        _check_finite_aggregate(new, [r.site for r in results])
+        return new, strategy.state_dict()
+
+    def _store_model(self, rnd: Round, new: Weights, state: Weights) -> tuple[str, str | None]:
         key = experiment_key(rnd.experiment_id)
         digest = store_weights(self.blobs, new, key_id=key)
         state_digest = store_weights(self.blobs, state, key_id=key) if state else None

@@ -194,9 +194,7 @@ class SecureRounds:
                 return _not_yet(state)
             _member(state.survivors, site.name, "sent its masked update in time", task)
             shared = state.shared or ()
-            return Unmasking(
-                survivors=list(state.survivors), dropped=sorted(set(shared) - set(state.survivors))
-            )
+            return Unmasking(survivors=list(state.survivors), dropped=sorted(set(shared) - set(state.survivors)))
 
     def answer(self, task_id: str, site: Site, answer: UnmaskingAnswer) -> None:
         """Phase 4: the shares that remove the masks; exactly the sites the hub named."""
@@ -230,10 +228,6 @@ class SecureRounds:
                 return  # answered before (a retried request): the first answer stands
 
     # -- the orchestrator's view -------------------------------------------------------------
-    def state(self, experiment_id: int, round_index: int, threshold: int) -> SecAggState:
-        with self.sessions.begin() as s:
-            return _state(s, experiment_id, round_index, threshold, self.clock())
-
     def step(
         self,
         experiment_id: int,
@@ -243,8 +237,8 @@ class SecureRounds:
         threshold: int,
         round_deadline: float,
         phase_timeout_s: float,
-    ) -> SecAggState:
-        """Close the current phase if it is due; return the state after."""
+    ) -> tuple[SecAggState, bool]:
+        """Close the current phase if it is due; return the state after, and whether it changed."""
         now = self.clock()
         with self.sessions.begin() as s:
             state = _state(s, experiment_id, round_index, threshold, now)
@@ -273,7 +267,7 @@ class SecureRounds:
                 failed = frozenset()  # a survivor's task is complete; it only answers or not
                 closes_at = state.since + phase_timeout_s
             else:
-                return state
+                return state, False
             decision = decide_phase(
                 PhaseView(
                     phase=state.phase,
@@ -286,7 +280,7 @@ class SecureRounds:
                 )
             )
             if decision.action == "wait":
-                return state
+                return state, False
             row = _row(s, experiment_id, round_index)
             if decision.action == "abort":
                 row.phase, row.phase_since, row.reason = "aborted", now, f"round {round_index}: {decision.reason}"
@@ -302,7 +296,7 @@ class SecureRounds:
                 else:
                     row.phase = "done"
                 row.phase_since = now
-            return _as_state(row)
+            return _as_state(row), True
 
     def material(self, experiment_id: int, round_index: int) -> tuple[dict[str, Advertisement], dict[str, dict]]:
         """The roster's public keys and the unmasking answers, for removing the masks."""
@@ -485,4 +479,3 @@ def _member(members: Sequence[str], site: str, what: str, task: Task) -> None:
             f"secure aggregation, round {task.round}: site {site!r} is left out of this round (it had not {what})",
             task=task.id,
         )
-
