@@ -77,7 +77,8 @@ class MaskedRound:
 
     def prepare(self) -> None:
         """Start the key and share exchange in a thread (it runs while the site trains)."""
-        self._thread = threading.Thread(target=self._exchange, name=f"secagg-{self.task.id[:8]}", daemon=True)
+        self._thread = threading.Thread(target=self._exchange_keeping_failure, name=f"secagg-{self.task.id[:8]}")
+        self._thread.daemon = True
         self._thread.start()
 
     def cancel(self) -> None:
@@ -87,7 +88,7 @@ class MaskedRound:
     def finish(self, quantized: Path, masked: Path, upload: Callable[[Path, str], UploadAccepted]) -> UploadAccepted:
         """Mask ``quantized`` into ``masked``, upload it with ``upload``, answer the unmasking."""
         if self._thread is None:
-            self._exchange()
+            self._exchange_keeping_failure()
         else:
             self._thread.join()
         if self._failure is not None:
@@ -114,21 +115,25 @@ class MaskedRound:
             log.warning("task %s: secure aggregation ended before this site's unmasking answer: %s", self.task.id, exc)
         return accepted
 
-    def _exchange(self) -> None:
-        """Keys, roster, shares, inbox; a failure is kept for :meth:`finish` to raise."""
+    def exchange(self) -> None:
+        """Keys, roster, shares, inbox, in this thread: everything before masking."""
+        ad = self.secagg.advertise()
+        body = Advertisement(encryption_key=_b64(ad.encryption_key), masking_key=_b64(ad.masking_key))
+        self._post("keys", body)
+        roster = self._wait("roster", Roster)
+        advertised = [
+            Advertised(site=name, encryption_key=_unb64(a.encryption_key), masking_key=_unb64(a.masking_key))
+            for name, a in roster.sites.items()
+        ]
+        outbox = self.secagg.share(advertised)
+        self._post("shares", ShareOutbox(ciphertexts={name: _b64(c) for name, c in outbox.items()}))
+        inbox = self._wait("shares", ShareInbox)
+        self.secagg.receive({name: _unb64(c) for name, c in inbox.ciphertexts.items()})
+
+    def _exchange_keeping_failure(self) -> None:
+        """:meth:`exchange`, its failure kept for :meth:`finish` to raise."""
         try:
-            ad = self.secagg.advertise()
-            body = Advertisement(encryption_key=_b64(ad.encryption_key), masking_key=_b64(ad.masking_key))
-            self._post("keys", body)
-            roster = self._wait("roster", Roster)
-            advertised = [
-                Advertised(site=name, encryption_key=_unb64(a.encryption_key), masking_key=_unb64(a.masking_key))
-                for name, a in roster.sites.items()
-            ]
-            outbox = self.secagg.share(advertised)
-            self._post("shares", ShareOutbox(ciphertexts={name: _b64(c) for name, c in outbox.items()}))
-            inbox = self._wait("shares", ShareInbox)
-            self.secagg.receive({name: _unb64(c) for name, c in inbox.ciphertexts.items()})
+            self.exchange()
         except Exception as exc:
             self._failure = exc
 
