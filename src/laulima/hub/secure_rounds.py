@@ -319,14 +319,6 @@ class SecureRounds:
             }
         return ads, answers
 
-    def mark_done(self, experiment_id: int, round_index: int) -> None:
-        with self.sessions.begin() as s:
-            row = s.scalar(
-                select(SecAggRound).where(SecAggRound.experiment_id == experiment_id, SecAggRound.round == round_index)
-            )
-            if row is not None and row.phase == "unmasking":
-                row.phase, row.phase_since = "done", self.clock()
-
     def forget(self, experiment_id: int, round_index: int) -> None:
         """Drop a closed round's keys, shares and answers: useless once the round is decided,
         and nobody should be able to combine them with a later leak."""

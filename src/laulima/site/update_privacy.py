@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from safetensors import safe_open
 
-from laulima.core.privacy.clipping import gaussian_noise, secure_rng
+from laulima.core.privacy.clipping import clip_in_place, gaussian_noise, l2_norm, secure_rng
 from laulima.core.privacy.messages import EPSILON_METRIC, INFINITE_EPSILON
 from laulima.core.privacy.quantize import quantize, scale_for
 from laulima.core.privacy.tasks import noise_std
@@ -78,11 +78,12 @@ def privatize_update(task: TaskPublic, update_path: Path, global_path: Path) -> 
             np.subtract(upd.get_tensor(k).ravel(), gvn.get_tensor(k).ravel(), out=step[offset : offset + n])
             offset += n
     bounds = [b for b in (privacy.clip if privacy else None, secagg.clip if secagg else None) if b is not None]
-    norm = float(np.linalg.norm(step))
-    if not math.isfinite(norm):
-        raise WeightsError("the update holds NaN or infinite values; the local training diverged", where="update")
-    if bounds and norm > min(bounds):
-        step *= min(bounds) / norm * (1 - 1e-12)  # just inside the bound, whatever the rounding
+    if bounds:
+        norm = clip_in_place(step, min(bounds))
+    else:
+        norm = l2_norm(step)
+        if not math.isfinite(norm):
+            raise WeightsError("the update holds NaN or infinite values; the local training diverged", where="update")
     rng = secure_rng()
     n_samples = int(metadata.get(MetaKey.N_SAMPLES, "1"))
     weight = 1 if (privacy is not None or secagg is None) else max(1, min(n_samples, secagg.max_weight))

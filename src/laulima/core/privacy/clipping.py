@@ -18,6 +18,7 @@ from laulima.errors import ConfigurationError, DataError
 
 __all__ = [
     "clip",
+    "clip_in_place",
     "flatten",
     "gaussian_noise",
     "l2_norm",
@@ -65,22 +66,27 @@ def l2_norm(vector: np.ndarray) -> float:
 def clip(vector: np.ndarray, bound: float) -> tuple[np.ndarray, float]:
     """`vector` scaled down so its L2 norm is at most `bound` (unchanged if already within), and
     its original norm."""
+    clipped = np.array(vector, dtype=np.float64)
+    return clipped, clip_in_place(clipped, bound)
+
+
+def clip_in_place(vector: np.ndarray, bound: float) -> float:
+    """Scale the float64 `vector` itself down to L2 norm at most `bound` (no second copy of a
+    model-sized vector); its original norm."""
     if not math.isfinite(bound) or bound <= 0:
         raise ConfigurationError(
             f"the clipping bound must be a finite number > 0, got {bound!r}; set the L2 bound of one update",
             field="clip_norm",
         )
-    flat = np.asarray(vector, dtype=np.float64)
-    norm = l2_norm(flat)
+    norm = l2_norm(vector)
     if not math.isfinite(norm):
         raise DataError("cannot clip the update: it holds NaN or infinite values; the local training diverged")
-    if norm <= bound:
-        return flat.copy(), norm
-    clipped = flat * (bound / norm)
-    # rounding can leave the norm a hair above the bound; shrink by a tiny factor until it is not
-    while l2_norm(clipped) > bound:
-        clipped *= 1.0 - 1e-12
-    return clipped, norm
+    if norm > bound:
+        vector *= bound / norm
+        # rounding can leave the norm a hair above the bound; shrink by a tiny factor until it is not
+        while l2_norm(vector) > bound:
+            vector *= 1.0 - 1e-12
+    return norm
 
 
 def gaussian_noise(length: int, std: float, rng: np.random.Generator) -> np.ndarray:
