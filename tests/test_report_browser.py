@@ -9,19 +9,16 @@ check that does not run proves nothing.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from laulima.report import ArmEvaluation, write_report
 from tests.helpers import report_data as rd
+from tests.helpers.browser import chromium
 
 WIDTH, HEIGHT = 1200, 900
-CHROMIUM = ("chromium", "/usr/bin/chromium")
-CHROMEDRIVER = ("chromium-driver", "/usr/bin/chromedriver")
 
 #: Elements whose box is wider than their parent's content box (half a pixel of rounding allowed).
 TOO_WIDE = """
@@ -41,35 +38,8 @@ return out;
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """Headless Chromium with a 1200 x 900 viewport; fails, never skips, naming what is missing."""
-    missing = [
-        f"the Debian package {package!r} ({path} or {Path(path).name} on PATH)"
-        for package, path in (CHROMIUM, CHROMEDRIVER)
-        if not (Path(path).is_file() or shutil.which(Path(path).name))
-    ]
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.options import Options
-        from selenium.webdriver.chrome.service import Service
-    except ImportError:
-        missing.append("the Python package 'selenium' (pip install -e '.[dev]')")
-    if missing:
-        pytest.fail("the report's browser test needs " + ", ".join(missing) + "; `make test` installs them", False)
-    options = Options()
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--hide-scrollbars"):
-        options.add_argument(arg)
-    binary = CHROMIUM[1] if Path(CHROMIUM[1]).is_file() else shutil.which("chromium")
-    driver_path = CHROMEDRIVER[1] if Path(CHROMEDRIVER[1]).is_file() else shutil.which("chromedriver")
-    options.binary_location = str(binary)
-    driver = webdriver.Chrome(service=Service(str(driver_path)), options=options)
-    try:
-        # The window's size includes its frame; the viewport is what a reader's page gets.
-        driver.execute_cdp_cmd(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False},
-        )
+    with chromium(WIDTH, HEIGHT, what="the report's browser test") as driver:
         yield driver
-    finally:
-        driver.quit()
 
 
 def many_sites_data() -> rd.ReportData:
