@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,imaging,nnunet]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,imaging,nnunet,mlflow]'
 	$(BIN)/pip uninstall --quiet -y torchvision
 	touch $(STAMP)
 

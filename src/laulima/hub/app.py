@@ -32,6 +32,7 @@ from laulima.hub.blobstore import LocalBlobStore
 from laulima.hub.db import create_all, make_engine, make_session_factory
 from laulima.hub.housekeeping import Housekeeper, live_references
 from laulima.hub.limits import SiteLimits
+from laulima.hub.mlflow import open_mlflow_export
 from laulima.hub.notify import TaskBoard
 from laulima.hub.orchestrator import Orchestrator
 from laulima.hub.service import HubService
@@ -52,6 +53,7 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        mlflow_export = open_mlflow_export(settings)  # None unless set; an unusable URI stops the start here
         hub = _start(settings, clock)
         hub.board.bind(asyncio.get_running_loop())
         app.state.hub = hub
@@ -59,10 +61,15 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
         app.state.audit = HubAudit(settings.audit_dir)
         app.state.audit.check_at_start()
         hub.orchestrator.start()
+        app.state.mlflow_export = mlflow_export
+        if mlflow_export is not None:  # hub/mlflow/: a mirror from the database, in its own thread
+            mlflow_export.start(hub.sessions)
         log.info("hub ready at %s (home %s)", settings.url, settings.home)
         try:
             yield
         finally:
+            if mlflow_export is not None:
+                mlflow_export.stop()
             hub.board.close()
             hub.orchestrator.stop()
             hub.engine.dispose()

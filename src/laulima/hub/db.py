@@ -35,6 +35,7 @@ __all__ = [
     "FingerprintResult",
     "MergedFingerprintRow",
     "Metric",
+    "MlflowExport",
     "Refusal",
     "Round",
     "RoundHandoff",
@@ -412,3 +413,23 @@ def create_all(engine: Engine) -> None:
                     )
                 kind = column.type.compile(dialect=engine.dialect)
                 conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+
+
+class MlflowExport(Base):
+    """How far one experiment is mirrored into one MLflow tracking server (hub/mlflow/).
+
+    The export's only memory: committed after each step, so a restarted hub continues where
+    it stopped instead of creating a second run or logging a round twice."""
+
+    __tablename__ = "mlflow_exports"
+
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id"), primary_key=True)
+    target: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """sha256 of the tracking URI without its credentials: pointing the hub at another
+    server exports every experiment there afresh."""
+    run_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    params_done: Mapped[bool] = mapped_column(default=False)
+    rounds_done: Mapped[int] = mapped_column(default=0)
+    """Every round up to this index has its metrics in the run."""
+    finished: Mapped[bool] = mapped_column(default=False)
+    """The run has its final status (FINISHED, FAILED, KILLED): nothing is left to export."""

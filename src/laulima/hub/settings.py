@@ -14,7 +14,7 @@ import secrets
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from laulima.errors import ConfigurationError
@@ -39,7 +39,7 @@ def is_loopback(host: str) -> bool:
 class HubSettings(BaseSettings):
     """Everything a hub needs to start; one instance per process."""
 
-    model_config = SettingsConfigDict(env_prefix="LAULIMA_HUB_", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix="LAULIMA_HUB_", extra="forbid", validate_by_name=True)
 
     home: Path = Path(".laulima/hub")
     """Database, blobs and the generated admin token live here."""
@@ -109,6 +109,22 @@ class HubSettings(BaseSettings):
     site_offline_after_s: Annotated[float, Field(gt=0, le=30 * 86400, allow_inf_nan=False)] = 120.0
     """A site not heard from for this long (and not working on a task) is offline: new rounds
     leave it out and say so. Must exceed ``long_poll_max_s``: agents are heard at every poll."""
+    mlflow_tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("LAULIMA_MLFLOW_TRACKING_URI"), repr=False
+    )
+    """Set: the hub also mirrors every experiment's parameters and per-round metrics into this
+    MLflow tracking server (``http(s)://``, ``file:``, a database URI: whatever MLflow accepts;
+    :mod:`laulima.hub.mlflow`, needs ``pip install 'laulima[mlflow]'``). Read from
+    ``LAULIMA_MLFLOW_TRACKING_URI`` (``mlflow_tracking_uri=`` from Python; the prefixed
+    ``LAULIMA_HUB_MLFLOW_TRACKING_URI`` is read too, after it), never from MLflow's own
+    ``MLFLOW_TRACKING_URI``. Kept out of the settings' repr; logged without its credentials."""
+
+    @field_validator("mlflow_tracking_uri")
+    @classmethod
+    def _mlflow_uri(cls, value: str | None) -> str | None:
+        from laulima.hub.mlflow.uri import check_tracking_uri
+
+        return check_tracking_uri(value)
 
     @model_validator(mode="after")
     def _secure_and_complete(self) -> HubSettings:
