@@ -62,7 +62,8 @@ lint: $(STAMP)
 		src/laulima/cli_algorithm.py src/laulima/cli_site_admin.py src/laulima/submission.py \
 		src/laulima/algorithms src/laulima/imaging src/laulima/predict.py src/laulima/export.py \
 		src/laulima/demo.py src/laulima/demo_overlay.py src/laulima/baselines.py src/laulima/report.py \
-		src/laulima/terminal.py src/laulima/tracking.py src/laulima/nnunet src/laulima/cli_nnunet.py
+		src/laulima/terminal.py src/laulima/tracking.py src/laulima/nnunet src/laulima/cli_nnunet.py \
+		src/laulima/web
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregate.py

@@ -83,6 +83,11 @@ class Client:
         self._http = client or httpx.Client(timeout=timeout, verify=verify)
         self._http.headers["Authorization"] = f"Bearer {token}"
 
+    @property
+    def token(self) -> str:
+        """The bearer token this client sends (e.g. to sign a browser in to the dashboard)."""
+        return str(self._http.headers["Authorization"]).removeprefix("Bearer ")
+
     def close(self) -> None:
         self._http.close()
 

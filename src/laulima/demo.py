@@ -341,6 +341,7 @@ def run_demo(
     t = time.monotonic()
     with LocalFederation(workdir, preset.n_sites, preset.task, seed=preset.seed) as fed:
         exp = fed.submit(spec)
+        _announce_dashboard(console, fed, exp.id, workdir)
         if preset.private:  # as the hub accepted it: target_epsilon calibrated into noise_multiplier
             console.print(f"  {escape(privacy_settings_line(privacy_settings(exp.spec)))}")
         phase_seen: dict[ExperimentPhase | None, float] = {}
@@ -668,3 +669,16 @@ def read_strategy_comparison(path: Path) -> list[dict[str, Any]]:
             )
         rows.append(row)
     return rows
+
+
+def _announce_dashboard(console: Console, fed: LocalFederation, experiment_id: int, workdir: Path) -> None:
+    """Where to watch the run live: the hub's dashboard, signed in with the demo scientist's
+    token (written owner-only beside the logs, never printed)."""
+    from laulima.private_files import write_atomic
+
+    token_file = workdir / "dashboard.token"
+    write_atomic(token_file, fed.client.token + "\n")
+    console.print(
+        f"  watch it live: {fed.hub.url}/ui/experiments/{experiment_id} - sign in with the token in {token_file} "
+        "(the demo's hub has a throwaway certificate authority, so the browser asks you to accept its certificate)"
+    )

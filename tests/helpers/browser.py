@@ -63,6 +63,7 @@ def chromium(width: int = 1280, height: int = 900, *, what: str = "this browser 
     ):
         options.add_argument(arg)
     options.accept_insecure_certs = True
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     binary = CHROMIUM[1] if Path(CHROMIUM[1]).is_file() else shutil.which("chromium")
     driver_path = CHROMEDRIVER[1] if Path(CHROMEDRIVER[1]).is_file() else shutil.which("chromedriver")
     options.binary_location = str(binary)
@@ -76,6 +77,16 @@ def chromium(width: int = 1280, height: int = 900, *, what: str = "this browser 
     finally:
         driver.quit()
         shutil.rmtree(profile, ignore_errors=True)
+
+
+def console_problems(driver: Any) -> list[str]:
+    """What the page's console reported at warning level or above since the last call: a
+    refused script or style (Content-Security-Policy), a failed request, a script error."""
+    return [
+        f"{e.get('level')}: {e.get('message')}"
+        for e in driver.get_log("browser")
+        if e.get("level") in ("WARNING", "SEVERE")
+    ]
 
 
 def screenshot(driver: Any, name: str) -> Path:

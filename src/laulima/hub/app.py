@@ -37,6 +37,8 @@ from laulima.hub.notify import TaskBoard
 from laulima.hub.orchestrator import Orchestrator
 from laulima.hub.service import HubService
 from laulima.hub.settings import HubSettings
+from laulima.hub.ui import MOUNT as DASHBOARD_MOUNT
+from laulima.hub.ui import attach, create_dashboard
 from laulima.pki.ca import RevocationList
 
 __all__ = ["create_app"]
@@ -60,6 +62,7 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
         assert settings.audit_dir is not None  # filled in by HubSettings
         app.state.audit = HubAudit(settings.audit_dir)
         app.state.audit.check_at_start()
+        attach(dashboard, hub, app.state.audit)
         hub.orchestrator.start()
         app.state.mlflow_export = mlflow_export
         if mlflow_export is not None:  # hub/mlflow/: a mirror from the database, in its own thread
@@ -81,6 +84,8 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
         lifespan=lifespan,
     )
     app.include_router(api_router, prefix=API_PREFIX)
+    dashboard = create_dashboard()
+    app.mount(DASHBOARD_MOUNT, dashboard)
     app.add_middleware(BodyLimit, limit=settings.max_json_bytes, stall_s=settings.body_timeout_s)
     app.add_exception_handler(LaulimaError, _laulima_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -47,6 +47,7 @@ __all__ = [
     "SessionFactory",
     "Site",
     "Task",
+    "UiSession",
     "Update",
     "Upload",
     "create_all",
@@ -94,6 +95,22 @@ class ApiToken(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[float]
     revoked_at: Mapped[float | None]
+
+
+class UiSession(Base):
+    """A browser signed in to the dashboard (``laulima.hub.ui``): the sha256 of its cookie,
+    who it is, the sha256 of the API token it signed in with (re-checked on every request,
+    so revoking the token ends the session) and its CSRF token."""
+
+    __tablename__ = "ui_sessions"
+
+    id_hash: Mapped[str] = mapped_column(_DIGEST, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    credential_hash: Mapped[str] = mapped_column(_DIGEST)
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float]
+    expires_at: Mapped[float] = mapped_column(index=True)
 
 
 class Experiment(Base):

@@ -84,6 +84,7 @@ def serve(settings: HubSettings) -> None:
     app = create_app(settings)
     token_source = "LAULIMA_HUB_ADMIN_TOKEN" if settings.admin_token else str(settings.admin_token_file)
     print(f"Laulima hub on {settings.url}  (API docs: {settings.url}/docs)", flush=True)
+    print(f"  dashboard: {settings.url}/ui/  (sign in with an API token)", flush=True)
     if settings.tls:
         print(f"  mutual TLS: sites need a certificate from the CA whose ca.pem is in {settings.ca_dir}", flush=True)
     else:

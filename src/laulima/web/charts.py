@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from markupsafe import Markup
 
-__all__ = ["PALETTE", "Series", "line_chart", "nice_ticks"]
+__all__ = ["PALETTE", "Series", "bar_chart", "bar_colours", "legend_colours", "line_chart", "nice_ticks", "series_from"]
 
 PALETTE = ("#0072B2", "#C75000", "#00785A", "#A8327E", "#6E5E00", "#5A4FA3", "#B3261E", "#2F6F8F")
 """Line colours, each at least 3:1 against the white background."""
@@ -46,12 +46,15 @@ def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
         low, high = low - pad, high + pad
     raw = (high - low) / max(1, count - 1)
     power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    ratio = raw / power
+    step = power * (1 if ratio < 1.5 else 2 if ratio < 3 else 5 if ratio < 7 else 10)
     first = math.floor(low / step) * step
-    ticks = []
+    ticks: list[float] = []
     value = first
-    while value <= high + step * 0.5 and len(ticks) < 50:
+    while len(ticks) < 50:
         ticks.append(round(value, 12))
+        if value >= high - step * 1e-9:  # the last tick is at or above the highest value
+            break
         value += step
     return ticks
 
@@ -127,6 +130,80 @@ def line_chart(
         parts.append("</g>")
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def bar_chart(
+    groups: Sequence[str],
+    bars: Mapping[str, Sequence[float | None]],
+    *,
+    title: str,
+    y_label: str,
+    chart_id: str,
+    y_range: tuple[float, float] | None = None,
+) -> Markup:
+    """Grouped bars: one group per entry of ``groups`` (e.g. the sites a model was evaluated
+    at), one bar per entry of ``bars`` (e.g. the models) in each; a missing value leaves a gap."""
+    values = [v for vs in bars.values() for v in vs if v is not None and math.isfinite(v)]
+    title_id, desc_id = f"{chart_id}-title", f"{chart_id}-desc"
+    described = "; ".join(
+        f"{name}: " + ", ".join(f"{g} {_tick(v, 4)}" for g, v in zip(groups, vs, strict=False) if v is not None)
+        for name, vs in bars.items()
+    )
+    parts = [
+        f'<svg class="chart" id="{_a(chart_id)}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
+        f'aria-labelledby="{_a(title_id)} {_a(desc_id)}" data-bars="{len(values)}">',
+        f'<title id="{_a(title_id)}">{_t(title)}</title>',
+        f'<desc id="{_a(desc_id)}">{_t(described or "No data yet.")}</desc>',
+    ]
+    if not values or not groups:
+        parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" class="empty">no data yet</text>')
+        parts.append("</svg>")
+        return Markup("".join(parts))
+    y_ticks = nice_ticks(*(y_range or (min(0.0, *values), max(values))))
+    y_lo, y_hi = y_ticks[0], y_ticks[-1]
+
+    def py(y: float) -> float:
+        clamped = min(max(y, y_lo), y_hi)
+        return HEIGHT - BOTTOM - (clamped - y_lo) / ((y_hi - y_lo) or 1) * (HEIGHT - TOP - BOTTOM)
+
+    parts.append('<g class="axis">')
+    for tick in y_ticks:
+        y = py(tick)
+        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_t(_tick(tick))}</text>')
+    parts.append(
+        f'<text transform="translate(14 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" text-anchor="middle" '
+        f'class="label">{_t(y_label)}</text>'
+    )
+    group_width = (WIDTH - LEFT - RIGHT) / len(groups)
+    bar_width = group_width * 0.8 / max(1, len(bars))
+    for g, group in enumerate(groups):
+        centre = LEFT + group_width * (g + 0.5)
+        parts.append(f'<text x="{centre:.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="middle">{_t(group)}</text>')
+    parts.append("</g>")
+    base = py(max(y_lo, min(0.0, y_hi)))
+    for b, (name, vs) in enumerate(bars.items()):
+        colour = PALETTE[b % len(PALETTE)]
+        parts.append(f'<g class="series" data-series="{_a(name)}">')
+        for g, value in enumerate(vs):
+            if value is None or not math.isfinite(value) or g >= len(groups):
+                continue
+            x = LEFT + group_width * g + group_width * 0.1 + bar_width * b
+            top = py(value)
+            label = f"{name} at {groups[g]}: {_tick(value, 4)}"
+            parts.append(
+                f'<rect class="bar" x="{x:.1f}" y="{min(top, base):.1f}" width="{bar_width:.1f}" '
+                f'height="{abs(base - top):.1f}" fill="{colour}" data-series="{_a(name)}" data-group="{_a(groups[g])}" '
+                f'data-y="{value:.6g}"><title>{_t(label)}</title></rect>'
+            )
+        parts.append("</g>")
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def bar_colours(names: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """Bar name -> (colour, "bar"), as :func:`bar_chart` draws them, for an HTML legend."""
+    return {name: (PALETTE[i % len(PALETTE)], "bar") for i, name in enumerate(names)}
 
 
 def legend_colours(series: Sequence[Series]) -> dict[str, tuple[str, str]]:

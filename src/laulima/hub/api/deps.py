@@ -56,6 +56,7 @@ __all__ = [
     "SettingsDep",
     "Unauthorized",
     "error_status",
+    "person_of_token",
 ]
 
 
@@ -169,7 +170,8 @@ def _bearer(request: Request) -> str | None:
     return token.strip()
 
 
-def _person(hub: HubContext, token: str) -> Caller | None:
+def person_of_token(hub: HubContext, token: str) -> Caller | None:
+    """The person (operator or scientist) a bearer token belongs to, or None."""
     if hmac.compare_digest(token.encode(), hub.admin_token.encode()):
         return Caller(Role.OPERATOR, "admin")
     found = hub.service.authenticate_person(token)
@@ -218,7 +220,7 @@ def _caller(request: Request, hub: HubContext) -> Caller | None:
     """A person by bearer token first (a site never sends one on a TLS hub), else a site."""
     token = _bearer(request)
     if token is not None:
-        person = _person(hub, token)
+        person = person_of_token(hub, token)
         if person is not None:
             return person
         if not hub.settings.tls:

@@ -25,11 +25,14 @@ from laulima.core.protocol import (
     RoundPublic,
     ShareCreate,
 )
-from laulima.hub.api.deps import BlobsDep, OrchestratorDep, RowId, Scientist, ServiceDep, SettingsDep
+from laulima.hub.api.deps import BlobsDep, Caller, OrchestratorDep, RowId, Scientist, ServiceDep, SettingsDep
 from laulima.hub.api.routes.blobs import BlobFile, blob_response
-from laulima.hub.audit import HubAuditDep, HubAuditEvent, spec_facts
+from laulima.hub.audit import HubAudit, HubAuditDep, HubAuditEvent, spec_facts
+from laulima.hub.blobstore import BlobStore
+from laulima.hub.orchestrator import Orchestrator
+from laulima.hub.service import HubService
 
-__all__ = ["router"]
+__all__ = ["cancel", "router", "serve_model"]
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
 
@@ -82,6 +85,13 @@ def get_experiment(experiment_id: RowId, caller: Scientist, service: ServiceDep)
 def cancel_experiment(
     experiment_id: RowId, caller: Scientist, service: ServiceDep, orchestrator: OrchestratorDep, audit: HubAuditDep
 ) -> ExperimentPublic:
+    return cancel(experiment_id, caller, service, orchestrator, audit)
+
+
+def cancel(
+    experiment_id: int, caller: Caller, service: HubService, orchestrator: Orchestrator, audit: HubAudit
+) -> ExperimentPublic:
+    """Cancel an experiment for ``caller`` and record it: the API's route and the dashboard's button."""
     experiment = service.cancel_experiment(experiment_id, caller.person)
     audit.record(
         HubAuditEvent.CANCELLED, caller, experiment=experiment.id, name=experiment.name, owner=experiment.owner
@@ -155,6 +165,13 @@ async def download_model(
 ) -> BlobFile:
     """The newest global model, or with ``?model=local:<site>`` a site's local-only model (404
     naming the experiment's models for any other)."""
+    return await serve_model(experiment_id, caller, service, blobs, audit, model)
+
+
+async def serve_model(
+    experiment_id: int, caller: Caller, service: HubService, blobs: BlobStore, audit: HubAudit, model: str | None
+) -> BlobFile:
+    """A model as an audited download: the API's route and the dashboard's link both come here."""
     found = await anyio.to_thread.run_sync(partial(service.model_of, experiment_id, caller.person, model))
     experiment, digest, label = found
     if label.startswith("local:"):

@@ -1,0 +1,298 @@
+"""What the dashboard's pages show, computed from the API's own records.
+
+Pure functions of :mod:`laulima.core.protocol` objects (the same ones the REST API serves),
+so the dashboard can never show more than a person may read through the API, and every
+number on a page is one a test can compare with the API's answer.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from markupsafe import Markup
+
+from laulima import __version__
+from laulima.core.crosssite import round_records
+from laulima.core.privacy.messages import EPSILON_METRIC
+from laulima.core.protocol import (
+    CrossSiteMatrix,
+    ExperimentPublic,
+    ExperimentStatus,
+    MetricRecord,
+    RoundPublic,
+    TaskKind,
+)
+from laulima.core.reading import (
+    final_epsilon,
+    format_epsilon,
+    headline_metrics,
+    metric_label,
+    ordered_metrics,
+    privacy_settings,
+    privacy_settings_line,
+    weighted_mean,
+)
+from laulima.web.charts import Series, bar_chart, bar_colours, legend_colours, line_chart
+
+__all__ = [
+    "MEAN",
+    "Chart",
+    "CrossSiteView",
+    "charts",
+    "cross_site_view",
+    "model_card",
+    "round_rows",
+    "spec_summary",
+]
+
+MEAN = "mean (weighted by cases)"
+"""The series of the sample-weighted mean over the sites."""
+MAX_CHARTS = 12
+KIND_TITLES = {TaskKind.EVALUATE: "Evaluation of the global model", TaskKind.TRAIN: "Training at the sites"}
+
+
+@dataclass(frozen=True)
+class ChartRow:
+    x: int | str
+    """The row's round (line charts) or group (bar charts)."""
+    values: list[float | None]
+
+
+@dataclass(frozen=True)
+class Chart:
+    """One chart: its SVG, legend, and its numbers as table rows (for screen readers and copying)."""
+
+    id: str
+    title: str
+    svg: Markup
+    legend: dict[str, tuple[str, str]]
+    columns: list[str]
+    rows: list[ChartRow]
+    x_label: str = "round"
+
+
+def charts(metrics: Sequence[MetricRecord]) -> list[Chart]:
+    """Per-round charts: each evaluation metric, then each training metric (loss first), then ε.
+
+    Each chart has one line per site and, when more than one site reported, the mean over
+    the sites weighted by their cases: the number FedAvg's global model is judged by.
+    """
+    records = round_records(metrics)
+    out: list[Chart] = []
+    for kind in (TaskKind.EVALUATE, TaskKind.TRAIN):
+        of_kind = [r for r in records if r.kind == kind]
+        keys = ordered_metrics({k for r in of_kind for k in r.metrics} - {EPSILON_METRIC})
+        for key in keys:
+            if len(out) >= MAX_CHARTS:
+                break
+            out.append(_metric_chart(of_kind, kind, key))
+    epsilon = _epsilon_chart(records)
+    if epsilon is not None:
+        out.append(epsilon)
+    return out
+
+
+def _metric_chart(records: Sequence[MetricRecord], kind: TaskKind, key: str) -> Chart:
+    by_site: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    by_round: dict[int, list[MetricRecord]] = defaultdict(list)
+    for r in sorted(records, key=lambda r: (r.round, r.site)):
+        if key in r.metrics:
+            by_site[r.site].append((float(r.round), r.metrics[key]))
+            by_round[r.round].append(r)
+    series = [Series(site, pts) for site, pts in sorted(by_site.items())]
+    if len(by_site) > 1:
+        mean = [(float(rnd), weighted_mean(rs).get(key)) for rnd, rs in sorted(by_round.items())]
+        series.append(Series(MEAN, [(x, y) for x, y in mean if y is not None], emphasis=True))
+    label = metric_label(key)
+    chart_id = f"chart-{kind}-{_slug(key)}"
+    title = f"{label} — {'evaluation' if kind == TaskKind.EVALUATE else 'training'}"
+    dice = key.startswith("dice")
+    svg = line_chart(series, title=title, y_label=label, chart_id=chart_id, y_range=(0.0, 1.0) if dice else None)
+    return Chart(chart_id, title, svg, legend_colours(series), *_table(series))
+
+
+def _epsilon_chart(records: Sequence[MetricRecord]) -> Chart | None:
+    by_site: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        if r.kind == TaskKind.TRAIN and EPSILON_METRIC in r.metrics:
+            by_site[r.site].append((float(r.round), r.metrics[EPSILON_METRIC]))
+    if not by_site:
+        return None
+    series = [Series(site, sorted(pts)) for site, pts in sorted(by_site.items())]
+    title = "Privacy spent: ε per site (each site's own accounting)"
+    svg = line_chart(series, title=title, y_label="ε", chart_id="chart-epsilon")
+    return Chart("chart-epsilon", title, svg, legend_colours(series), *_table(series))
+
+
+def _table(series: Sequence[Series]) -> tuple[list[str], list[ChartRow]]:
+    columns = [s.name for s in series]
+    values: dict[int, dict[str, float]] = defaultdict(dict)
+    for s in series:
+        for x, y in s.points:
+            values[int(x)][s.name] = y
+    rows = [ChartRow(x, [values[x].get(c) for c in columns]) for x in sorted(values)]
+    return columns, rows
+
+
+def _slug(key: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in key.lower())
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    index: int
+    status: str
+    sites: str
+    updates: int
+    started_at: float
+    closed_at: float | None
+    seconds: float | None
+    left_out: dict[str, str]
+    note: str
+
+
+def round_rows(rounds: Sequence[RoundPublic], *, newest_first: bool = True, limit: int = 200) -> list[RoundRow]:
+    rows = [
+        RoundRow(
+            r.index,
+            str(r.status),
+            ", ".join(r.sites),
+            r.n_updates,
+            r.started_at,
+            r.closed_at,
+            (r.closed_at - r.started_at) if r.closed_at is not None else None,
+            dict(r.left_out),
+            r.note,
+        )
+        for r in rounds
+    ]
+    rows.sort(key=lambda row: row.index, reverse=newest_first)
+    return rows[:limit]
+
+
+@dataclass(frozen=True)
+class CrossSiteView:
+    """The cross-site matrix for one metric: rows are models, columns sites, then pooled."""
+
+    metric: str
+    label: str
+    sites: list[str]
+    rows: list[tuple[str, list[float | None], float | None]]
+    failures: list[tuple[str, str, str]]
+    complete: bool
+    metrics: list[str] = field(default_factory=list)
+    chart: Chart | None = None
+
+
+def cross_site_view(matrix: CrossSiteMatrix) -> CrossSiteView | None:
+    """The matrix on its headline metric (mean Dice where reported); None before any cell."""
+    keys = {k for cells in matrix.cells.values() for cell in cells.values() for k in cell.metrics}
+    if not keys:
+        return None
+    ordered = ordered_metrics(keys)
+    metric = (headline_metrics(keys) or ordered or sorted(keys))[0]
+    rows = []
+    for model in matrix.models:
+        cells = matrix.cells.get(model, {})
+        values = [cells[s].metrics.get(metric) if s in cells else None for s in matrix.sites]
+        pooled = matrix.pooled.get(model)
+        rows.append((model, values, pooled.metrics.get(metric) if pooled else None))
+    failures = [(f.model, f.site, f.reason) for f in matrix.failures]
+    label = metric_label(metric)
+    groups = [*matrix.sites, "all sites"]
+    bars = {model: [*values, pooled] for model, values, pooled in rows}
+    title = f"{label} of each model at each site (the cross-site evaluation)"
+    svg = bar_chart(
+        groups,
+        bars,
+        title=title,
+        y_label=label,
+        chart_id="chart-cross-site",
+        y_range=(0.0, 1.0) if metric.startswith("dice") else None,
+    )
+    table_rows = [ChartRow(group, [bars[m][i] for m in bars]) for i, group in enumerate(groups)]
+    chart = Chart("chart-cross-site", title, svg, bar_colours(list(bars)), list(bars), table_rows, "site")
+    view = CrossSiteView(metric, label, list(matrix.sites), rows, failures, matrix.complete, ordered, chart)
+    return view
+
+
+def spec_summary(spec: Mapping[str, Any]) -> dict[str, str]:
+    """The spec's settings a reader looks for first, as label -> text."""
+    strategy = spec.get("strategy") or {}
+    out = {
+        "algorithm": str(spec.get("algorithm", "—")),
+        "dataset": str(spec.get("dataset", "—")),
+        "strategy": str(strategy.get("name", "—")) if isinstance(strategy, Mapping) else str(strategy),
+        "sites": ", ".join(spec.get("sites") or []) or "every enrolled site",
+        "minimum sites": str(spec.get("min_sites", "—")),
+    }
+    if spec.get("local_steps"):
+        out["local training"] = _per_round(spec["local_steps"], "step")
+    elif spec.get("local_epochs"):
+        out["local training"] = _per_round(spec["local_epochs"], "epoch")
+    settings = privacy_settings(spec)
+    out["privacy"] = privacy_settings_line(settings)
+    return out
+
+
+def _per_round(count: object, unit: str) -> str:
+    return f"{count} {unit}{'' if count == 1 else 's'} per round"
+
+
+def epsilon_summary(metrics: Iterable[MetricRecord]) -> dict[str, str]:
+    """Site -> ε it has spent so far on this experiment (its last report), formatted."""
+    return {site: f"{format_epsilon(eps)} after round {rnd}" for site, (rnd, eps) in final_epsilon(metrics).items()}
+
+
+def model_card(
+    experiment: ExperimentPublic, rounds: Sequence[RoundPublic], metrics: Sequence[MetricRecord]
+) -> dict[str, Any]:
+    """The record that goes with the downloaded global model: what it is, how it was trained,
+    where and how well it scored, under which privacy guarantee; its sha256 checks the file.
+
+    Only what the hub holds: aggregate metrics per site, never anything per case. Exported
+    for ``laulima predict`` with ``laulima experiment export``, which adds the network's
+    own card (labels, preprocessing plan).
+    """
+    aggregated = [r for r in rounds if r.status == "aggregated"]
+    sites = sorted({s for r in aggregated for s in r.sites})
+    evaluations = [r for r in round_records(metrics) if r.kind == TaskKind.EVALUATE]
+    last = max((r.round for r in evaluations), default=None)
+    final = [r for r in evaluations if r.round == last]
+    strategy = experiment.spec.get("strategy") or {}
+    return {
+        "format": "laulima-model-card",
+        "version": 1,
+        "experiment": experiment.name,
+        "experiment_id": experiment.id,
+        "owner": experiment.owner,
+        "status": str(experiment.status),
+        "finished": experiment.status != ExperimentStatus.RUNNING,
+        "mode": experiment.mode,
+        "algorithm": experiment.spec.get("algorithm"),
+        "algorithm_digest": experiment.algorithm_digest or None,
+        "strategy": strategy.get("name") if isinstance(strategy, Mapping) else strategy,
+        "rounds": {"planned": experiment.rounds, "done": experiment.rounds_done},
+        "weights": {"format": "safetensors", "sha256": experiment.global_digest, "round": experiment.rounds_done},
+        "sites": sites,
+        "evaluation": None
+        if last is None
+        else {
+            "round": last,
+            "mean_weighted_by_cases": weighted_mean(final),
+            "per_site": {r.site: {"n_cases": r.n_samples, "metrics": r.metrics} for r in final},
+        },
+        "privacy": {
+            "settings": privacy_settings(experiment.spec),
+            "epsilon_per_site": {
+                site: {"round": rnd, "epsilon": eps} for site, (rnd, eps) in final_epsilon(metrics).items()
+            },
+        },
+        "spec": experiment.spec,
+        "hub_version": __version__,
+        "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
