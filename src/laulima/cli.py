@@ -25,6 +25,8 @@ from laulima.cli_site_admin import (
     site_audit_app,
     site_privacy,
     site_reject,
+    site_ui,
+    ui_token_app,
 )
 from laulima.errors import (
     AlgorithmError,
@@ -84,6 +86,8 @@ app.add_typer(nnunet_app, name="nnunet")
 site_app.command("approve")(site_approve)
 site_app.command("reject")(site_reject)
 site_app.command("privacy")(site_privacy)
+site_app.command("ui")(site_ui)
+site_app.add_typer(ui_token_app, name="ui-token")
 
 
 def _fail(exc: LaulimaError) -> NoReturn:

@@ -183,15 +183,9 @@ def print_sources(sources: dict[str, str]) -> None:
 
 
 def _visible(text: str) -> tuple[str, int]:
-    out: list[str] = []
-    hidden = 0
-    for ch in text:
-        if ch.isprintable() or ch in "\n\t":
-            out.append(ch)
-        else:
-            hidden += 1
-            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
-    return "".join(out), hidden
+    from laulima.algorithms.bundle import visible_text
+
+    return visible_text(text)
 
 
 def terminal_safe(text: str) -> str:

@@ -9,6 +9,8 @@ Mounted by :mod:`laulima.cli`::
     laulima site reject JOB --reason TEXT [--by]      refuse it (the reason reaches the scientist)
     laulima site audit show|verify|reanchor --home HOME
     laulima site privacy --home HOME                  each dataset's privacy budget, spent, left
+    laulima site ui [--port 8790] --home HOME         the site dashboard, on 127.0.0.1 only
+    laulima site ui-token add|revoke|list --home HOME who may sign in to the dashboard
     laulima hub-audit show|verify|reanchor --home HUB_HOME   the hub's own record (operator)
 
 Approvals are the decisions a hospital must be able to account for, so ``approve`` and
@@ -21,7 +23,6 @@ can restyle or rewrite the administrator's terminal.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -32,12 +33,13 @@ from rich.table import Table
 from rich.text import Text
 
 from laulima.cli_algorithm import print_sources, terminal_safe
-from laulima.errors import ConfigurationError, DataError
+from laulima.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from laulima.auditlog import HashChainLog
     from laulima.site.approvals import ApprovalStore, PendingJob
     from laulima.site.policy import SitePolicy
+    from laulima.site.review import Verb
 
 __all__ = [
     "hub_audit_app",
@@ -47,6 +49,8 @@ __all__ = [
     "site_audit_app",
     "site_privacy",
     "site_reject",
+    "site_ui",
+    "ui_token_app",
 ]
 
 console = Console(soft_wrap=True, highlight=False, emoji=False)
@@ -57,6 +61,9 @@ jobs_app = typer.Typer(
     help="Jobs waiting for an administrator's decision (`show JOB` for one job).", invoke_without_command=True
 )
 site_audit_app = typer.Typer(help="The site's audit log: what ran, who allowed it, what left.", no_args_is_help=True)
+ui_token_app = typer.Typer(
+    help="Who may sign in to the site dashboard: one named token per administrator.", no_args_is_help=True
+)
 hub_audit_app = typer.Typer(
     help="The hub's own audit record: who submitted, shared, downloaded what (operator, on the hub machine).",
     no_args_is_help=True,
@@ -252,40 +259,22 @@ def site_jobs_show(
         console.print(terminal_safe(line), markup=False)
     if not source:
         return
-    if job.digest is None:
+    from laulima.site.review import bundle_sources
+
+    sources = bundle_sources(site_home, job)  # verified against the digest under review
+    if sources is None:
         console.print(
             f"\n{terminal_safe(job.entry_point)} is a built-in algorithm: its source is Laulima's own", markup=False
         )
         return
-    from laulima.algorithms.bundle import read_sources
-
-    archive = site_home / "bundles" / f"{job.digest}.bundle"
-    if not archive.is_file():
-        raise DataError(
-            f"job {job.id}: the bundle's archive {archive} is missing, so its source cannot be shown; the agent "
-            "keeps it when it receives the job — ask the scientist for the bundle file and check it with "
-            "`laulima algorithm show FILE --source` (its name must be the digest above)",
-            file=str(archive),
-        )
-    print_sources(read_sources(archive, job.digest))  # verified against the digest under review
+    print_sources(sources)
 
 
 def job_lines(job: PendingJob) -> list[str]:
     """What an administrator decides on, one fact per line."""
-    lines = [
-        f"job {job.id}  {job.status}",
-        f"  experiment    {job.experiment_id} {job.experiment_name!r}, requested by {job.requester}",
-        f"  algorithm     {job.algorithm_name} (entry point {job.entry_point})",
-        f"  bundle        {job.digest or 'none: a built-in algorithm'}",
-        f"  signed by     {job.signer or 'no signer this site lists'}",
-        f"  dataset       {job.dataset}",
-        f"  rounds        {job.rounds} (first asked at round {job.round}, a {job.kind} task, task id {job.task_id})",
-        f"  approval for  {'the whole experiment' if job.scope == 'experiment' else f'round {job.round} only'}",
-        f"  received      {_when(job.received_at)}",
-    ]
-    if job.status != "pending":
-        reason = f": {job.reason}" if job.reason else ""
-        lines.append(f"  decision      {job.status} by {job.decided_by} at {_when(job.decided_at)}{reason}")
+    from laulima.site.review import job_facts
+
+    lines = [f"job {job.id}  {job.status}", *(f"  {label:<13} {text}" for label, text in job_facts(job))]
     manifest = job.manifest
     requirements = manifest.get("requirements") or []
     files = manifest.get("files") or {}
@@ -318,55 +307,11 @@ def site_reject(
     _decide(home, job_id, "reject", reason, by)
 
 
-def _decide(home: Path, job_id: str, verb: str, reason: str, by: str | None) -> None:
-    from laulima.site.audit import AuditEvent, AuditLog, reference
+def _decide(home: Path, job_id: str, verb: Verb, reason: str, by: str | None) -> None:
+    from laulima.site.review import decide_job
 
-    store = _store(home, job_id)
-    assert store is not None
-    store.get(job_id)  # an unknown job is named before anything else
-    audit = AuditLog(home)
-    try:
-        audit.check_writable()
-    except (DataError, OSError) as exc:
-        raise DataError(
-            f"cannot {verb} job {job_id}: the site's audit log cannot be written ({exc}); nothing was decided. "
-            "Run `laulima site audit verify --home HOME`",
-            file=str(audit.path),
-        ) from exc
-    job = store.approve(job_id, by=by, reason=reason) if verb == "approve" else store.reject(job_id, by, reason)
-    try:
-        entry = audit.append(
-            AuditEvent.APPROVED if job.status == "approved" else AuditEvent.REJECTED,
-            task=job.task_id,
-            experiment=job.experiment_id,
-            by=job.decided_by,
-            reason=job.reason,
-            scope=job.scope,
-            round=job.round if job.scope == "round" else None,
-            job=job.id,
-            experiment_name=job.experiment_name,
-            requester=job.requester,
-            entry_point=job.entry_point,
-            digest=job.digest,
-            signer=job.signer,
-            dataset=job.dataset,
-        )
-    except (DataError, OSError) as exc:
-        raise DataError(
-            f"job {job.id} was {job.status}, but its audit entry could not be written ({exc}); record the decision "
-            "by hand and run `laulima site audit verify --home HOME`",
-            file=str(audit.path),
-        ) from exc
-    what = f"bundle {job.digest[:12]}" if job.digest else f"built-in {job.entry_point}"
-    scope = "the whole experiment" if job.scope == "experiment" else f"round {job.round}"
-    outcome = "may run" if job.status == "approved" else "is refused"
-    console.print(
-        terminal_safe(
-            f"job {job.id} {job.status} by {job.decided_by}: experiment {job.experiment_id} {job.experiment_name!r} "
-            f"{outcome} with {what} on dataset {job.dataset} ({scope}); recorded as {reference(entry)}"
-        ),
-        markup=False,
-    )
+    decided = decide_job(home, job_id, verb, reason, by)
+    console.print(terminal_safe(decided.summary()), markup=False)
 
 
 # -- audit -------------------------------------------------------------------------------
@@ -548,27 +493,81 @@ def site_privacy(home: Home) -> None:
     console.print(experiments)
 
 
+# -- the dashboard -----------------------------------------------------------------------
+def site_ui(
+    home: Home,
+    port: Annotated[int, typer.Option(help="The port to listen on.", min=1, max=65535)] = 8790,
+    host: Annotated[str, typer.Option(help="A loopback address: the dashboard never listens beyond this machine.")] = (
+        "127.0.0.1"
+    ),
+) -> None:
+    """Serve the site dashboard on this machine only: pending jobs, approve / reject, datasets, budget, audit.
+
+    At its first start it makes a dashboard token for you (the OS user) and prints it once.
+    From another machine, reach it through an SSH tunnel (ssh -L 8790:127.0.0.1:8790 HOST).
+    """
+    from laulima.site.ui.server import serve
+
+    serve(home, host=host, port=port, say=lambda text: console.print(text, markup=False))
+
+
+@ui_token_app.command("add")
+def ui_token_add(
+    name: Annotated[str, typer.Argument(help="Who the token is for: decisions are recorded under this name.")],
+    home: Home,
+) -> None:
+    """Make a dashboard token for NAME and print it once (it is stored hashed)."""
+    from laulima.site.ui.tokens import DashboardTokens
+
+    tokens = DashboardTokens(_need_site(home))
+    token = tokens.add(name)
+    console.print(f"dashboard token for {terminal_safe(name)} (shown once; keep it like a password):", markup=False)
+    console.print(f"    {token}", markup=False)
+
+
+@ui_token_app.command("revoke")
+def ui_token_revoke(
+    name: Annotated[str, typer.Argument(help="Whose token to revoke.")],
+    home: Home,
+) -> None:
+    """Revoke NAME's dashboard token; their open sessions end at their next request."""
+    from laulima.site.ui.tokens import DashboardTokens
+
+    if not DashboardTokens(_need_site(home)).revoke(name):
+        raise ConfigurationError(f"{name!r:.80} has no dashboard token (`laulima site ui-token list`)", field="name")
+    console.print(f"dashboard token of {terminal_safe(name)} revoked; their sessions end now", markup=False)
+
+
+@ui_token_app.command("list")
+def ui_token_list(home: Home) -> None:
+    """Who holds a dashboard token, and since when (the tokens themselves are not stored)."""
+    from laulima.site.ui.tokens import DashboardTokens
+
+    tokens = DashboardTokens(_need_site(home)).tokens()
+    if not tokens:
+        console.print("no dashboard tokens", markup=False)
+        return
+    for token in tokens:
+        console.print(f"{terminal_safe(token.name)}  since {_when(token.created_at)}", markup=False)
+
+
+def _need_site(home: Path) -> Path:
+    if not home.is_dir():
+        raise ConfigurationError(
+            f"--home {home}: no such folder; give the site's home (`laulima site init --home`)", field="home"
+        )
+    return home
+
+
 # -- helpers -----------------------------------------------------------------------------
 def _store(home: Path, job_id: str | None = None) -> ApprovalStore | None:
     """The site's approvals store; None when no job ever waited (nothing is created then).
 
     Given ``job_id``, a missing store is that job being unknown (exit 2).
     """
-    from laulima.site.approvals import APPROVALS_FILE, ApprovalStore, UnknownJob
+    from laulima.site.review import approvals_store
 
-    if not home.is_dir():
-        raise ConfigurationError(
-            f"--home {home}: no such folder; give the site's home (`laulima site init --home`)", field="home"
-        )
-    if not (home / APPROVALS_FILE).exists():
-        if job_id is not None:
-            raise UnknownJob(
-                f"no job {job_id!r:.40} at this site: no job has waited for approval yet ({home / APPROVALS_FILE} "
-                "does not exist)",
-                field="job",
-            )
-        return None
-    return ApprovalStore(home)
+    return approvals_store(home, job_id)
 
 
 def _need_home(home: Path | None) -> Path:
@@ -578,6 +577,6 @@ def _need_home(home: Path | None) -> Path:
 
 
 def _when(timestamp: float | None) -> str:
-    if timestamp is None:
-        return "?"
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    from laulima.site.review import when
+
+    return when(timestamp)

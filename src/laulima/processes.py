@@ -19,7 +19,7 @@ import httpx
 
 from laulima.errors import TransportError
 
-__all__ = ["HubProcess", "SiteProcess", "free_port"]
+__all__ = ["HubProcess", "SiteProcess", "SiteUiProcess", "free_port"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -125,3 +125,29 @@ class SiteProcess(_Process):
         self.home = home
         self.name = name
         super().__init__(["site", "run", "--home", str(home)], home / "agent.log", {})
+
+
+class SiteUiProcess(_Process):
+    """``laulima site ui`` (the site dashboard) for one site home, on a loopback port."""
+
+    def __init__(self, home: Path, port: int) -> None:
+        self.home = home
+        self.port = port
+        super().__init__(["site", "ui", "--home", str(home), "--port", str(port)], home / "ui.log", {})
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive:
+                raise TransportError(f"site dashboard exited during start-up:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/login", timeout=1.0).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TransportError(f"site dashboard did not answer on {self.url} within {timeout:.0f} s:\n{self.log_tail()}")

@@ -130,6 +130,7 @@ __all__ = [
     "verify",
     "verify_bytes",
     "verify_signature",
+    "visible_text",
 ]
 
 UNPACKED_MARKER = ".laulima-unpacked"
@@ -505,6 +506,21 @@ def read_sources(data_or_path: bytes | str | Path, expected_digest: str) -> dict
     """The verified bundle's source files (path relative to ``src/`` -> text), for an admin's review."""
     _, files = _verified(data_or_path, expected_digest)
     return {path: data.decode("utf-8", errors="replace") for path, data in files.items()}
+
+
+def visible_text(text: str) -> tuple[str, int]:
+    """``text`` with every control character but newline and tab written out (``\\x1b``, ``\\u202e``),
+    and how many there were: a source file shown for review (in a terminal or a browser) reads as
+    it runs, with no escape sequence or bidirectional override ("Trojan Source") to hide code."""
+    out: list[str] = []
+    hidden = 0
+    for ch in text:
+        if ch.isprintable() or ch in "\n\t":
+            out.append(ch)
+        else:
+            hidden += 1
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 0x100 else f"\\u{ord(ch):04x}")
+    return "".join(out), hidden
 
 
 def _verified(data_or_path: bytes | str | Path, expected_digest: str) -> tuple[Manifest, dict[str, bytes]]:
