@@ -228,3 +228,25 @@ def test_the_card_and_the_model_are_the_hubs_and_the_download_is_audited(secure_
     assert body["sites"] == ["site-a", "site-b"] and body["status"] == "completed"
     downloads = [e for e in HubAuditLog(secure_hub.home).entries() if e.event == "downloaded"]
     assert len(downloads) == 2 and all(e.fields["digest"] == done["global_digest"] for e in downloads)
+
+
+def test_a_site_waiting_for_approval_and_a_refused_site_show_with_their_reasons(secure_hub: Hub) -> None:
+    exp = secure_hub.submit(spec(name="held", sites=["site-a", "site-b", "site-c"], min_sites=1), make_weights())
+    held, refused = secure_hub.next_task("site-a"), secure_hub.next_task("site-b")
+    assert held is not None and refused is not None
+    waiting = "job 1 waits for the site's administrator: manual approval"
+    r = secure_hub.client.put(
+        f"/api/v1/tasks/{held.id}/waiting", json={"reason": waiting}, headers=secure_hub.site("site-a")
+    )
+    assert r.status_code == 204, r.text
+    r = secure_hub.client.post(
+        f"/api/v1/tasks/{refused.id}/failure",
+        json={"reason": "rejected: dataset 'brains' has 3 cases, policy min_cohort is 5", "kind": "rejected"},
+        headers=secure_hub.site("site-b"),
+    )
+    assert r.status_code in (200, 204), r.text
+    sign_in(secure_hub, ADMIN_TOKEN)
+    for path in ("/ui/", f"/ui/experiments/{exp['id']}"):
+        page = secure_hub.client.get(path).text
+        assert "site-a" in page and waiting.replace("'", "&#39;") in page, path
+        assert "min_cohort is 5" in page, path

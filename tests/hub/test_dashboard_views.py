@@ -45,6 +45,7 @@ def test_the_cross_site_view_shows_the_headline_metric_per_model_and_site_and_po
     assert view.rows[0] == ("global", [0.8, 0.4], pytest.approx(0.5))
     assert view.rows[1] == ("local:a", [0.9, None], pytest.approx(0.9))
     assert view.chart is not None and 'data-bars="5"' in str(view.chart.svg)
+    assert view.others == [("loss", [("global", [0.1, 0.2], pytest.approx(0.175)), ("local:a", [0.1, None], 0.1)])]
 
 
 def test_the_model_card_carries_the_digest_the_sites_and_the_last_evaluation() -> None:

@@ -32,7 +32,7 @@ ROUNDS = 5
 CHART = "chart-evaluate-mean-w"
 
 
-def counter_spec(name: str, *, sleep_s: float, rounds: int = ROUNDS) -> Any:
+def counter_spec(name: str, *, sleep_s: float, rounds: int = ROUNDS, cross_site: bool = False) -> Any:
     """SlowCounter at two sites, evaluated every round: each round adds one point per site and
     one for the mean to the evaluation chart (site-a sleeps ``sleep_s``, site-b twice that)."""
     return parse_spec(
@@ -43,7 +43,7 @@ def counter_spec(name: str, *, sleep_s: float, rounds: int = ROUNDS) -> Any:
             "rounds": rounds,
             "min_sites": 2,
             "round_timeout_s": 120,
-            "evaluation": {"every": 1, "final": True},
+            "evaluation": {"every": 1, "final": True, "cross_site": cross_site},
             "config": {"size": 4, "sleep_s": sleep_s},
         }
     )
@@ -85,7 +85,7 @@ def browser() -> Iterator[Any]:
 
 def test_the_experiment_chart_gains_points_as_rounds_complete_without_a_reload(federation, browser, tmp_path):
     fed = federation(2)
-    exp = fed.submit(counter_spec("live-chart", sleep_s=1.0))
+    exp = fed.submit(counter_spec("live-chart", sleep_s=1.0, cross_site=True))
     sign_in(browser, fed, fed.client.token, then=f"/ui/experiments/{exp.id}")
     assert browser.current_url.endswith(f"/ui/experiments/{exp.id}"), browser.current_url
     browser.execute_script("window.__sameDocument = 'kept';")  # a reload would lose it
@@ -118,6 +118,13 @@ def test_the_experiment_chart_gains_points_as_rounds_complete_without_a_reload(f
     for series, x, y in values:
         if series in ("site-a", "site-b"):
             assert y == pytest.approx(hub_values[(series, x)], rel=1e-5), (series, x)
+    # the cross-site evaluation after training arrived in the open page too, with the hub's numbers
+    wait_for(lambda: browser.find_elements("id", "cross-site"), 15, "the cross-site matrix")
+    matrix = fed.client.cross_site(exp.id)
+    assert matrix.complete and matrix.sites == ["site-a", "site-b"]
+    row = browser.find_element("css selector", "#cross-site tbody tr").text.split()
+    expected = [matrix.cells["global"][s].metrics["mean_w"] for s in matrix.sites]
+    assert row[0] == "global" and [float(v) for v in row[1:3]] == pytest.approx(expected, rel=1e-3)
     page_checks(browser, "hub-experiment")
 
     # the downloads are the hub's model (its sha256 is the experiment's digest) and its card

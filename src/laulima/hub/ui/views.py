@@ -174,6 +174,10 @@ def round_rows(rounds: Sequence[RoundPublic], *, newest_first: bool = True, limi
     return rows[:limit]
 
 
+MatrixRow = tuple[str, list[float | None], float | None]
+"""A model, its value at each site (None: no result), and pooled over the sites."""
+
+
 @dataclass(frozen=True)
 class CrossSiteView:
     """The cross-site matrix for one metric: rows are models, columns sites, then pooled."""
@@ -181,26 +185,23 @@ class CrossSiteView:
     metric: str
     label: str
     sites: list[str]
-    rows: list[tuple[str, list[float | None], float | None]]
+    rows: list[MatrixRow]
     failures: list[tuple[str, str, str]]
     complete: bool
-    metrics: list[str] = field(default_factory=list)
+    others: list[tuple[str, list[MatrixRow]]] = field(default_factory=list)
+    """Every other metric the sites reported: its label and its rows."""
     chart: Chart | None = None
 
 
 def cross_site_view(matrix: CrossSiteMatrix) -> CrossSiteView | None:
-    """The matrix on its headline metric (mean Dice where reported); None before any cell."""
+    """The matrix on its headline metric (mean Dice where reported) as a table and grouped bars,
+    and every other metric as a table; None before any cell."""
     keys = {k for cells in matrix.cells.values() for cell in cells.values() for k in cell.metrics}
     if not keys:
         return None
     ordered = ordered_metrics(keys)
     metric = (headline_metrics(keys) or ordered or sorted(keys))[0]
-    rows = []
-    for model in matrix.models:
-        cells = matrix.cells.get(model, {})
-        values = [cells[s].metrics.get(metric) if s in cells else None for s in matrix.sites]
-        pooled = matrix.pooled.get(model)
-        rows.append((model, values, pooled.metrics.get(metric) if pooled else None))
+    rows = _matrix_rows(matrix, metric)
     failures = [(f.model, f.site, f.reason) for f in matrix.failures]
     label = metric_label(metric)
     groups = [*matrix.sites, "all sites"]
@@ -216,8 +217,18 @@ def cross_site_view(matrix: CrossSiteMatrix) -> CrossSiteView | None:
     )
     table_rows = [ChartRow(group, [bars[m][i] for m in bars]) for i, group in enumerate(groups)]
     chart = Chart("chart-cross-site", title, svg, bar_colours(list(bars)), list(bars), table_rows, "site")
-    view = CrossSiteView(metric, label, list(matrix.sites), rows, failures, matrix.complete, ordered, chart)
-    return view
+    others = [(metric_label(k), _matrix_rows(matrix, k)) for k in ordered if k != metric]
+    return CrossSiteView(metric, label, list(matrix.sites), rows, failures, matrix.complete, others, chart)
+
+
+def _matrix_rows(matrix: CrossSiteMatrix, metric: str) -> list[MatrixRow]:
+    rows = []
+    for model in matrix.models:
+        cells = matrix.cells.get(model, {})
+        values = [cells[s].metrics.get(metric) if s in cells else None for s in matrix.sites]
+        pooled = matrix.pooled.get(model)
+        rows.append((model, values, pooled.metrics.get(metric) if pooled else None))
+    return rows
 
 
 def spec_summary(spec: Mapping[str, Any]) -> dict[str, str]:
