@@ -150,3 +150,15 @@ for (const el of document.querySelectorAll('input:not([type=hidden]), textarea, 
 }
 return out;
 """
+
+
+def check_page(driver: Any, name: str) -> None:
+    """What every dashboard page passes: text at WCAG AA contrast, every control labelled, no
+    sideways scrolling, and a quiet console (no refused script or style, no failed load)."""
+    assert driver.execute_script(LOW_CONTRAST) == [], f"{name}: text below WCAG AA contrast"
+    assert driver.execute_script(UNLABELLED) == [], f"{name}: form controls without a label"
+    assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), (
+        f"{name}: the page scrolls sideways"
+    )
+    problems = [p for p in console_problems(driver) if "favicon.ico" not in p]
+    assert problems == [], f"{name}: the browser's console reported {problems}"

@@ -22,7 +22,7 @@ import pytest
 
 from laulima.core.spec import parse_spec
 from laulima.sim import LocalFederation
-from tests.helpers.browser import LOW_CONTRAST, UNLABELLED, chromium, console_problems, screenshot
+from tests.helpers.browser import check_page, chromium, console_problems, screenshot
 from tests.helpers.bundles import packed_fields
 from tests.helpers.federation import logs, wait_for
 
@@ -62,14 +62,8 @@ def sign_in(driver: Any, fed: LocalFederation, token: str, then: str = "/ui/") -
 
 
 def page_checks(driver: Any, name: str) -> None:
-    """Accessibility checks every page passes, then a screenshot for the record."""
-    assert driver.execute_script(LOW_CONTRAST) == [], f"{name}: text below WCAG AA contrast"
-    assert driver.execute_script(UNLABELLED) == [], f"{name}: controls without a label"
-    assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), (
-        f"{name}: the page scrolls sideways"
-    )
-    problems = [p for p in console_problems(driver) if "favicon.ico" not in p]
-    assert problems == [], f"{name}: the browser's console reported {problems}"
+    """The checks every page passes, then a screenshot for the record."""
+    check_page(driver, name)
     screenshot(driver, name)
 
 

@@ -23,36 +23,12 @@ from laulima.cli import app
 from laulima.core.spec import parse_spec
 from laulima.site.approvals import ApprovalStore
 from laulima.site.audit import AuditLog
+from tests.helpers.bundles import COUNTER, write_package
 from tests.helpers.federation import assert_completed, logs, wait_for
 
 pytestmark = pytest.mark.slow
 
 LONG = 600  # a round timeout no test may wait for
-
-COUNTER = '''
-"""A scientist's own algorithm: adds 1 to every weight per round."""
-import os
-import numpy as np
-from laulima import Algorithm, Evaluation, Update
-
-
-class Counter(Algorithm):
-    def initial_weights(self, params, seed):
-        return {"w": np.zeros(4, dtype=np.float32)}
-
-    def setup(self, ctx):
-        self.ctx = ctx
-        marker = ctx.params.get("marker")
-        if marker:  # proof that this code ran at this site
-            with open(os.path.join(marker, ctx.site), "w") as fh:
-                fh.write("ran")
-
-    def train(self, weights, config):
-        return Update({"w": weights["w"] + 1.0}, n_samples=1, metrics={"round": float(config.round)})
-
-    def evaluate(self, weights):
-        return Evaluation(n_samples=1, metrics={"mean_w": float(weights["w"].mean())})
-'''
 
 KEY_THIEF = '''
 """A hostile algorithm: returns the site's private key as metrics."""
@@ -73,14 +49,6 @@ class Thief(Algorithm):
     def evaluate(self, weights):
         return Evaluation(n_samples=1, metrics={})
 '''
-
-
-def _write_package(root: Path, name: str, source: str) -> Path:
-    package = root / name
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text('"""A data scientist\'s algorithm."""\n')
-    (package / "model.py").write_text(textwrap.dedent(source))
-    return package
 
 
 def _write_policy(fed, site: str, text: str) -> None:
@@ -110,7 +78,7 @@ def _home(fed, site: str) -> Path:
 
 def test_a_scientists_own_algorithm_runs_where_admitted_and_waits_for_approval_where_not(federation, tmp_path):
     fed = federation(3)
-    package = _write_package(tmp_path / "scientist", "my_algo", COUNTER)
+    package = write_package(tmp_path / "scientist", "my_algo", COUNTER)
     key = generate_signing_key()
     key_file = tmp_path / "alice.key"
     key_file.write_text(key.private_pem)
@@ -128,7 +96,7 @@ def test_a_scientists_own_algorithm_runs_where_admitted_and_waits_for_approval_w
 
     # One changed byte is another algorithm: site-b, which admitted the old digest only, holds it.
     model = package / "model.py"
-    model.write_text(model.read_text().replace("weights[\"w\"] + 1.0", "weights[\"w\"] + 2.0"))
+    model.write_text(model.read_text().replace('weights["w"] + 1.0', 'weights["w"] + 2.0'))
     second = pack(package, "my_algo.model:Counter")
     assert second.digest != first.digest
     exp = fed.submit(_spec("changed", package, "my_algo.model:Counter", min_sites=3), signing_keys=[key_file])
@@ -154,7 +122,7 @@ def test_a_scientists_own_algorithm_runs_where_admitted_and_waits_for_approval_w
 
 def test_a_rejected_job_never_runs_and_the_experiment_says_why(federation, tmp_path):
     fed = federation(1)
-    package = _write_package(tmp_path / "scientist", "marked", COUNTER)
+    package = write_package(tmp_path / "scientist", "marked", COUNTER)
     markers = tmp_path / "markers"
     markers.mkdir()
     # The default policy holds any bundle for approval; the marker folder is writable, so
@@ -179,8 +147,8 @@ def test_an_algorithm_reading_the_sites_key_fails_naming_the_violation_and_the_s
     fed = federation(1)
     key_path = _home(fed, "site-a") / "tls" / "site.key"
     assert key_path.exists()
-    thief = _write_package(tmp_path / "scientist", "thief", KEY_THIEF)
-    counter = _write_package(tmp_path / "scientist", "honest", COUNTER)
+    thief = write_package(tmp_path / "scientist", "thief", KEY_THIEF)
+    counter = write_package(tmp_path / "scientist", "honest", COUNTER)
     digests = [pack(thief, "thief.model:Thief").digest, pack(counter, "honest.model:Counter").digest]
     _write_policy(fed, "site-a", f"[algorithms]\ndigests = {json.dumps(digests)}\n")
 

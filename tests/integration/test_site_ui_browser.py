@@ -11,7 +11,6 @@ is checked for low-contrast text and unlabelled controls, and saved under ``test
 from __future__ import annotations
 
 import os
-import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,44 +24,14 @@ from laulima.site.audit import AuditEvent, AuditLog
 from laulima.site.policy import load_policy
 from laulima.site.privacy_ledger import PrivacyLedger, format_epsilon
 from laulima.site.ui.tokens import DashboardTokens
-from tests.helpers.browser import LOW_CONTRAST, UNLABELLED, chromium, console_problems, screenshot
+from tests.helpers.browser import check_page, chromium, screenshot
+from tests.helpers.bundles import write_package
 from tests.helpers.federation import assert_completed, logs
 
 pytestmark = pytest.mark.slow
 
 ADMIN = "dr.kealoha"
 LONG = 600  # a round timeout no test may wait for
-
-COUNTER = '''
-"""A scientist's own algorithm: adds 1 to every weight per round."""
-import numpy as np
-from laulima import Algorithm, Evaluation, Update
-
-
-class Counter(Algorithm):
-    def initial_weights(self, params, seed):
-        return {"w": np.zeros(4, dtype=np.float32)}
-
-    def setup(self, ctx):
-        self.ctx = ctx
-
-    def train(self, weights, config):
-        return Update({"w": weights["w"] + 1.0}, n_samples=1, metrics={"round": float(config.round)})
-
-    def evaluate(self, weights):
-        return Evaluation(n_samples=1, metrics={"mean_w": float(weights["w"].mean())})
-'''
-
-
-def _accessible(driver: Any, page: str) -> None:
-    """Every page: AA contrast, labelled controls, no sideways scrolling, a quiet console (no CSP refusal)."""
-    assert driver.execute_script(LOW_CONTRAST) == [], f"{page}: text below WCAG AA contrast"
-    assert driver.execute_script(UNLABELLED) == [], f"{page}: form controls without a label"
-    assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), (
-        f"{page}: the page scrolls sideways"
-    )
-    problems = [p for p in console_problems(driver) if "favicon.ico" not in p]
-    assert problems == [], f"{page}: the browser's console reported {problems}"
 
 
 def _until(driver: Any, condition: Callable[[Any], Any], timeout: float, what: str) -> Any:
@@ -96,10 +65,7 @@ def test_an_administrator_approves_a_held_job_in_the_browser_with_the_keyboard_a
     policy.write_text('approval = "manual"\n\n[privacy]\nmax_epsilon = 20.0\n')
     os.chmod(policy, 0o600)
     token = DashboardTokens(home).add(ADMIN)
-    package = tmp_path / "scientist" / "counter_algo"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text('"""A data scientist\'s algorithm."""\n')
-    (package / "model.py").write_text(textwrap.dedent(COUNTER))
+    package = write_package(tmp_path / "scientist", "counter_algo")
 
     ui = SiteUiProcess(home, free_port())
     ui.start()
@@ -108,7 +74,7 @@ def test_an_administrator_approves_a_held_job_in_the_browser_with_the_keyboard_a
         with chromium(1280, 900, what="the site dashboard's browser test") as driver:
             driver.get(f"{ui.url}/")
             assert "/login" in driver.current_url  # nothing without signing in
-            _accessible(driver, "sign-in")
+            check_page(driver, "sign-in")
             field = driver.find_element(By.ID, "token")
             field.send_keys(token)
             field.send_keys(Keys.ENTER)
@@ -141,7 +107,7 @@ def test_an_administrator_approves_a_held_job_in_the_browser_with_the_keyboard_a
             row = driver.find_element(By.CSS_SELECTOR, f"tr[data-job='{job.id}']").text
             assert "counted" in row and "sim-scientist" in row and job.digest is not None and job.digest[:12] in row
             assert fed.client.experiment(exp.id).status == "running"
-            _accessible(driver, "overview, a job waiting")
+            check_page(driver, "overview, a job waiting")
             screenshot(driver, "site-overview-pending")
 
             link.send_keys(Keys.ENTER)
@@ -152,7 +118,7 @@ def test_an_administrator_approves_a_held_job_in_the_browser_with_the_keyboard_a
             assert "counter_algo/model.py" in manifest and "counter_algo/__init__.py" in manifest
             assert job.digest in driver.find_element(By.ID, "job-facts").text
             assert "manual" in driver.find_element(By.ID, "policy-facts").text
-            _accessible(driver, "job")
+            check_page(driver, "job")
             screenshot(driver, "site-job")
 
             # Keyboard only: Tab to the approval's reason, type it, Tab to the button, Enter.
@@ -171,7 +137,7 @@ def test_an_administrator_approves_a_held_job_in_the_browser_with_the_keyboard_a
                 ADMIN,
                 "Read the source: it adds one per round.",
             )
-            _accessible(driver, "job, decided")
+            check_page(driver, "job, decided")
 
             # The agent takes the job up at its next poll: the experiment trains to the end.
             done = fed.wait(exp.id, timeout=120)
@@ -188,13 +154,13 @@ def test_an_administrator_approves_a_held_job_in_the_browser_with_the_keyboard_a
             budget = driver.find_element(By.CSS_SELECTOR, "#budget-table tr[data-dataset='none']").text
             assert format_epsilon(reserved) in budget and "20.00" in budget
             assert "No job waits for a decision." in driver.find_element(By.ID, "pending").text
-            _accessible(driver, "overview")
+            check_page(driver, "overview")
             screenshot(driver, "site-overview")
 
             driver.get(f"{ui.url}/audit")
             assert "intact" in driver.find_element(By.ID, "verification").text
             assert ADMIN in driver.find_element(By.CSS_SELECTOR, "table.audit").text
-            _accessible(driver, "audit")
+            check_page(driver, "audit")
             screenshot(driver, "site-audit")
     finally:
         ui.stop()  # the federation fixture stops the hub and the agent

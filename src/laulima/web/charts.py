@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from markupsafe import Markup
@@ -72,17 +72,10 @@ def line_chart(
     drawn = [s for s in series if s.points]
     xs = [x for s in drawn for x, _ in s.points]
     ys = [y for s in drawn for _, y in s.points if math.isfinite(y)]
-    title_id, desc_id = f"{chart_id}-title", f"{chart_id}-desc"
-    parts = [
-        f'<svg class="chart" id="{_a(chart_id)}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-        f'aria-labelledby="{_a(title_id)} {_a(desc_id)}" data-points="{sum(len(s.points) for s in drawn)}">',
-        f'<title id="{_a(title_id)}">{_t(title)}</title>',
-        f'<desc id="{_a(desc_id)}">{_t(_describe(drawn, x_label))}</desc>',
-    ]
+    count = f'data-points="{sum(len(s.points) for s in drawn)}"'
+    parts = _frame(chart_id, title, _describe(drawn, x_label), count)
     if not xs or not ys:
-        parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" class="empty">no data yet</text>')
-        parts.append("</svg>")
-        return Markup("".join(parts))
+        return _empty(parts)
     x_lo, x_hi = min(xs), max(xs)
     if x_hi == x_lo:
         x_lo, x_hi = x_lo - 1, x_hi + 1
@@ -94,24 +87,13 @@ def line_chart(
     def px(x: float) -> float:
         return LEFT + (x - x_lo) / (x_hi - x_lo) * (WIDTH - LEFT - RIGHT)
 
-    def py(y: float) -> float:
-        clamped = min(max(y, y_lo), y_hi)
-        return HEIGHT - BOTTOM - (clamped - y_lo) / (y_hi - y_lo) * (HEIGHT - TOP - BOTTOM)
-
-    parts.append('<g class="axis">')
-    for tick in y_ticks:
-        y = py(tick)
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_t(_tick(tick))}</text>')
+    py = _y_scale(y_lo, y_hi)
+    _y_axis(parts, y_ticks, py, y_label)
     for x in _x_ticks(x_lo, x_hi):
         parts.append(f'<text x="{px(x):.1f}" y="{HEIGHT - BOTTOM + 18}" text-anchor="middle">{_t(_tick(x))}</text>')
     parts.append(
         f'<text x="{(LEFT + WIDTH - RIGHT) / 2}" y="{HEIGHT - 6}" text-anchor="middle" class="label">'
         f"{_t(x_label)}</text>"
-    )
-    parts.append(
-        f'<text transform="translate(14 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" text-anchor="middle" '
-        f'class="label">{_t(y_label)}</text>'
     )
     parts.append("</g>")
     colours = iter(PALETTE * 8)
@@ -144,37 +126,17 @@ def bar_chart(
     """Grouped bars: one group per entry of ``groups`` (e.g. the sites a model was evaluated
     at), one bar per entry of ``bars`` (e.g. the models) in each; a missing value leaves a gap."""
     values = [v for vs in bars.values() for v in vs if v is not None and math.isfinite(v)]
-    title_id, desc_id = f"{chart_id}-title", f"{chart_id}-desc"
     described = "; ".join(
         f"{name}: " + ", ".join(f"{g} {_tick(v, 4)}" for g, v in zip(groups, vs, strict=False) if v is not None)
         for name, vs in bars.items()
     )
-    parts = [
-        f'<svg class="chart" id="{_a(chart_id)}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-        f'aria-labelledby="{_a(title_id)} {_a(desc_id)}" data-bars="{len(values)}">',
-        f'<title id="{_a(title_id)}">{_t(title)}</title>',
-        f'<desc id="{_a(desc_id)}">{_t(described or "No data yet.")}</desc>',
-    ]
+    parts = _frame(chart_id, title, described or "No data yet.", f'data-bars="{len(values)}"')
     if not values or not groups:
-        parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" class="empty">no data yet</text>')
-        parts.append("</svg>")
-        return Markup("".join(parts))
+        return _empty(parts)
     y_ticks = nice_ticks(*(y_range or (min(0.0, *values), max(values))))
     y_lo, y_hi = y_ticks[0], y_ticks[-1]
-
-    def py(y: float) -> float:
-        clamped = min(max(y, y_lo), y_hi)
-        return HEIGHT - BOTTOM - (clamped - y_lo) / ((y_hi - y_lo) or 1) * (HEIGHT - TOP - BOTTOM)
-
-    parts.append('<g class="axis">')
-    for tick in y_ticks:
-        y = py(tick)
-        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
-        parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_t(_tick(tick))}</text>')
-    parts.append(
-        f'<text transform="translate(14 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" text-anchor="middle" '
-        f'class="label">{_t(y_label)}</text>'
-    )
+    py = _y_scale(y_lo, y_hi)
+    _y_axis(parts, y_ticks, py, y_label)
     group_width = (WIDTH - LEFT - RIGHT) / len(groups)
     bar_width = group_width * 0.8 / max(1, len(bars))
     for g, group in enumerate(groups):
@@ -199,6 +161,48 @@ def bar_chart(
         parts.append("</g>")
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+def _frame(chart_id: str, title: str, description: str, count: str) -> list[str]:
+    """The opening of a chart: its title and description for assistive technology, and
+    ``count`` (a ``data-`` attribute with how many points or bars it draws) for tests."""
+    title_id, desc_id = f"{chart_id}-title", f"{chart_id}-desc"
+    return [
+        f'<svg class="chart" id="{_a(chart_id)}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
+        f'aria-labelledby="{_a(title_id)} {_a(desc_id)}" {count}>',
+        f'<title id="{_a(title_id)}">{_t(title)}</title>',
+        f'<desc id="{_a(desc_id)}">{_t(description)}</desc>',
+    ]
+
+
+def _empty(parts: list[str]) -> Markup:
+    parts.append(f'<text x="{WIDTH / 2}" y="{HEIGHT / 2}" text-anchor="middle" class="empty">no data yet</text>')
+    parts.append("</svg>")
+    return Markup("".join(parts))
+
+
+def _y_scale(low: float, high: float) -> Callable[[float], float]:
+    """Value -> SVG y (downwards), values outside [low, high] drawn at the edge."""
+    span = (high - low) or 1.0
+
+    def py(y: float) -> float:
+        clamped = min(max(y, low), high)
+        return HEIGHT - BOTTOM - (clamped - low) / span * (HEIGHT - TOP - BOTTOM)
+
+    return py
+
+
+def _y_axis(parts: list[str], ticks: Sequence[float], py: Callable[[float], float], label: str) -> None:
+    """Opens the axis group: grid lines and tick labels, and the axis' label turned upright."""
+    parts.append('<g class="axis">')
+    for tick in ticks:
+        y = py(tick)
+        parts.append(f'<line x1="{LEFT}" x2="{WIDTH - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
+        parts.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_t(_tick(tick))}</text>')
+    parts.append(
+        f'<text transform="translate(14 {(TOP + HEIGHT - BOTTOM) / 2}) rotate(-90)" text-anchor="middle" '
+        f'class="label">{_t(label)}</text>'
+    )
 
 
 def bar_colours(names: Sequence[str]) -> dict[str, tuple[str, str]]:
