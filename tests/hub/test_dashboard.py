@@ -4,6 +4,7 @@ cookies and headers say, and that every number on a page is the API's. The brows
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from typing import Any
@@ -185,6 +186,10 @@ def test_the_experiment_region_answers_304_until_a_round_adds_points(secure_hub:
     exp = secure_hub.submit(spec(name="live", rounds=2, sites=["site-a", "site-b"], min_sites=2), make_weights())
     sign_in(secure_hub, ADMIN_TOKEN)
     live = f"/ui/experiments/{exp['id']}/live"
+    page = secure_hub.client.get(f"/ui/experiments/{exp['id']}").text
+    shown = re.search(r'id="experiment-live"[^>]*data-etag="([^"]+)"', page)
+    assert shown, "the page's live region carries the version it shows"
+    assert secure_hub.client.get(live, headers={"If-None-Match": html.unescape(shown.group(1))}).status_code == 304
     first = secure_hub.client.get(live)
     assert first.status_code == 200 and "No metrics yet" in first.text
     again = secure_hub.client.get(live, headers={"If-None-Match": first.headers["etag"]})
@@ -234,6 +239,9 @@ def test_a_site_waiting_for_approval_and_a_refused_site_show_with_their_reasons(
     exp = secure_hub.submit(spec(name="held", sites=["site-a", "site-b", "site-c"], min_sites=1), make_weights())
     held, refused = secure_hub.next_task("site-a"), secure_hub.next_task("site-b")
     assert held is not None and refused is not None
+    sign_in(secure_hub, ADMIN_TOKEN)
+    live = f"/ui/experiments/{exp['id']}/live"
+    before = secure_hub.client.get(live).headers["etag"]
     waiting = "job 1 waits for the site's administrator: manual approval"
     r = secure_hub.client.put(
         f"/api/v1/tasks/{held.id}/waiting", json={"reason": waiting}, headers=secure_hub.site("site-a")
@@ -245,7 +253,8 @@ def test_a_site_waiting_for_approval_and_a_refused_site_show_with_their_reasons(
         headers=secure_hub.site("site-b"),
     )
     assert r.status_code in (200, 204), r.text
-    sign_in(secure_hub, ADMIN_TOKEN)
+    changed = secure_hub.client.get(live, headers={"If-None-Match": before})  # the open page learns of it
+    assert changed.status_code == 200 and "min_cohort is 5" in changed.text
     for path in ("/ui/", f"/ui/experiments/{exp['id']}"):
         page = secure_hub.client.get(path).text
         assert "site-a" in page and waiting.replace("'", "&#39;") in page, path

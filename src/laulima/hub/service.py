@@ -576,12 +576,17 @@ class HubService:
     def metrics(self, experiment_id: int, person: Person) -> list[MetricRecord]:
         with self.sessions() as s:
             ownership.readable_experiment(s, experiment_id, person)
-            rows = s.scalars(
-                select(Metric)
+            rows = s.execute(  # columns, not ORM objects: a long experiment has tens of thousands
+                select(Metric.round, Metric.site, Metric.kind, Metric.n_samples, Metric.metrics_json, Metric.model)
                 .where(Metric.experiment_id == experiment_id)
                 .order_by(Metric.round, Metric.kind, Metric.site)
             )
-            return [_metric_record(m) for m in rows]
+            return [
+                MetricRecord(
+                    round=rnd, site=site, kind=TaskKind(kind), n_samples=n, metrics=json.loads(values), model=model
+                )
+                for rnd, site, kind, n, values, model in rows
+            ]
 
     def refusals(self, experiment_id: int, person: Person) -> list[RefusalRecord]:
         with self.sessions() as s:

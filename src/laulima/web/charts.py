@@ -22,6 +22,9 @@ PALETTE = ("#0072B2", "#C75000", "#00785A", "#A8327E", "#6E5E00", "#5A4FA3", "#B
 """Line colours, each at least 3:1 against the white background."""
 MEAN_COLOUR = "#1A1A1A"
 MARKERS = ("circle", "square", "diamond", "triangle")
+MAX_MARKERS = 60
+"""A series with more points is drawn as its line alone: 500 rounds x 20 sites of markers
+would be tens of thousands of elements per chart; the chart's table keeps the numbers."""
 
 WIDTH, HEIGHT = 520, 280
 LEFT, RIGHT, TOP, BOTTOM = 60, 14, 14, 44
@@ -106,7 +109,7 @@ def line_chart(
         dash = ' stroke-dasharray="6 3"' if s.emphasis else ""
         parts.append(f'<g class="series" data-series="{_a(s.name)}">')
         parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="{width}"{dash}/>')
-        for x, y in finite:
+        for x, y in finite if len(finite) <= MAX_MARKERS else ():
             label = f"{s.name}, {x_label} {_tick(x)}: {_tick(y, 4)}"
             parts.append(_marker(marker, px(x), py(y), colour, s.name, x, y, label))
         parts.append("</g>")

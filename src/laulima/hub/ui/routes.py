@@ -24,6 +24,7 @@ from laulima.hub.api.routes.experiments import ModelQuery, cancel, serve_model
 from laulima.hub.audit import HubAudit
 from laulima.hub.ownership import Person
 from laulima.hub.ui import views
+from laulima.hub.ui.freshness import experiment_version
 from laulima.web.auth import SignIn
 from laulima.web.forms import read_form
 from laulima.web.security import SECURITY_HEADERS
@@ -112,12 +113,19 @@ def build_router(pages: Pages, sign_in: SignIn) -> APIRouter:
 
     @router.get("/experiments/{experiment_id}", response_class=HTMLResponse, include_in_schema=False)
     def experiment_page(request: Request, experiment_id: RowId, user: User) -> Response:
+        version = experiment_version(hub_of(request), experiment_id, _person(user))  # before the data: never newer
         data = experiment_data(request, user, experiment_id)
-        return pages.page(request, "experiment.html", {**common(user, "experiment"), **data})
+        context = {**common(user, "experiment"), **data, "live_etag": f'"{version}"'}
+        return pages.page(request, "experiment.html", context)
 
     @router.get("/experiments/{experiment_id}/live", response_class=HTMLResponse, include_in_schema=False)
     def experiment_live(request: Request, experiment_id: RowId, user: User) -> Response:
-        return _fragment(request, pages, "_experiment_live.html", experiment_data(request, user, experiment_id))
+        version = experiment_version(hub_of(request), experiment_id, _person(user))
+        etag = f'"{version}"'
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers={**SECURITY_HEADERS, "ETag": etag})
+        data = experiment_data(request, user, experiment_id)
+        return _fragment(request, pages, "_experiment_live.html", data, etag=etag)
 
     @router.get("/experiments/{experiment_id}/live/actions", response_class=HTMLResponse, include_in_schema=False)
     def experiment_actions(request: Request, experiment_id: RowId, user: User) -> Response:
@@ -159,10 +167,13 @@ def build_router(pages: Pages, sign_in: SignIn) -> APIRouter:
     return router
 
 
-def _fragment(request: Request, pages: Pages, template: str, data: dict[str, Any]) -> Response:
-    """A live region's content, or 304 when it is what the browser already shows."""
+def _fragment(
+    request: Request, pages: Pages, template: str, data: dict[str, Any], *, etag: str | None = None
+) -> Response:
+    """A live region's content, or 304 when it is what the browser already shows (``etag``:
+    the region's version when known without drawing it; else the digest of what was drawn)."""
     body = pages.render(template, {"request": request, **data}).encode()
-    etag = f'"{hashlib.sha256(body).hexdigest()[:32]}"'
+    etag = etag or f'"{hashlib.sha256(body).hexdigest()[:32]}"'
     headers = {**SECURITY_HEADERS, "ETag": etag}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)

@@ -52,6 +52,8 @@ __all__ = [
 MEAN = "mean (weighted by cases)"
 """The series of the sample-weighted mean over the sites."""
 MAX_CHARTS = 12
+MAX_TABLE_ROWS = 100
+"""A chart's table lists at most the last this many rounds (the API serves them all)."""
 KIND_TITLES = {TaskKind.EVALUATE: "Evaluation of the global model", TaskKind.TRAIN: "Training at the sites"}
 
 
@@ -84,29 +86,34 @@ def charts(metrics: Sequence[MetricRecord]) -> list[Chart]:
     records = round_records(metrics)
     out: list[Chart] = []
     for kind in (TaskKind.EVALUATE, TaskKind.TRAIN):
-        of_kind = [r for r in records if r.kind == kind]
+        of_kind = sorted((r for r in records if r.kind == kind), key=lambda r: (r.round, r.site))
+        by_round: dict[int, list[MetricRecord]] = defaultdict(list)
+        for r in of_kind:
+            by_round[r.round].append(r)
+        means = {rnd: weighted_mean(rs) for rnd, rs in by_round.items()}  # every metric's, once per round
         keys = ordered_metrics({k for r in of_kind for k in r.metrics} - {EPSILON_METRIC})
         for key in keys:
             if len(out) >= MAX_CHARTS:
                 break
-            out.append(_metric_chart(of_kind, kind, key))
+            out.append(_metric_chart(of_kind, means, kind, key))
     epsilon = _epsilon_chart(records)
     if epsilon is not None:
         out.append(epsilon)
     return out
 
 
-def _metric_chart(records: Sequence[MetricRecord], kind: TaskKind, key: str) -> Chart:
+def _metric_chart(
+    records: Sequence[MetricRecord], means: Mapping[int, Mapping[str, float]], kind: TaskKind, key: str
+) -> Chart:
+    """``records`` in round and site order; ``means``: each round's case-weighted means."""
     by_site: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    by_round: dict[int, list[MetricRecord]] = defaultdict(list)
-    for r in sorted(records, key=lambda r: (r.round, r.site)):
+    for r in records:
         if key in r.metrics:
             by_site[r.site].append((float(r.round), r.metrics[key]))
-            by_round[r.round].append(r)
     series = [Series(site, pts) for site, pts in sorted(by_site.items())]
     if len(by_site) > 1:
-        mean = [(float(rnd), weighted_mean(rs).get(key)) for rnd, rs in sorted(by_round.items())]
-        series.append(Series(MEAN, [(x, y) for x, y in mean if y is not None], emphasis=True))
+        mean = [(float(rnd), means[rnd][key]) for rnd in sorted(means) if key in means[rnd]]
+        series.append(Series(MEAN, mean, emphasis=True))
     label = metric_label(key)
     chart_id = f"chart-{kind}-{_slug(key)}"
     title = f"{label} — {'evaluation' if kind == TaskKind.EVALUATE else 'training'}"
@@ -134,7 +141,7 @@ def _table(series: Sequence[Series]) -> tuple[list[str], list[ChartRow]]:
     for s in series:
         for x, y in s.points:
             values[int(x)][s.name] = y
-    rows = [ChartRow(x, [values[x].get(c) for c in columns]) for x in sorted(values)]
+    rows = [ChartRow(x, [values[x].get(c) for c in columns]) for x in sorted(values)[-MAX_TABLE_ROWS:]]
     return columns, rows
 
 
