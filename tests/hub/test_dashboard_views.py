@@ -84,3 +84,24 @@ def test_the_model_card_carries_the_digest_the_sites_and_the_last_evaluation() -
     assert card["evaluation"]["round"] == 2
     assert card["evaluation"]["mean_weighted_by_cases"]["dice_mean"] == pytest.approx(0.5)
     assert card["privacy"]["settings"] is None and re.match(r"\d{4}-\d\d-\d\dT", card["created_at"])
+
+
+def test_headline_metrics_training_and_epsilon_come_first_and_the_rest_waits_behind_a_summary() -> None:
+    tumour = {"dice_mean": 0.5, "dice_wt": 0.6, "dice_tc": 0.5, "dice_et": 0.4, "hd95_mean": 9.0,
+              "dice_enhancing_tumour": 0.4, "dice_edema": 0.6, "hd95_wt": 8.0}  # fmt: skip
+    records = [
+        record(1, "a", "evaluate", 1, **tumour),
+        record(1, "a", "train", 1, loss=0.3, **{EPSILON_METRIC: 1.0}),
+    ]
+    charts = views.charts(records)
+    primary = [c.id for c in charts if c.primary]
+    assert primary == [
+        "chart-evaluate-dice-mean", "chart-evaluate-dice-wt", "chart-evaluate-dice-tc", "chart-evaluate-dice-et",
+        "chart-evaluate-hd95-mean", "chart-train-loss", "chart-epsilon",
+    ]  # fmt: skip
+    others = {c.id for c in charts if not c.primary}
+    assert others == {"chart-evaluate-dice-enhancing-tumour", "chart-evaluate-dice-edema", "chart-evaluate-hd95-wt"}
+    # two fields that read the same keep their field names
+    titles = {c.id: c.title for c in charts}
+    assert titles["chart-evaluate-dice-et"].startswith("Dice enhancing tumour (dice_et)")
+    assert titles["chart-evaluate-dice-enhancing-tumour"].startswith("Dice enhancing tumour (dice_enhancing_tumour)")

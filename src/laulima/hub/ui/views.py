@@ -51,7 +51,7 @@ __all__ = [
 
 MEAN = "mean (weighted by cases)"
 """The series of the sample-weighted mean over the sites."""
-MAX_CHARTS = 12
+MAX_CHARTS = 24
 MAX_TABLE_ROWS = 100
 """A chart's table lists at most the last this many rounds (the API serves them all)."""
 KIND_TITLES = {TaskKind.EVALUATE: "Evaluation of the global model", TaskKind.TRAIN: "Training at the sites"}
@@ -75,35 +75,63 @@ class Chart:
     columns: list[str]
     rows: list[ChartRow]
     x_label: str = "round"
+    primary: bool = True
+    """Shown at once; the others wait behind "Every other metric"."""
 
 
 def charts(metrics: Sequence[MetricRecord]) -> list[Chart]:
-    """Per-round charts: each evaluation metric, then each training metric (loss first), then ε.
+    """Per-round charts, what a reader looks for first marked ``primary``: the evaluation's
+    headline metrics (mean Dice and the BraTS regions, mean HD95; or its first four), the
+    training metrics (loss first) and ε; then every other evaluation metric, up to
+    :data:`MAX_CHARTS` in all.
 
     Each chart has one line per site and, when more than one site reported, the mean over
     the sites weighted by their cases: the number FedAvg's global model is judged by.
     """
     records = round_records(metrics)
-    out: list[Chart] = []
+    prepared: dict[TaskKind, tuple[list[MetricRecord], dict[int, dict[str, float]], list[str]]] = {}
     for kind in (TaskKind.EVALUATE, TaskKind.TRAIN):
         of_kind = sorted((r for r in records if r.kind == kind), key=lambda r: (r.round, r.site))
         by_round: dict[int, list[MetricRecord]] = defaultdict(list)
         for r in of_kind:
             by_round[r.round].append(r)
         means = {rnd: weighted_mean(rs) for rnd, rs in by_round.items()}  # every metric's, once per round
-        keys = ordered_metrics({k for r in of_kind for k in r.metrics} - {EPSILON_METRIC})
-        for key in keys:
-            if len(out) >= MAX_CHARTS:
-                break
-            out.append(_metric_chart(of_kind, means, kind, key))
+        prepared[kind] = (of_kind, means, ordered_metrics({k for r in of_kind for k in r.metrics} - {EPSILON_METRIC}))
+    evaluated = prepared[TaskKind.EVALUATE][2]
+    headline = [k for k in headline_metrics(evaluated) if k in evaluated] or evaluated[:4]
+    plan = [(TaskKind.EVALUATE, k, True) for k in headline]
+    plan += [(TaskKind.TRAIN, k, True) for k in prepared[TaskKind.TRAIN][2]]
+    plan += [(TaskKind.EVALUATE, k, False) for k in evaluated if k not in headline]
+    labels = _labels(plan)
+    out: list[Chart] = []
     epsilon = _epsilon_chart(records)
+    for kind, key, primary in plan[: MAX_CHARTS - (epsilon is not None)]:
+        of_kind, means, _ = prepared[kind]
+        out.append(_metric_chart(of_kind, means, kind, key, labels[(kind, key)], primary=primary))
     if epsilon is not None:
-        out.append(epsilon)
+        out.insert(sum(c.primary for c in out), epsilon)
     return out
 
 
+def _labels(plan: Sequence[tuple[TaskKind, str, bool]]) -> dict[tuple[TaskKind, str], str]:
+    """Each metric's name for a reader; two fields that would read the same keep their field name too
+    (``dice_et`` and ``dice_enhancing_tumour`` are both "Dice enhancing tumour")."""
+    plain = {(kind, key): metric_label(key) for kind, key, _ in plan}
+    seen: dict[tuple[TaskKind, str], list[str]] = defaultdict(list)
+    for (kind, key), label in plain.items():
+        seen[(kind, label)].append(key)
+    shared = {name for name, keys in seen.items() if len(keys) > 1}
+    return {where: f"{label} ({where[1]})" if (where[0], label) in shared else label for where, label in plain.items()}
+
+
 def _metric_chart(
-    records: Sequence[MetricRecord], means: Mapping[int, Mapping[str, float]], kind: TaskKind, key: str
+    records: Sequence[MetricRecord],
+    means: Mapping[int, Mapping[str, float]],
+    kind: TaskKind,
+    key: str,
+    label: str,
+    *,
+    primary: bool,
 ) -> Chart:
     """``records`` in round and site order; ``means``: each round's case-weighted means."""
     by_site: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -114,12 +142,11 @@ def _metric_chart(
     if len(by_site) > 1:
         mean = [(float(rnd), means[rnd][key]) for rnd in sorted(means) if key in means[rnd]]
         series.append(Series(MEAN, mean, emphasis=True))
-    label = metric_label(key)
     chart_id = f"chart-{kind}-{_slug(key)}"
     title = f"{label} — {'evaluation' if kind == TaskKind.EVALUATE else 'training'}"
     dice = key.startswith("dice")
     svg = line_chart(series, title=title, y_label=label, chart_id=chart_id, y_range=(0.0, 1.0) if dice else None)
-    return Chart(chart_id, title, svg, legend_colours(series), *_table(series))
+    return Chart(chart_id, title, svg, legend_colours(series), *_table(series), primary=primary)
 
 
 def _epsilon_chart(records: Sequence[MetricRecord]) -> Chart | None:
