@@ -1,7 +1,8 @@
 /* Laulima dashboards, version 1: keep regions marked data-live="URL" current without a reload.
    Each region polls its URL every data-every milliseconds (default 2000) with the ETag it
    last got; 304 leaves it alone, 200 replaces its content, 401 goes to the sign-in page.
-   Polling pauses while the tab is hidden. No other script runs on these pages. */
+   Polling pauses while the tab is hidden; a <details> with an id that the reader opened stays
+   open across a refresh. No other script runs on these pages. */
 (function () {
   "use strict";
   function say(text) {
@@ -26,7 +27,14 @@
         if (!response.ok) { say("Live updates paused: the server answered " + response.status + "; retrying."); later(); return null; }
         etag = response.headers.get("ETag");
         return response.text().then(function (html) {
+          var open = [];  // what the reader unfolded stays unfolded
+          var unfolded = region.querySelectorAll("details[open][id]");
+          for (var i = 0; i < unfolded.length; i++) open.push(unfolded[i].id);
           region.innerHTML = html;
+          for (var j = 0; j < open.length; j++) {
+            var again = document.getElementById(open[j]);
+            if (again) again.open = true;
+          }
           region.setAttribute("data-refreshed", String(Date.now()));
           say("");
           later();
