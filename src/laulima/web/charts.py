@@ -240,7 +240,7 @@ def _x_ticks(low: float, high: float) -> list[float]:
     """Whole rounds: the first one, then round multiples of a round step up to the last."""
     ticks = [t for t in nice_ticks(low, high, 8) if low < t <= high and float(t).is_integer()]
     step = ticks[1] - ticks[0] if len(ticks) > 1 else 1.0
-    if ticks and ticks[0] - low < step / 2:
+    if ticks and ticks[0] - low <= step / 2:
         ticks = ticks[1:]  # too close to the first round's label
     return [low, *ticks] if float(low).is_integer() else ticks or [low, high]
 
