@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any, cast
 
 import pytest
 from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from laulima.algorithms.bundle import PackedBundle, pack
@@ -496,3 +499,50 @@ def test_the_first_start_prints_a_token_for_the_os_user_once_with_the_address(
         and "sign in with your dashboard token" in again.output
     )
     assert [(c.host, c.port) for c in served] == [("127.0.0.1", 8799)] * 2
+
+
+# -- hostile requests ---------------------------------------------------------------------------
+_PATH_TEXT = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")), max_size=40)
+_HOSTILE = st.fixed_dictionaries(
+    {
+        "method": st.sampled_from(["GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"]),
+        "path": st.one_of(
+            st.sampled_from(["/", "/login", "/logout", "/audit", "/fragments/pending", "/static/laulima.css"]),
+            st.builds(
+                lambda i, s: f"/jobs/{i}{s}",
+                st.one_of(st.integers(-3, 3), st.just(10**30), _PATH_TEXT.map(lambda t: t.replace("/", ""))),
+                st.sampled_from(["", "/approve", "/reject", "/x"]),
+            ),
+            st.builds(lambda t: f"/datasets/{t.replace('/', '')}/verify", _PATH_TEXT),
+            st.builds(lambda t: "/" + t.lstrip("/"), _PATH_TEXT),  # "//x" would name a host
+        ),
+        "query": st.dictionaries(st.sampled_from(["page", "experiment", "next"]), st.text(max_size=20), max_size=2),
+        "headers": st.dictionaries(
+            st.sampled_from(["Origin", "Referer", "Content-Type", "If-None-Match", "Host"]),
+            st.text(alphabet=string.printable.strip() + " ", max_size=60),
+            max_size=3,
+        ),
+        "body": st.one_of(st.binary(max_size=200), st.text(max_size=60).map(lambda t: f"csrf_token={t}&reason={t}")),
+        "signed_in": st.booleans(),
+    }
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=_HOSTILE)
+def test_no_hostile_request_breaks_the_dashboard_or_decides_a_job(site: Site, client: TestClient, token, request):
+    if not hasattr(client, "_hostile_csrf"):
+        client._hostile_csrf = sign_in(client, token)  # type: ignore[attr-defined]
+        client._hostile_cookie = client.cookies.get(COOKIE)  # type: ignore[attr-defined]
+    client.cookies.clear()
+    if request["signed_in"]:
+        client.cookies.set(COOKIE, client._hostile_cookie)  # type: ignore[attr-defined]
+    try:
+        response = client.request(
+            request["method"], request["path"], params=request["query"], headers=request["headers"],
+            content=request["body"] if isinstance(request["body"], bytes) else request["body"].encode(),
+        )  # fmt: skip
+    except UnicodeEncodeError:
+        return  # the client itself cannot send such a header
+    assert response.status_code < 500, (request, response.status_code)
+    assert ApprovalStore(site.home).get(site.job_id).status == "pending", f"decided without its CSRF token: {request}"
