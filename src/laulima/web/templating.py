@@ -28,10 +28,11 @@ _SHARED_TEMPLATES = Path(__file__).parent / "templates"
 
 
 def format_time(timestamp: float | None) -> str:
-    """A Unix time as local ISO date and time to the second; an em dash when absent."""
+    """A Unix time in UTC to the second, saying so (the server's local zone means nothing to a
+    reader elsewhere; the audit trails' commands print UTC too); an em dash when absent."""
     if timestamp is None or not math.isfinite(timestamp):
         return "—"
-    return dt.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def format_ago(timestamp: float | None, now: float) -> str:

@@ -17,10 +17,8 @@ agent reads the decision from ``approvals.db`` at its next poll. Nothing here ta
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,7 +44,7 @@ from laulima.web.auth import Credential, SignIn, install_error_pages
 from laulima.web.forms import read_form
 from laulima.web.security import SECURITY_HEADERS
 from laulima.web.sessions import MemorySessions, SessionStore, UiUser
-from laulima.web.templating import STATIC_DIR, Pages
+from laulima.web.templating import STATIC_DIR, Pages, format_time
 
 __all__ = ["COOKIE", "LOOPBACK_HOSTS", "ROLE", "AuditUnavailable", "create_app"]
 
@@ -96,7 +94,7 @@ def create_app(
     """The dashboard of the site whose home is ``home`` (served on loopback by :func:`laulima.site.ui.server.serve`)."""
     home = Path(home)
     pages = Pages(TEMPLATES, base_path="", product="site dashboard")
-    pages.env.filters.update(utc=_utc, eps=format_epsilon)
+    pages.env.filters.update(utc=format_time, eps=format_epsilon)
     pages.env.globals["field_text"] = views.field_text
     store: SessionStore = sessions if sessions is not None else MemorySessions()
     tokens = DashboardTokens(home)
@@ -297,10 +295,3 @@ def _experiment(text: str) -> int | None:
     if not (text.isascii() and text.isdigit() and len(text) <= 18):
         raise _BadQuery(f"experiment {text!r:.40} is not an experiment number")
     return int(text)
-
-
-def _utc(timestamp: float | None) -> str:
-    """A time on the pages: UTC to the second, as the audit trail's commands print it."""
-    if timestamp is None or not math.isfinite(timestamp):
-        return "—"
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
