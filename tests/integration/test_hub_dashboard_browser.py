@@ -95,10 +95,12 @@ def test_the_experiment_chart_gains_points_as_rounds_complete_without_a_reload(f
     # ... and the open page shows its points, without being reloaded
     wait_for(lambda: points(browser) > start, 15, "the chart to gain a point")
     assert browser.execute_script("return window.__sameDocument") == "kept", "the page was reloaded"
-    # a reader who unfolded the chart's numbers keeps them unfolded when the next round arrives
+    # a reader who unfolded the chart's numbers keeps them unfolded when the region next changes
+    # (a round, the cross-site evaluation or the end: something always follows)
+    refreshed = "return document.getElementById('experiment-live').getAttribute('data-refreshed')"
+    before = browser.execute_script(refreshed)
     browser.execute_script(f"document.getElementById('{CHART}-numbers').open = true")
-    now = points(browser)
-    wait_for(lambda: points(browser) > now, 30, "the next round's points")
+    wait_for(lambda: browser.execute_script(refreshed) != before, 60, "the live region's next refresh")
     assert browser.execute_script(f"return document.getElementById('{CHART}-numbers').open") is True
     shown = int(browser.find_element("id", "rounds-done").text)
     assert shown >= 1
