@@ -103,19 +103,32 @@ def _models(given: Weights) -> dict[str, Weights]:
     }
 
 
-@pytest.mark.parametrize("dropout", [None, "site-c"])
-def test_the_hub_returns_the_weighted_average_of_what_it_only_saw_masked(make_hub, dropout):
+def ready_to_mask(make_hub: Any, **spec: Any) -> tuple[Hub, dict[str, Any], Weights, dict[str, Player]]:
+    """A hub whose three sites have passed round 1's key and share phases: each may now mask."""
     hub: Hub = make_hub()
     hub.register(*SITES)
     given = make_weights(0)
-    exp = hub.submit(secure_spec(), given)
+    exp = hub.submit(secure_spec(**spec), given)
     players = {site: Player(hub, site) for site in SITES}
-    for p in players.values():
-        p.advertise()
-    for p in players.values():
-        p.share()
-    for p in players.values():
-        p.receive()
+    for step in (Player.advertise, Player.share, Player.receive):
+        for p in players.values():
+            step(p)
+    return hub, exp, given, players
+
+
+def closed_first_round(hub: Hub, exp: dict[str, Any]) -> dict[str, Any]:
+    """Round 1 once it is no longer open."""
+
+    def first_round() -> dict[str, Any] | None:
+        rounds = hub.get(f"/experiments/{exp['id']}/rounds")
+        return rounds[0] if rounds and rounds[0]["status"] != "open" else None
+
+    return hub.wait_for(first_round, "round 1 to close")  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("dropout", [None, "site-c"])
+def test_the_hub_returns_the_weighted_average_of_what_it_only_saw_masked(make_hub, dropout):
+    hub, exp, given, players = ready_to_mask(make_hub)
     models, weights = _models(given), {"site-a": 10, "site-b": 30, "site-c": 5}
     alive = [s for s in SITES if s != dropout]
     for site in alive:
@@ -240,14 +253,7 @@ def test_a_hub_restarted_between_phases_answers_every_site_the_same(make_hub):
 
 
 def test_a_site_that_masks_a_vector_outside_its_bound_gets_the_round_aborted(make_hub):
-    hub: Hub = make_hub()
-    hub.register(*SITES)
-    given = make_weights(0)
-    exp = hub.submit(secure_spec(rounds=2), given)
-    players = {site: Player(hub, site) for site in SITES}
-    for step in (Player.advertise, Player.share, Player.receive):
-        for p in players.values():
-            step(p)
+    hub, exp, given, players = ready_to_mask(make_hub, rounds=2)
     models = _models(given)
     hostile = {k: (given[k] + (models["site-c"][k] - given[k]) * 5000).astype(np.float32) for k in given}
     for site, p in players.items():
@@ -256,11 +262,7 @@ def test_a_site_that_masks_a_vector_outside_its_bound_gets_the_round_aborted(mak
     for p in players.values():
         p.unmask()
 
-    def first_round() -> dict[str, Any] | None:
-        rounds = hub.get(f"/experiments/{exp['id']}/rounds")
-        return rounds[0] if rounds and rounds[0]["status"] != "open" else None
-
-    rnd = hub.wait_for(first_round, "round 1 to close")
+    rnd = closed_first_round(hub, exp)
     assert rnd["status"] == "aborted" and "above the clip bound" in rnd["note"], rnd
     assert hub.experiment(exp["id"])["global_digest"] == exp["global_digest"], "the global model is kept"
 
@@ -268,14 +270,7 @@ def test_a_site_that_masks_a_vector_outside_its_bound_gets_the_round_aborted(mak
 def test_fedadam_steps_along_the_securely_aggregated_mean(make_hub):
     from laulima.core.strategies import FedAdam, FitResult
 
-    hub: Hub = make_hub()
-    hub.register(*SITES)
-    given = make_weights(0)
-    exp = hub.submit(secure_spec(strategy={"name": "fedadam", "server_lr": 0.05}), given)
-    players = {site: Player(hub, site) for site in SITES}
-    for step in (Player.advertise, Player.share, Player.receive):
-        for p in players.values():
-            step(p)
+    hub, exp, given, players = ready_to_mask(make_hub, strategy={"name": "fedadam", "server_lr": 0.05})
     models, weights = _models(given), {"site-a": 10, "site-b": 30, "site-c": 5}
     for site, p in players.items():
         assert p.upload(models[site], given, weights[site]).status_code == 200
@@ -292,14 +287,7 @@ def test_fedadam_steps_along_the_securely_aggregated_mean(make_hub):
 
 
 def test_a_malformed_unmasking_answer_is_refused_and_a_wrong_share_only_aborts_the_round(make_hub):
-    hub: Hub = make_hub()
-    hub.register(*SITES)
-    given = make_weights(0)
-    exp = hub.submit(secure_spec(rounds=2), given)
-    players = {site: Player(hub, site) for site in SITES}
-    for step in (Player.advertise, Player.share, Player.receive):
-        for p in players.values():
-            step(p)
+    hub, exp, given, players = ready_to_mask(make_hub, rounds=2)
     models = _models(given)
     for site, p in players.items():
         assert p.upload(models[site], given, 1).status_code == 200
@@ -314,10 +302,6 @@ def test_a_malformed_unmasking_answer_is_refused_and_a_wrong_share_only_aborts_t
         assert players[name].post("unmasking", wrong).status_code == 204
     players["site-c"].unmask()
 
-    def first_round() -> dict[str, Any] | None:
-        rounds = hub.get(f"/experiments/{exp['id']}/rounds")
-        return rounds[0] if rounds and rounds[0]["status"] != "open" else None
-
-    rnd = hub.wait_for(first_round, "round 1 to close")
+    rnd = closed_first_round(hub, exp)
     assert rnd["status"] == "aborted", rnd
     assert hub.experiment(exp["id"])["status"] == "running", "one round is lost, not the experiment"
