@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import case, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -88,6 +88,7 @@ __all__ = [
     "experiment_phase",
     "finale_started",
     "hash_token",
+    "metric_record",
     "site_notes",
     "spec_of",
 ]
@@ -581,12 +582,7 @@ class HubService:
                 .where(Metric.experiment_id == experiment_id)
                 .order_by(Metric.round, Metric.kind, Metric.site)
             )
-            return [
-                MetricRecord(
-                    round=rnd, site=site, kind=TaskKind(kind), n_samples=n, metrics=json.loads(values), model=model
-                )
-                for rnd, site, kind, n, values, model in rows
-            ]
+            return [metric_record(row) for row in rows]
 
     def refusals(self, experiment_id: int, person: Person) -> list[RefusalRecord]:
         with self.sessions() as s:
@@ -1305,7 +1301,7 @@ class HubService:
                     Metric.model.is_not(None),
                 )
             )
-            records = [_metric_record(m) for m in rows]
+            records = [metric_record(m) for m in rows]
         tasks = self.finale_tasks(experiment_id, index)
         failures = [
             CrossSiteFailure(model=t.model, site=t.site, kind=t.kind, reason=t.failure) for t in tasks if t.failure
@@ -1408,7 +1404,25 @@ class HubService:
         s.execute(update(Task).where(*cond).values(status=status, finished_at=now, failure_reason=reason))
 
 
-def _metric_record(m: Metric) -> MetricRecord:
+class MetricRow(Protocol):
+    """What :func:`metric_record` reads: a ``Metric``, or a row selected with its columns."""
+
+    @property
+    def round(self) -> int: ...
+    @property
+    def site(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def n_samples(self) -> int: ...
+    @property
+    def metrics_json(self) -> str: ...
+    @property
+    def model(self) -> str | None: ...
+
+
+def metric_record(m: MetricRow) -> MetricRecord:
+    """A stored metric row as the API serves it."""
     return MetricRecord(
         round=m.round,
         site=m.site,

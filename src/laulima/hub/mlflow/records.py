@@ -34,10 +34,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from laulima.core.crosssite import pooled, round_records
-from laulima.core.protocol import CrossSiteCell, ExperimentStatus, MetricRecord, RoundStatus, TaskKind, TaskStatus
+from laulima.core.protocol import CrossSiteCell, ExperimentStatus, MetricRecord, RoundStatus, TaskStatus
 from laulima.hub.db import Experiment, Metric, MlflowExport, Round, Site, Task
 from laulima.hub.ownership import owner_of
-from laulima.hub.service import OPEN_TASK, algorithm_digest
+from laulima.hub.service import OPEN_TASK, algorithm_digest, metric_record
 
 __all__ = [
     "Cursor",
@@ -205,17 +205,7 @@ def round_points(
         .where(Metric.experiment_id == experiment_id, Metric.round >= first, Metric.round <= last)
         .order_by(Metric.round, Metric.kind, Metric.site, Metric.id)
     )
-    records = round_records(
-        MetricRecord(
-            round=m.round,
-            site=m.site,
-            kind=TaskKind(m.kind),
-            n_samples=m.n_samples,
-            metrics=json.loads(m.metrics_json),
-            model=m.model,
-        )
-        for m in rows
-    )
+    records = round_records(metric_record(m) for m in rows)
     finished: dict[tuple[int, str, str], float] = {}
     for rnd, site, kind, at in s.execute(
         select(Task.round, Site.name, Task.kind, Task.finished_at)
