@@ -8,20 +8,21 @@ page is text, never markup; the few values that are markup (SVG charts drawn by
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
 from jinja2 import ChoiceLoader, Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
 from laulima import __version__
 from laulima.web import ASSETS_VERSION
 from laulima.web.security import SECURITY_HEADERS
 
-__all__ = ["STATIC_DIR", "Pages", "format_ago", "format_number", "format_time"]
+__all__ = ["STATIC_DIR", "Pages", "content_etag", "format_ago", "format_number", "format_time"]
 
 STATIC_DIR = Path(__file__).parent / "static"
 _SHARED_TEMPLATES = Path(__file__).parent / "templates"
@@ -97,3 +98,18 @@ class Pages:
         """A whole page or a fragment, with the dashboard's security headers."""
         body = self.render(name, {"request": request, **context})
         return HTMLResponse(body, status_code=status_code, headers={**SECURITY_HEADERS, **(headers or {})})
+
+    def fragment(self, request: Request, name: str, context: Mapping[str, Any], *, etag: str | None = None) -> Response:
+        """A live region's content, or 304 when it is what the browser already shows (``etag``:
+        the region's version when known without drawing it; else the digest of what was drawn)."""
+        body = self.render(name, {"request": request, **context})
+        etag = etag or content_etag(body)
+        headers = {**SECURITY_HEADERS, "ETag": etag}
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return HTMLResponse(body, headers=headers)
+
+
+def content_etag(body: str) -> str:
+    """The ETag of a region drawn as ``body``: a digest of it, quoted."""
+    return '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'

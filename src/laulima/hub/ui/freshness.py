@@ -11,23 +11,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 
 from sqlalchemy import func, select
 
 from laulima import __version__
+from laulima.core.protocol import ExperimentPublic, RoundPublic
 from laulima.hub.api.deps import HubContext
 from laulima.hub.db import Metric, Refusal, Task
-from laulima.hub.ownership import Person
 from laulima.web import ASSETS_VERSION
 
 __all__ = ["experiment_version"]
 
 
-def experiment_version(hub: HubContext, experiment_id: int, person: Person) -> str:
-    """A digest that changes whenever anything the experiment's live region shows changes
-    (404 for a person who may not read the experiment, as the region itself would answer)."""
-    experiment = hub.service.get_experiment(experiment_id, person)
-    rounds = hub.service.rounds(experiment_id, person)
+def experiment_version(hub: HubContext, experiment: ExperimentPublic, rounds: Sequence[RoundPublic]) -> str:
+    """A digest that changes whenever anything the experiment's live region shows changes,
+    given the experiment and its rounds as the reader may see them (read by the caller, who
+    has checked that they may)."""
+    experiment_id = experiment.id
     with hub.sessions() as s:
         metrics = s.execute(
             select(func.count(Metric.id), func.max(Metric.id)).where(Metric.experiment_id == experiment_id)

@@ -9,7 +9,6 @@ changed, so an idle page costs the hub a render every few seconds and the browse
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Annotated, Any
 
@@ -17,7 +16,7 @@ import anyio
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from laulima.core.protocol import ExperimentPublic, ExperimentStatus, Role, SiteStatus
+from laulima.core.protocol import ExperimentPublic, ExperimentStatus, Role, RoundPublic, SiteStatus
 from laulima.errors import NotFound
 from laulima.hub.api.deps import Caller, HubContext, RowId
 from laulima.hub.api.routes.experiments import ModelQuery, cancel, serve_model
@@ -32,6 +31,8 @@ from laulima.web.sessions import UiUser
 from laulima.web.templating import Pages, format_ago
 
 __all__ = ["LIVE_EVERY_MS", "build_router"]
+
+Rounds = list[RoundPublic]
 
 LIVE_EVERY_MS = 2000
 """How often a live region asks whether it changed."""
@@ -82,13 +83,18 @@ def build_router(pages: Pages, sign_in: SignIn) -> APIRouter:
 
     @router.get("/live/overview", response_class=HTMLResponse, include_in_schema=False)
     def overview_live(request: Request, user: User) -> Response:
-        return _fragment(request, pages, "_overview_live.html", overview_data(request, user))
+        return pages.fragment(request, "_overview_live.html", overview_data(request, user))
 
     # -- one experiment -----------------------------------------------------------------------------
-    def experiment_data(request: Request, user: UiUser, experiment_id: int) -> dict[str, Any]:
+    def experiment_state(request: Request, user: UiUser, experiment_id: int) -> tuple[ExperimentPublic, Rounds, str]:
+        """The experiment, its rounds and the ETag of its live region (read first: never newer than the data)."""
         hub, person = hub_of(request), _person(user)
         experiment = hub.service.get_experiment(experiment_id, person)
         rounds = hub.service.rounds(experiment_id, person)
+        return experiment, rounds, f'"{experiment_version(hub, experiment, rounds)}"'
+
+    def experiment_data(request: Request, user: UiUser, experiment: ExperimentPublic, rounds: Rounds) -> dict[str, Any]:
+        hub, person, experiment_id = hub_of(request), _person(user), experiment.id
         metrics = hub.service.metrics(experiment_id, person)
         refusals = hub.service.refusals(experiment_id, person)
         matrix = None
@@ -113,19 +119,18 @@ def build_router(pages: Pages, sign_in: SignIn) -> APIRouter:
 
     @router.get("/experiments/{experiment_id}", response_class=HTMLResponse, include_in_schema=False)
     def experiment_page(request: Request, experiment_id: RowId, user: User) -> Response:
-        version = experiment_version(hub_of(request), experiment_id, _person(user))  # before the data: never newer
-        data = experiment_data(request, user, experiment_id)
-        context = {**common(user, "experiment"), **data, "live_etag": f'"{version}"'}
+        experiment, rounds, etag = experiment_state(request, user, experiment_id)
+        data = experiment_data(request, user, experiment, rounds)
+        context = {**common(user, "experiment"), **data, "live_etag": etag}
         return pages.page(request, "experiment.html", context)
 
     @router.get("/experiments/{experiment_id}/live", response_class=HTMLResponse, include_in_schema=False)
     def experiment_live(request: Request, experiment_id: RowId, user: User) -> Response:
-        version = experiment_version(hub_of(request), experiment_id, _person(user))
-        etag = f'"{version}"'
+        experiment, rounds, etag = experiment_state(request, user, experiment_id)
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers={**SECURITY_HEADERS, "ETag": etag})
-        data = experiment_data(request, user, experiment_id)
-        return _fragment(request, pages, "_experiment_live.html", data, etag=etag)
+        data = experiment_data(request, user, experiment, rounds)
+        return pages.fragment(request, "_experiment_live.html", data, etag=etag)
 
     @router.get("/experiments/{experiment_id}/live/actions", response_class=HTMLResponse, include_in_schema=False)
     def experiment_actions(request: Request, experiment_id: RowId, user: User) -> Response:
@@ -133,7 +138,7 @@ def build_router(pages: Pages, sign_in: SignIn) -> APIRouter:
         keyboard user's focus on one is not lost at every refresh of the charts."""
         experiment = hub_of(request).service.get_experiment(experiment_id, _person(user))
         data = {"experiment": experiment, "csrf": user.csrf, **_actions(experiment, user)}
-        return _fragment(request, pages, "_experiment_actions.html", data)
+        return pages.fragment(request, "_experiment_actions.html", data)
 
     @router.post("/experiments/{experiment_id}/cancel", include_in_schema=False)
     async def cancel_experiment(request: Request, experiment_id: RowId, user: User) -> Response:
@@ -165,19 +170,6 @@ def build_router(pages: Pages, sign_in: SignIn) -> APIRouter:
         return Response(body, media_type="application/json", headers=headers)
 
     return router
-
-
-def _fragment(
-    request: Request, pages: Pages, template: str, data: dict[str, Any], *, etag: str | None = None
-) -> Response:
-    """A live region's content, or 304 when it is what the browser already shows (``etag``:
-    the region's version when known without drawing it; else the digest of what was drawn)."""
-    body = pages.render(template, {"request": request, **data}).encode()
-    etag = etag or f'"{hashlib.sha256(body).hexdigest()[:32]}"'
-    headers = {**SECURITY_HEADERS, "ETag": etag}
-    if request.headers.get("if-none-match") == etag:
-        return Response(status_code=304, headers=headers)
-    return Response(body, media_type="text/html; charset=utf-8", headers=headers)
 
 
 def _actions(experiment: ExperimentPublic, user: UiUser) -> dict[str, bool]:

@@ -17,7 +17,6 @@ agent reads the decision from ``approvals.db`` at its next poll. Nothing here ta
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -44,7 +43,7 @@ from laulima.web.auth import Credential, SignIn, install_error_pages
 from laulima.web.forms import read_form
 from laulima.web.security import SECURITY_HEADERS
 from laulima.web.sessions import MemorySessions, SessionStore, UiUser
-from laulima.web.templating import STATIC_DIR, Pages, format_time
+from laulima.web.templating import STATIC_DIR, Pages, content_etag, format_time
 
 __all__ = ["COOKIE", "LOOPBACK_HOSTS", "ROLE", "AuditUnavailable", "create_app"]
 
@@ -137,9 +136,8 @@ def create_app(
         return {"user": user, "csrf": user.csrf, "flash": flashes.pop(user), "nav": nav, **extra}
 
     def pending_fragment() -> tuple[str, str]:
-        jobs = views.pending_jobs(home)
-        body = pages.render("_pending.html", {"jobs": jobs})
-        return body, '"' + hashlib.sha256(body.encode()).hexdigest()[:32] + '"'
+        body = pages.render("_pending.html", {"jobs": views.pending_jobs(home)})
+        return body, content_etag(body)
 
     # -- pages ---------------------------------------------------------------------------
     def overview(request: Request, user: UiUser = signed_in) -> HTMLResponse:
@@ -171,11 +169,7 @@ def create_app(
         )
 
     def pending(request: Request, user: UiUser = signed_in) -> Response:
-        body, etag = pending_fragment()
-        headers = {**SECURITY_HEADERS, "ETag": etag}
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        return HTMLResponse(body, headers=headers)
+        return pages.fragment(request, "_pending.html", {"jobs": views.pending_jobs(home)})
 
     def job_page(request: Request, job_id: str, user: UiUser = signed_in) -> HTMLResponse:
         return _job_response(request, user, job_id)
