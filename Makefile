@@ -5,14 +5,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install lint bench clean orthanc chromium
+.PHONY: demo test install lint bench clean orthanc chromium postgresql
 
 # torchvision comes with nnunetv2 (through timm) but cannot load beside the CPU torch pinned in
 # constraints.txt; nothing Laulima runs imports it (see constraints.txt), so it is removed again.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,imaging,nnunet,mlflow]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev,imaging,nnunet,mlflow,postgres,s3,ray]'
 	$(BIN)/pip uninstall --quiet -y torchvision
 	touch $(STAMP)
 
@@ -21,8 +21,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/laulima demo --quick
 
-test: lint orthanc chromium
+# The suite runs once on the default backend (SQLite + blob folder), then the hub, crash and
+# security suites again on PostgreSQL + S3 (a real PostgreSQL server and moto's S3 server,
+# both started by the test fixtures on loopback: tests/helpers/backends.py).
+HUB_SUITES := tests/hub tests/security tests/integration/test_crashes.py tests/integration/test_hub_processes.py
+test: lint orthanc chromium postgresql
 	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --hub-backend=postgres-s3 $(HUB_SUITES)
 
 # The PACS tests run a real Orthanc with its DICOMweb plugin (Debian packages `orthanc`,
 # `orthanc-dicomweb`). Installed only when the binary or the plugin is missing; CI runs as
@@ -54,11 +59,22 @@ chromium:
 			chromium chromium-driver; \
 	fi
 
+# The hub's tests run on a real PostgreSQL server too (Debian package `postgresql`; the
+# fixture starts a throwaway cluster with its initdb and postgres). Installed when missing.
+postgresql:
+	@if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then \
+		set -e; \
+		echo "installing postgresql: the hub's tests run on a real PostgreSQL server too"; \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy src/laulima/core src/laulima/hub src/laulima/pki src/laulima/site \
 		src/laulima/cli.py src/laulima/cli_security.py src/laulima/client.py src/laulima/sim.py \
-		src/laulima/processes.py src/laulima/errors.py src/laulima/auditlog.py src/laulima/private_files.py \
+		src/laulima/sim_ray.py src/laulima/processes.py src/laulima/errors.py src/laulima/auditlog.py src/laulima/private_files.py \
 		src/laulima/cli_algorithm.py src/laulima/cli_site_admin.py src/laulima/submission.py \
 		src/laulima/algorithms src/laulima/imaging src/laulima/predict.py src/laulima/export.py \
 		src/laulima/demo.py src/laulima/demo_overlay.py src/laulima/baselines.py src/laulima/report.py \

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import inspect
 
-from laulima.hub.db import create_all, make_engine
+from laulima.hub.db import make_engine, migrate
 
 
 def test_missing_nullable_columns_are_added_and_old_rows_survive(tmp_path: Path):
@@ -19,21 +19,23 @@ def test_missing_nullable_columns_are_added_and_old_rows_survive(tmp_path: Path)
         )
         old.execute("INSERT INTO sites (name, token_hash, created_at, last_seen) VALUES ('site-a', NULL, 1.0, 2.0)")
     engine = make_engine(f"sqlite:///{path}")
-    create_all(engine)
+    migrate(engine)
     columns = {c["name"] for c in inspect(engine).get_columns("sites")}
     assert {"version", "cert_serial", "datasets_json", "removed_at"} <= columns
     with engine.connect() as conn:
         row = conn.exec_driver_sql("SELECT name, last_seen, removed_at FROM sites").one()
     assert tuple(row) == ("site-a", 2.0, None)
-    create_all(engine)  # idempotent
+    migrate(engine)  # idempotent
     engine.dispose()
 
 
 def test_experiments_and_tasks_of_a_hub_older_than_bundles_and_approvals_get_their_columns(tmp_path: Path):
     path = tmp_path / "hub.db"
     engine = make_engine(f"sqlite:///{path}")
-    create_all(engine)
-    with engine.begin() as conn:  # as the hub before bundles and approvals wrote them
+    migrate(engine)
+    with engine.begin() as conn:  # as the hub before bundles and approvals (and before migrations) wrote them
+        conn.exec_driver_sql("DROP TABLE alembic_version")
+        conn.exec_driver_sql("DROP TABLE leases")
         conn.exec_driver_sql("ALTER TABLE experiments DROP COLUMN bundle_digest")
         conn.exec_driver_sql("ALTER TABLE tasks DROP COLUMN waiting_reason")
         conn.exec_driver_sql("ALTER TABLE tasks DROP COLUMN waiting_since")
@@ -44,7 +46,7 @@ def test_experiments_and_tasks_of_a_hub_older_than_bundles_and_approvals_get_the
         )
     engine.dispose()
     engine = make_engine(f"sqlite:///{path}")
-    create_all(engine)
+    migrate(engine)
     assert "bundle_digest" in {c["name"] for c in inspect(engine).get_columns("experiments")}
     assert {"waiting_reason", "waiting_since"} <= {c["name"] for c in inspect(engine).get_columns("tasks")}
     with engine.connect() as conn:

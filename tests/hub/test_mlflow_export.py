@@ -26,7 +26,7 @@ from laulima.hub.mlflow import exporter as mlflow_exporter
 from laulima.hub.mlflow import flatten_spec
 from laulima.hub.settings import HubSettings
 
-from .conftest import Hub, make_weights, spec, update_bytes
+from .conftest import Hub, hub_settings, make_weights, spec, update_bytes
 
 pytest.importorskip("mlflow", reason="the 'mlflow' extra: pip install 'laulima[mlflow]'")
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -191,7 +191,7 @@ def test_a_restarted_hub_duplicates_no_run_and_no_point_even_after_losing_its_cu
     first.stop()
     # As if the hub had died after each MLflow request and before committing its cursor:
     # the run, its parameters and round 1 are in MLflow, the database knows nothing of them.
-    engine = make_engine(f"sqlite:///{first.home / 'hub.db'}")
+    engine = make_engine(hub_settings(first.home).database_url or "")  # the backend the test runs on
     with make_session_factory(engine).begin() as s:
         changed = s.execute(
             update(MlflowExport).values(run_id=None, params_done=False, rounds_done=0, finished=False)

@@ -23,6 +23,7 @@ def test_loopback_hosts_are_accepted(tmp_path: Path, host: str):
 
 
 def test_environment_and_defaults(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("LAULIMA_HUB_DATABASE_URL", raising=False)  # set under --hub-backend=postgres-s3
     monkeypatch.setenv("LAULIMA_HUB_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("LAULIMA_HUB_PORT", "9999")
     s = HubSettings()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from laulima.core.protocol import Header
 
@@ -191,6 +192,7 @@ def test_a_trailing_newline_in_a_digest_is_not_a_digest(hub: Hub):
     assert r.status_code == 400 and "digest" in r.json()["detail"]
 
 
+@pytest.mark.local_backend
 def test_the_hub_home_and_database_are_private(hub: Hub):
     assert hub.home.stat().st_mode & 0o077 == 0
     assert (hub.home / "hub.db").stat().st_mode & 0o077 == 0

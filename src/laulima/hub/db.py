@@ -2,8 +2,15 @@
 
 Everything the orchestrator decides is re-derived from these rows, so a restarted hub
 continues where it stopped. Uniqueness the protocol depends on (one update per task, one
-round per index) is enforced by the database itself. SQLite runs in WAL mode and every
-transaction begins IMMEDIATE, so concurrent writers serialize instead of failing late.
+round per index) is enforced by the database itself.
+
+Transactions are serialized, on both backends, because the service reads a row and writes
+what follows from it in one transaction (a round still open, so it is checkpointed once).
+SQLite runs in WAL mode and every transaction begins IMMEDIATE. PostgreSQL (several hub
+processes may share it) gets the same guarantee from a transaction-level advisory lock taken
+at every BEGIN: the hub's transactions are short, and one ordering for all of them keeps the
+reasoning of a single process valid across processes. The schema is versioned by Alembic
+(:mod:`laulima.hub.migrations`); :func:`migrate` brings a database to the newest revision.
 """
 
 from __future__ import annotations
@@ -20,19 +27,22 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
-    inspect,
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.orm import Session as Session
 from sqlalchemy.pool import StaticPool
 
+from laulima.errors import ConfigurationError
+
 __all__ = [
     "ApiToken",
     "Base",
+    "BlobPin",
     "Experiment",
     "ExperimentShare",
     "FingerprintResult",
+    "Lease",
     "MergedFingerprintRow",
     "Metric",
     "MlflowExport",
@@ -50,9 +60,10 @@ __all__ = [
     "UiSession",
     "Update",
     "Upload",
-    "create_all",
+    "is_postgresql",
     "make_engine",
     "make_session_factory",
+    "migrate",
 ]
 
 SessionFactory = sessionmaker[Session]
@@ -379,11 +390,29 @@ class Refusal(Base):
     reason: Mapped[str] = mapped_column(Text)
 
 
+SERIALIZE_LOCK = 0x4C41554C494D41
+"""PostgreSQL advisory lock key every hub transaction takes (``LAULIMA`` in ASCII, shortened)."""
+
+
+def is_postgresql(url: str) -> bool:
+    return make_url(url).get_backend_name() == "postgresql"
+
+
 def make_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
-    """An engine for any SQLAlchemy URL; SQLite gets WAL, a busy timeout and foreign keys."""
+    """An engine for a SQLite or PostgreSQL URL, with transactions serialized (module docstring).
+
+    A lock not obtained within ``busy_timeout_ms`` raises ``OperationalError`` on both."""
     parsed = make_url(url)
-    if parsed.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+    backend = parsed.get_backend_name()
+    if backend == "postgresql":
+        return _postgresql_engine(url, busy_timeout_ms)
+    if backend != "sqlite":
+        raise ConfigurationError(
+            f"hub database {parsed.render_as_string(hide_password=True)!r}: the hub runs on SQLite or PostgreSQL "
+            "(sqlite:///path/hub.db or postgresql+psycopg://user@host/db), not on "
+            f"{backend!r}",
+            field="database_url",
+        )
     connect_args = {"check_same_thread": False, "timeout": busy_timeout_ms / 1000}
     if parsed.database in (None, "", ":memory:"):  # one shared connection, or each would see its own DB
         engine = create_engine(url, connect_args=connect_args, poolclass=StaticPool)
@@ -407,29 +436,72 @@ def make_engine(url: str, *, busy_timeout_ms: int = 30_000) -> Engine:
     return engine
 
 
+def _postgresql_engine(url: str, busy_timeout_ms: int) -> Engine:
+    if make_url(url).drivername == "postgresql":  # SQLAlchemy's default driver is psycopg2; ours is psycopg 3
+        url = make_url(url).set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    try:
+        import psycopg  # noqa: F401
+    except ImportError as exc:
+        raise ConfigurationError(
+            "the hub database is PostgreSQL, but its driver is not installed: pip install 'laulima[postgres]'",
+            field="database_url",
+        ) from exc
+    engine = create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=30,
+        connect_args={"options": f"-c lock_timeout={int(busy_timeout_ms)}", "connect_timeout": 10},
+    )
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SERIALIZE_LOCK})")
+
+    return engine
+
+
 def make_session_factory(engine: Engine) -> SessionFactory:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def create_all(engine: Engine) -> None:
-    """Create missing tables, then add columns that a newer version defines to tables an
-    older hub created. Only nullable columns are ever added, so old rows stay valid; this
-    is the whole migration story until the schema needs more than additions."""
-    Base.metadata.create_all(engine)
-    with engine.begin() as conn:
-        existing = inspect(conn)
-        for table in Base.metadata.sorted_tables:
-            have = {c["name"] for c in existing.get_columns(table.name)}
-            for column in table.columns:
-                if column.name in have:
-                    continue
-                if not column.nullable:
-                    raise RuntimeError(
-                        f"hub database: table {table.name!r} lacks column {column.name!r}, which cannot be added "
-                        "to existing rows; this hub home was made by an incompatible version"
-                    )
-                kind = column.type.compile(dialect=engine.dialect)
-                conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+def migrate(engine: Engine) -> None:
+    """Bring the database to the newest schema (creating it when empty); see :mod:`laulima.hub.migrations`."""
+    from laulima.hub.migrations import upgrade
+
+    upgrade(engine)
+
+
+class Lease(Base):
+    """A job only one hub process may do at a time, and who does it until when (hub/leases.py).
+
+    ``experiment:<id>`` is the orchestration of one experiment; other names are the hub's
+    singleton chores (the blob clean-up, the MLflow mirror)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64))
+    """The process's random id (``laulima.hub.leases.Leases.holder``)."""
+    expires_at: Mapped[float]
+    """Unix time after which another process may take the lease over."""
+
+
+class BlobPin(Base):
+    """A blob one hub process is about to refer to (hub/blob_guard.py): written before the
+    process looks whether the blob is stored, removed once its row is written. Another process
+    deletes a blob only in a transaction that finds neither a pin nor a row referring to it."""
+
+    __tablename__ = "blob_pins"
+
+    digest: Mapped[str] = mapped_column(_DIGEST, primary_key=True)
+    holder: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """The pinning process (``Leases.holder``)."""
+    count: Mapped[int]
+    """Pins nest: removed when the last is released."""
+    pinned_at: Mapped[float]
+    """When the row was last pinned; a pin older than ``blob_guard.PIN_MAX_AGE_S`` (a process
+    that died holding it) no longer counts."""
 
 
 class MlflowExport(Base):
