@@ -18,6 +18,7 @@ from laulima.core.protocol import API_PREFIX, Header, MetaKey, TaskPublic
 from laulima.core.weights import Weights, to_safetensors
 from laulima.hub.app import create_app
 from laulima.hub.settings import HubSettings
+from tests.helpers.stored_blobs import StoredBlobs
 
 ADMIN_TOKEN = "test-operator-token-0123456789"
 
@@ -94,9 +95,10 @@ class Hub:
     def site(self, name: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[name]}"}
 
-    def blobs_path(self, digest: str) -> Path:
-        """Where the hub's local blob store keeps ``digest``."""
-        return self.home / "blobs" / digest[:2] / digest[2:]
+    @property
+    def stored(self) -> StoredBlobs:
+        """The hub's blob storage (folder or bucket), to inspect or damage behind its back."""
+        return StoredBlobs(hub_settings(self.home))
 
     def url(self, path: str) -> str:
         return f"{API_PREFIX}{path}"

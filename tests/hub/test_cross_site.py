@@ -215,7 +215,7 @@ def test_cross_site_with_local_models_builds_the_matrix_and_keeps_the_local_mode
     parts = hub.client.app.state.hub  # type: ignore[attr-defined]
     parts.orchestrator.discard_spent_updates(exp["id"])
     collect_unused_uploads(parts.sessions, parts.blobs, hub.clock() + 100 * 86400, 3600.0)
-    assert hub.blobs_path(r.json()["digest"]).exists()
+    assert hub.stored.exists(r.json()["digest"])
 
 
 def test_cross_site_without_local_models_evaluates_the_global_model_at_every_participant(hub: Hub):

@@ -111,12 +111,12 @@ def test_feddc_hands_models_on_then_aggregates_and_the_blobs_live_exactly_as_lon
 
     # The round-1 updates themselves are spent; the handed-off copies survive every clean-up
     # while round 2 is open.
-    hub.wait_for(lambda: not any(hub.blobs_path(d).exists() for d in accepted1), "round-1 updates to go")
+    hub.wait_for(lambda: not any(hub.stored.exists(d) for d in accepted1), "round-1 updates to go")
     handed = {t.weights_digest for t in tasks2.values()}
     assert parts.orchestrator.discard_spent_updates(exp["id"]) == 0
     far = hub.clock() + 10 * 24 * 3600
     collect_unused_uploads(parts.sessions, parts.blobs, far, 0.0)
-    assert all(hub.blobs_path(d).exists() for d in handed)
+    assert all(hub.stored.exists(d) for d in handed)
 
     seeds2 = {"site-a": 4, "site-b": 5, "site-c": 6}
     sent2: dict[str, Weights] = {}
@@ -124,7 +124,7 @@ def test_feddc_hands_models_on_then_aggregates_and_the_blobs_live_exactly_as_lon
         sent2[site] = make_weights(seed)
         assert hub.upload(site, tasks2[site], update_bytes(sent2[site], n_samples=seed)).status_code == 200
     round2 = wait_round(hub, exp["id"], 2)
-    hub.wait_for(lambda: not any(hub.blobs_path(d).exists() for d in handed), "used handoffs to be deleted")
+    hub.wait_for(lambda: not any(hub.stored.exists(d) for d in handed), "used handoffs to be deleted")
 
     # Round 2 was an aggregation round: round 3 starts from the aggregate everywhere.
     seeds3 = {"site-a": 7, "site-b": 8, "site-c": 9}
@@ -179,7 +179,7 @@ def test_handed_off_models_outlive_a_wait_for_sites_between_the_rounds(hub: Hub)
     handed = {plain_digest(sent[plan[s]]) for s in SITES}
     parts.orchestrator.discard_spent_updates(exp["id"])
     collect_unused_uploads(parts.sessions, parts.blobs, hub.clock() + 10 * 24 * 3600, 0.0)
-    assert all(hub.blobs_path(d).exists() for d in handed), "only the handoff rows hold them now"
+    assert all(hub.stored.exists(d) for d in handed), "only the handoff rows hold them now"
     for site in SITES:
         hub.connect(site)
     parts.orchestrator.wake(sites_changed=True)
@@ -235,7 +235,7 @@ def test_a_restarted_hub_hands_on_the_same_models(make_hub: Callable[..., Hub]):
     third.tokens = dict(first.tokens)
     for site in SITES:
         again = third.next_task(site)
-        assert again and again.id == round2[site].id and third.blobs_path(again.weights_digest).exists()
+        assert again and again.id == round2[site].id and third.stored.exists(again.weights_digest)
         got = third.download(site, again.weights_digest)
         np.testing.assert_array_equal(got["fc.weight"], sent[plan[site]]["fc.weight"])
         assert third.upload(site, again, update_bytes(make_weights(20))).status_code == 200

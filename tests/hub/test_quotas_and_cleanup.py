@@ -55,11 +55,11 @@ def test_uploads_no_experiment_uses_are_bounded_per_person_until_one_is_used(mak
     assert "'alice'" in detail and "person_pending_upload_bytes" in detail
     assert "submit an experiment" in detail and "wait until unused uploads are deleted (24 h" in detail
     w2_digest = hashlib.sha256(w2).hexdigest()
-    assert not hub.blobs_path(w2_digest).exists() and _leftovers(hub) == []
+    assert not hub.stored.exists(w2_digest) and _leftovers(hub) == []
 
     streamed = _put(hub, alice, iter([w2[:100], w2[100:]]))  # no Content-Length: stopped while reading
     assert streamed.status_code == 413 and streamed.json()["error"] == "upload_quota_exceeded"
-    assert not hub.blobs_path(w2_digest).exists() and _leftovers(hub) == []
+    assert not hub.stored.exists(w2_digest) and _leftovers(hub) == []
 
     assert _put(hub, bob, w2).status_code == 201  # one person's quota is theirs alone
     assert _submit(hub, alice, first).status_code == 201  # now used by an experiment: no longer pending
@@ -72,7 +72,7 @@ def test_the_number_of_unused_uploads_is_bounded_too(make_hub: Callable[..., Hub
     assert _put(hub, alice, b"a").status_code == 201 and _put(hub, alice, b"b").status_code == 201
     r = _put(hub, alice, b"c")
     assert r.status_code == 413 and "person_pending_uploads = 2" in r.json()["detail"]
-    assert not hub.blobs_path(hashlib.sha256(b"c").hexdigest()).exists()
+    assert not hub.stored.exists(hashlib.sha256(b"c").hexdigest())
 
 
 def test_the_quota_is_checked_again_when_the_upload_is_recorded(make_hub: Callable[..., Hub]):
@@ -91,7 +91,7 @@ def test_the_quota_is_checked_again_when_the_upload_is_recorded(make_hub: Callab
     r = _put(hub, alice, body())
     assert r.status_code == 413 and r.json()["error"] == "upload_quota_exceeded", r.text
     assert "600 bytes of uploads that no experiment uses yet" in r.json()["detail"]
-    assert not hub.blobs_path(hashlib.sha256(b"x" * 600).hexdigest()).exists()
+    assert not hub.stored.exists(hashlib.sha256(b"x" * 600).hexdigest())
     assert parts.service.pending_uploads("alice") == (1, 600)
     with pytest.raises(UploadQuotaExceeded):
         parts.service.record_upload("alice", "5" * 64, 401, quota)
@@ -129,17 +129,17 @@ def test_unused_uploads_and_orphan_blobs_are_deleted_once_the_ttl_has_passed(mak
     assert parts.service.pending_uploads("alice") == (1, len(b"uploaded, never used"))
 
     early = collect_unused_uploads(parts.sessions, parts.blobs, hub.clock() + ttl - 60, ttl)
-    assert early == Collected(uploads=0, blobs=0) and hub.blobs_path(unused).exists()
+    assert early == Collected(uploads=0, blobs=0) and hub.stored.exists(unused)
 
     hub.clock.advance(ttl + 61)  # the orchestrator's loop runs the clean-up (at most once a minute)
     fresh = _put(hub, alice, b"uploaded just now").json()["digest"]  # its file's time is old by the fake clock
     hub.wait_for(
-        lambda: not hub.blobs_path(unused).exists() and not hub.blobs_path(orphan).exists(),
+        lambda: not hub.stored.exists(unused) and not hub.stored.exists(orphan),
         "the unused upload and the orphan to be deleted",
     )
     assert parts.service.pending_uploads("alice") == (1, len(b"uploaded just now"))
     for digest in (used, fresh, exp["global_digest"]):
-        assert hub.blobs_path(digest).exists()
+        assert hub.stored.exists(digest)
     r = hub.client.get(hub.url(f"/blobs/{unused}"), headers=alice)
     assert r.status_code == 404
     assert hub.client.get(hub.url(f"/blobs/{used}"), headers=alice).status_code == 200
@@ -161,12 +161,13 @@ def test_the_clean_up_keeps_every_blob_a_row_refers_to(make_hub: Callable[..., H
     orphan = parts.blobs.put_bytes(b"orphan")
     far = hub.clock() + 100 * 86400
     assert collect_unused_uploads(parts.sessions, parts.blobs, far, 3600.0).blobs == 1
-    assert not hub.blobs_path(orphan).exists()
+    assert not hub.stored.exists(orphan)
     for digest in [*updates, exp["global_digest"], done["global_digest"]]:  # kept updates, models
-        assert hub.blobs_path(digest).exists(), digest
+        assert hub.stored.exists(digest), digest
 
 
 # -- the race between a delete and an identical upload ------------------------------------
+@pytest.mark.local_backend  # holds SQLite's write lock by hand; the pins it tests are the same on every store
 def test_a_blob_found_already_stored_by_an_upload_survives_a_delete_until_its_row_is_written(
     make_hub: Callable[..., Hub],
 ):
@@ -233,4 +234,4 @@ def test_spent_updates_uploaded_again_by_a_person_are_not_deleted(make_hub: Call
 
     parts.orchestrator.keep_updates = False
     assert parts.orchestrator.discard_spent_updates(exp["id"]) == 0
-    assert hub.blobs_path(a).exists() and not hub.blobs_path(b).exists()
+    assert hub.stored.exists(a) and not hub.stored.exists(b)

@@ -170,7 +170,7 @@ def test_an_orchestrator_error_fails_only_that_experiment(hub: Hub):
     ta, tb = hub.next_task("site-a"), hub.next_task("site-b")
     assert ta and tb
     accepted = hub.upload("site-a", ta, update_bytes(make_weights(2))).json()["digest"]
-    (hub.home / "blobs" / accepted[:2] / accepted[2:]).unlink()  # the disk lost an accepted update
+    hub.stored.delete(accepted)  # the disk (or bucket) lost an accepted update
     assert hub.upload("site-b", tb, update_bytes(make_weights(3))).status_code == 200
     failed = hub.wait_status(broken["id"], "failed")
     assert failed["error"].startswith("hub error: NotFound: no blob with digest")
@@ -193,8 +193,8 @@ def _two_site_round(hub: Hub) -> tuple[dict, list[str]]:
 
 def test_update_blobs_are_discarded_once_their_round_is_checkpointed(hub: Hub):
     done, digests = _two_site_round(hub)
-    hub.wait_for(lambda: not any(hub.blobs_path(d).exists() for d in digests), "update blobs to be removed")
-    assert hub.blobs_path(done["global_digest"]).exists(), "the checkpoint itself must stay"
+    hub.wait_for(lambda: not any(hub.stored.exists(d) for d in digests), "update blobs to be removed")
+    assert hub.stored.exists(done["global_digest"]), "the checkpoint itself must stay"
     metrics = hub.get(f"/experiments/{done['id']}/metrics")
     assert sorted(m["n_samples"] for m in metrics if m["kind"] == "train") == [1, 2]
 
@@ -203,4 +203,4 @@ def test_update_blobs_are_kept_when_the_hub_is_told_to(make_hub):
     hub = make_hub(keep_updates=True)
     hub.register("site-a", "site-b")
     _, digests = _two_site_round(hub)
-    assert all(hub.blobs_path(d).exists() for d in digests)
+    assert all(hub.stored.exists(d) for d in digests)

@@ -12,9 +12,12 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from sqlalchemy import select
 
 from laulima.core.protocol import Header, TaskPublic
 from laulima.core.weights import to_safetensors
+from laulima.hub.db import Base, make_engine
+from tests.helpers.stored_blobs import StoredBlobs
 
 from .conftest import TLSHub, start_tls_hub
 
@@ -105,10 +108,19 @@ def test_roles_site_certificates_submit_nothing_scientists_enroll_nothing(fed: F
     assert r.status_code == 422  # people's roles only
 
 
+def _everything_stored(database_url: str) -> str:
+    """Every value of every table of the hub's database (SQLite or PostgreSQL), as text."""
+    engine = make_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return "\n".join(repr(row) for table in Base.metadata.sorted_tables for row in conn.execute(select(table)))
+    finally:
+        engine.dispose()
+
+
 def test_tokens_are_stored_hashed_and_revocable(fed: Federation):
     token = fed.scientist.headers["Authorization"].split()[1]
-    db = (fed.hub.settings.home / "hub.db").read_bytes()
-    assert token.encode() not in db
+    assert token not in _everything_stored(fed.hub.settings.database_url or "")
     listed = fed.op.get("/tokens").json()
     assert [t["name"] for t in listed] == ["alice"] and "token" not in listed[0]
     assert fed.op.post(f"/tokens/{listed[0]['id']}/revoke").status_code == 200
@@ -150,12 +162,12 @@ def test_a_replayed_upload_is_refused(fed: Federation):
 def test_blobs_are_encrypted_at_rest_with_keys_outside_the_blob_folder(fed: Federation):
     home = fed.hub.settings.home
     plain = to_safetensors(fed.initial)
-    path = home / "blobs" / fed.ta.weights_digest[:2] / fed.ta.weights_digest[2:]
-    stored = path.read_bytes()
+    blobs = StoredBlobs(fed.hub.settings)  # the hub's blob folder, or its bucket
+    stored = blobs.read(fed.ta.weights_digest)
     assert stored[:8] == b"LLBLOB01" and plain[:64] not in stored and plain[-4096:] not in stored
     keys = sorted(p.name for p in (home / "keys").iterdir())
     assert keys == ["uploads.key"]
-    assert not list((home / "blobs").rglob("*.key"))
+    assert not [name for name in blobs.names() if name.endswith(".key")]
     assert stat.S_IMODE((home / "keys").stat().st_mode) == 0o700
     assert stat.S_IMODE((home / "keys" / "uploads.key").stat().st_mode) == 0o600
     got = fed.a.get(f"/blobs/{fed.ta.weights_digest}")
@@ -172,16 +184,9 @@ def test_blobs_are_encrypted_at_rest_with_keys_outside_the_blob_folder(fed: Fede
     np.testing.assert_allclose(from_safetensors(model.content)["w"], expected, rtol=1e-6)
 
 
-def _flip(path: Path, offset: int) -> None:
-    data = bytearray(path.read_bytes())
-    data[offset] ^= 0x01
-    path.write_bytes(bytes(data))
-
-
 def test_a_tampered_blob_is_detected_on_download(fed: Federation):
-    home = fed.hub.settings.home
-    path = home / "blobs" / fed.ta.weights_digest[:2] / fed.ta.weights_digest[2:]
-    _flip(path, path.stat().st_size // 2)
+    blobs = StoredBlobs(fed.hub.settings)
+    blobs.flip(fed.ta.weights_digest, len(blobs.read(fed.ta.weights_digest)) // 2)
     r = fed.a.get(f"/blobs/{fed.ta.weights_digest}")
     assert r.status_code == 500 and r.json()["error"] == "blob_integrity"
     assert "failed authentication" in r.json()["detail"]
@@ -189,8 +194,7 @@ def test_a_tampered_blob_is_detected_on_download(fed: Federation):
 
 def test_a_tampered_update_is_detected_at_aggregation(fed: Federation):
     accepted = fed.upload(fed.a, fed.ta, _update(1)).json()["digest"]
-    path = fed.hub.settings.home / "blobs" / accepted[:2] / accepted[2:]
-    _flip(path, 100)
+    StoredBlobs(fed.hub.settings).flip(accepted, 100)
     assert fed.upload(fed.b, fed.tb, _update(2)).status_code == 200
     failed = fed.wait_status("failed")
     assert "BlobIntegrityError" in failed["error"] and "failed authentication" in failed["error"]

@@ -1,9 +1,10 @@
 """Content-addressed blob storage for weights: streamed in, hashed on the way, never rewritten.
 
-A tiny interface (:class:`BlobStore`, :class:`BlobWriter`) so an S3-compatible store can
-replace :class:`LocalBlobStore` later. Blobs are named by the sha256 of their plaintext; a
-writer streams into a temporary file, and only :meth:`BlobWriter.commit` makes the blob
-visible, atomically, so a crash never leaves a half-written blob under a valid name.
+A tiny interface (:class:`BlobStore`, :class:`BlobWriter`) with two stores: this module's
+:class:`LocalBlobStore` and the S3-compatible :class:`laulima.hub.s3blobs.S3BlobStore`.
+Blobs are named by the sha256 of their plaintext; a writer (:class:`SpoolWriter`, both
+stores) streams into a local temporary file, and only :meth:`BlobWriter.commit` makes the
+blob visible, atomically, so a crash never leaves a half-written blob under a valid name.
 
 At rest every blob is sealed (:mod:`laulima.hub.sealed`: AES-GCM segments, a key per
 experiment, keys outside the blob folder); :meth:`BlobStore.open` reads the plaintext back
@@ -25,12 +26,14 @@ import os
 import re
 import tempfile
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import AsyncIterable, Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
+from typing import Protocol
 
 import anyio
 
@@ -39,10 +42,12 @@ from laulima.hub.sealed import BlobIntegrityError, Keyring, SealedReader, Sealin
 
 __all__ = [
     "UPLOAD_KEY",
+    "BlobGuard",
     "BlobIntegrityError",
     "BlobStore",
     "BlobWriter",
     "LocalBlobStore",
+    "SpoolWriter",
     "check_digest",
     "experiment_key",
     "receive_into",
@@ -95,7 +100,7 @@ class BlobWriter(ABC):
     @property
     @abstractmethod
     def temp_path(self) -> Path:
-        """The uncommitted (sealed) file."""
+        """The uncommitted (sealed) file, on local disk whatever the store."""
 
     @abstractmethod
     def reader(self) -> SealedReader:
@@ -133,16 +138,12 @@ class BlobStore(ABC):
     def writer(self, key_id: str = UPLOAD_KEY) -> BlobWriter: ...
 
     @abstractmethod
-    def path(self, digest: str) -> Path:
-        """The local file holding the (sealed) blob (raises ``NotFound`` when absent)."""
-
-    @abstractmethod
     def open(self, digest: str) -> SealedReader:
-        """The blob's plaintext, seekable; every segment read is authenticated."""
+        """The blob's plaintext, seekable; every segment read is authenticated (``NotFound`` when absent)."""
 
     @abstractmethod
     def size(self, digest: str) -> int:
-        """Plaintext size, without decrypting anything."""
+        """Plaintext size, without decrypting anything (``NotFound`` when absent)."""
 
     @abstractmethod
     def verify(self, digest: str) -> None:
@@ -190,14 +191,60 @@ class BlobStore(ABC):
             return f.readall()
 
 
-class _LocalWriter(BlobWriter):
-    def __init__(self, store: LocalBlobStore, key_id: str) -> None:
-        self._store = store
-        fd, name = tempfile.mkstemp(dir=store.tmp_dir, prefix="upload-")
+SPOOL_PREFIX = "upload-"
+"""Name prefix of writers' temporary files; a store removes leftovers of a killed process at start."""
+
+STALE_SPOOL_S = 24 * 3600.0
+"""With several hub processes sharing a spool folder, a spool file this old is a killed writer's."""
+
+
+class BlobGuard(Protocol):
+    """Pins and deletes checked in the database, for stores shared by several hub processes
+    (:class:`laulima.hub.blob_guard.DatabaseBlobGuard`)."""
+
+    def pin(self, digest: str) -> None:
+        """Record a pin; it must be durable before the caller looks whether the blob is stored."""
+
+    def unpin(self, digest: str) -> None: ...
+
+    def delete_unless_in_use(self, digest: str, remove: Callable[[], bool]) -> bool:
+        """Call ``remove`` unless a pin (of any process) or a row keeps the blob."""
+        ...
+
+
+def remove_spools(folder: Path, *, older_than_s: float) -> None:
+    """Remove writers' temporary files older than ``older_than_s`` (0: all) from ``folder``."""
+    cutoff = time.time() - older_than_s
+    for spool in folder.glob(SPOOL_PREFIX + "*"):
+        try:
+            if older_than_s <= 0 or spool.stat().st_mtime < cutoff:
+                spool.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue
+
+
+class SpoolWriter(BlobWriter):
+    """Seals and hashes a blob into a temporary file in ``tmp_dir``; ``commit`` hands that
+    finished file to ``publish(path, digest)``, which stores it (or finds the digest already
+    stored), removes the file, pins ``digest`` and says whether it stored a new blob."""
+
+    def __init__(
+        self,
+        tmp_dir: Path,
+        keyring: Keyring,
+        key_id: str,
+        *,
+        publish: Callable[[Path, str], bool],
+        unpin: Callable[[str], None],
+        durable: bool = True,
+    ) -> None:
+        self._publish, self._unpin, self._durable = publish, unpin, durable
+        self._keyring = keyring
+        fd, name = tempfile.mkstemp(dir=tmp_dir, prefix=SPOOL_PREFIX)
         self._path = Path(name)
         self._file: io.RawIOBase | None = os.fdopen(fd, "wb", buffering=0)
         try:
-            self._sealed = SealingFile(self._file, store.keyring, key_id)
+            self._sealed = SealingFile(self._file, keyring, key_id)
         except BaseException:
             self._file.close()
             self._path.unlink(missing_ok=True)
@@ -219,7 +266,7 @@ class _LocalWriter(BlobWriter):
         if self._file is None:
             raise RuntimeError("blob writer is closed")
         self._sealed.finish()
-        return SealedReader(self._path, self._store.keyring, name=self._hash.hexdigest())
+        return SealedReader(self._path, self._keyring, name=self._hash.hexdigest())
 
     @property
     def size(self) -> int:
@@ -236,11 +283,17 @@ class _LocalWriter(BlobWriter):
         if self._file is None or self._done:
             raise RuntimeError("blob writer is closed")
         self._sealed.finish()
-        os.fsync(self._file.fileno())
+        if self._durable:
+            os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         digest = self._hash.hexdigest()
-        self._created = self._store._publish(self._path, digest)  # pins digest
+        try:
+            self._created = self._publish(self._path, digest)  # pins digest
+        except BaseException:
+            self._path.unlink(missing_ok=True)
+            self._done = True
+            raise
         self._pinned, self._done = digest, True
         return digest, self._size
 
@@ -257,15 +310,18 @@ class _LocalWriter(BlobWriter):
             self._done = True
         if self._pinned is not None:
             digest, self._pinned = self._pinned, None
-            self._store.unpin(digest)
+            self._unpin(digest)
 
 
 class LocalBlobStore(BlobStore):
     """Blobs under ``root/blobs/ab/cdef…``; uploads in progress under ``root/tmp``; keys in
     ``key_dir`` (default ``root/keys``). ``in_use(digests)`` returns those of ``digests``
     the database still refers to; :meth:`delete` keeps them (the hub passes
-    :func:`laulima.hub.housekeeping.live_references`). Never call :meth:`delete` or
-    :meth:`pin` inside a database transaction: ``delete`` queries the database under the lock."""
+    :func:`laulima.hub.housekeeping.live_references`). With ``guard`` (several hub processes
+    sharing the folder) pins and the last check before a delete go through the database
+    instead (:class:`BlobGuard`), and only old leftovers of killed writers are removed at
+    start: another process's uploads may be in progress. Never call :meth:`delete` or
+    :meth:`pin` inside a database transaction: both open their own."""
 
     def __init__(
         self,
@@ -273,9 +329,11 @@ class LocalBlobStore(BlobStore):
         key_dir: str | os.PathLike[str] | None = None,
         *,
         in_use: Callable[[Collection[str]], Collection[str]] | None = None,
+        guard: BlobGuard | None = None,
     ) -> None:
         self.root = Path(root)
         self._in_use = in_use
+        self._guard = guard
         self._pins: Counter[str] = Counter()
         self._pin_lock = threading.Lock()
         """Taken by commit (existence check, rename, pin), unpin and delete (pin and database check, unlink)."""
@@ -286,15 +344,14 @@ class LocalBlobStore(BlobStore):
         self.tmp_dir = self.root / "tmp"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.tmp_dir.glob("upload-*"):  # left behind by a killed process
-            stale.unlink(missing_ok=True)
+        remove_spools(self.tmp_dir, older_than_s=STALE_SPOOL_S if guard is not None else 0.0)
 
     def path_for(self, digest: str) -> Path:
         check_digest(digest)
         return self.blob_dir / digest[:2] / digest[2:]
 
     def writer(self, key_id: str = UPLOAD_KEY) -> BlobWriter:
-        return _LocalWriter(self, key_id)
+        return SpoolWriter(self.tmp_dir, self.keyring, key_id, publish=self._publish, unpin=self.unpin)
 
     def open(self, digest: str) -> SealedReader:
         return SealedReader(self.path(digest), self.keyring, name=digest)
@@ -324,6 +381,7 @@ class LocalBlobStore(BlobStore):
             self._verified.add(stamp)
 
     def path(self, digest: str) -> Path:
+        """The local file holding the (sealed) blob (raises ``NotFound`` when absent)."""
         path = self.path_for(digest)
         if not path.is_file():
             raise NotFound(f"no blob with digest {digest}", digest=digest)
@@ -334,19 +392,27 @@ class LocalBlobStore(BlobStore):
 
     def delete(self, digest: str) -> bool:
         path = self.path_for(digest)
-        with self._pin_lock:
-            if self._pins[digest] > 0:
-                return False
-            if self._in_use is not None and digest in self._in_use([digest]):
-                return False
+
+        def unlink() -> bool:
             try:
                 path.unlink()
             except FileNotFoundError:
                 return False
-        return True
+            return True
+
+        with self._pin_lock:
+            if self._pins[digest] > 0:
+                return False
+            if self._guard is not None:
+                return self._guard.delete_unless_in_use(digest, unlink)
+            if self._in_use is not None and digest in self._in_use([digest]):
+                return False
+            return unlink()
 
     def pin(self, digest: str) -> None:
         check_digest(digest)
+        if self._guard is not None:
+            self._guard.pin(digest)
         with self._pin_lock:
             self._pins[digest] += 1
 
@@ -361,6 +427,8 @@ class LocalBlobStore(BlobStore):
                 self._pins[digest] = left
             else:
                 self._pins.pop(digest, None)
+        if self._guard is not None:
+            self._guard.unpin(digest)
 
     def stored(self) -> Iterator[tuple[str, float]]:
         for folder in sorted(self.blob_dir.iterdir()):
@@ -377,16 +445,24 @@ class LocalBlobStore(BlobStore):
 
     def _publish(self, temp: Path, digest: str) -> bool:
         """Move a finished upload to its name, or drop it if identical content is there;
-        either way pin ``digest``, atomically with the existence check. True if new."""
+        either way pin ``digest``, atomically with the existence check (with a guard, the
+        database's pin is written before the check). True if new."""
         target = self.path_for(digest)
-        with self._pin_lock:
-            created = not target.exists()
-            if created:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(temp, target)
-            else:
-                temp.unlink(missing_ok=True)
-            self._pins[digest] += 1
+        if self._guard is not None:
+            self._guard.pin(digest)
+        try:
+            with self._pin_lock:
+                created = not target.exists()
+                if created:
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(temp, target)
+                else:
+                    temp.unlink(missing_ok=True)
+                self._pins[digest] += 1
+        except BaseException:
+            if self._guard is not None:
+                self._guard.unpin(digest)
+            raise
         if created:
             _fsync_dir(target.parent)
         return created

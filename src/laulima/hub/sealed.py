@@ -13,6 +13,11 @@ be reordered, swapped between files, truncated or extended without a tag failure
 plaintext range can be read by decrypting only the segments it touches (the orchestrator
 reads updates tensor by tensor). Memory per open blob: one segment.
 
+A :class:`SealedReader` reads any seekable raw file: a local file, or an object store's
+ranged reads (:mod:`laulima.hub.s3blobs`). Before reading segments it tells such a source
+which byte span it is about to need (``advise(start, end)``, when the source has it), so a
+remote source can fetch a tensor's segments, or a long sequential read, in few requests.
+
 Keys are 32 random bytes in ``key_dir/<key id>.key`` (mode 0600, the folder 0700), outside
 the blob folder: a copy of the blob folder alone (a backup, a stolen disk image of that
 volume) reveals no weights. The blob's name stays the sha256 of its *plaintext*, so sites
@@ -27,7 +32,9 @@ import os
 import re
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -36,7 +43,17 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from laulima.errors import ConfigurationError, LaulimaError
 
-__all__ = ["MAGIC", "SEGMENT_BYTES", "BlobIntegrityError", "Keyring", "SealedReader", "SealingFile", "plain_size"]
+__all__ = [
+    "HEADER_MAX_BYTES",
+    "MAGIC",
+    "SEGMENT_BYTES",
+    "BlobIntegrityError",
+    "Keyring",
+    "SealedReader",
+    "SealingFile",
+    "plain_size",
+    "sealed_plain_size",
+]
 
 MAGIC = b"LLBLOB01"
 SEGMENT_BYTES = 256 * 1024
@@ -47,6 +64,8 @@ TAG_BYTES = 16
 SALT_BYTES = 16
 _KEY_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _FIXED = struct.Struct(">8sIB")
+HEADER_MAX_BYTES = _FIXED.size + 255 + SALT_BYTES
+"""No header is longer: enough bytes from a file's start to know its layout."""
 
 
 class BlobIntegrityError(LaulimaError):
@@ -108,7 +127,7 @@ def _nonce(index: int, final: bool) -> bytes:
     return index.to_bytes(11, "big") + (b"\x01" if final else b"\x00")
 
 
-def _read_header(f: io.RawIOBase | io.BufferedIOBase, where: str) -> tuple[str, bytes, int, bytes]:
+def _read_header(f: io.RawIOBase | io.BufferedIOBase | BinaryIO, where: str) -> tuple[str, bytes, int, bytes]:
     """(key id, salt, segment size, raw header) of an open sealed file."""
     fixed = f.read(_FIXED.size) or b""
     if len(fixed) != _FIXED.size:
@@ -142,11 +161,19 @@ def _layout(file_size: int, header_len: int, segment: int) -> tuple[int, int]:
 def plain_size(path: Path) -> int:
     """Plaintext size of a sealed file, from its header and length (nothing decrypted)."""
     with open(path, "rb", buffering=0) as f:
-        _, _, segment, header = _read_header(f, path.name[:12])
+        head = f.read(HEADER_MAX_BYTES) or b""
         size = os.fstat(f.fileno()).st_size
-    n, plain = _layout(size, len(header), segment)
+    return sealed_plain_size(head, size, name=path.name)
+
+
+def sealed_plain_size(head: bytes, file_size: int, *, name: str) -> int:
+    """Plaintext size of a sealed file of ``file_size`` bytes that starts with ``head`` (its
+    first :data:`HEADER_MAX_BYTES` bytes, or all of it if shorter): for stores that cannot
+    stat a local file."""
+    _, _, segment, header = _read_header(io.BytesIO(head), f"blob {name[:12]}")
+    n, plain = _layout(file_size, len(header), segment)
     if n == 0:
-        raise BlobIntegrityError(f"blob {path.name[:12]}: truncated sealed file", where=path.name)
+        raise BlobIntegrityError(f"blob {name[:12]}: truncated sealed file", where=name)
     return plain
 
 
@@ -197,19 +224,33 @@ class SealingFile:
             self.finished = True
 
 
-class SealedReader(io.RawIOBase):
-    """A sealed blob read as its plaintext: seekable, authenticated segment by segment."""
+RawSource = io.RawIOBase | io.BufferedIOBase | BinaryIO
+"""A seekable binary file positioned at its start; it may have ``advise(start, end)``."""
 
-    def __init__(self, path: str | os.PathLike[str], keyring: Keyring, *, name: str | None = None) -> None:
+
+class SealedReader(io.RawIOBase):
+    """A sealed blob read as its plaintext: seekable, authenticated segment by segment.
+
+    ``source`` is a path, or an open seekable binary file (at its start) that the reader
+    then owns and closes."""
+
+    def __init__(
+        self, source: str | os.PathLike[str] | RawSource, keyring: Keyring, *, name: str | None = None
+    ) -> None:
         super().__init__()
-        self.path = Path(path)
-        self.name = name or self.path.name
-        self._f = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        if isinstance(source, str | os.PathLike):
+            self.path: Path | None = Path(source)
+            self._f: RawSource = open(self.path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        else:
+            self.path, self._f = None, source
+        self.name = name or (self.path.name if self.path is not None else str(getattr(source, "name", "blob")))
+        self._advise = getattr(self._f, "advise", None)
         try:
             key_id, salt, self._segment, self._header = _read_header(self._f, self._where)
             self.key_id = key_id
             self._aead = _aead(keyring.key(key_id), salt)
-            self._n, self.size = _layout(os.fstat(self._f.fileno()).st_size, len(self._header), self._segment)
+            self._file_size = self._f.seek(0, io.SEEK_END)
+            self._n, self.size = _layout(self._file_size, len(self._header), self._segment)
             if self._n == 0:
                 raise BlobIntegrityError(f"{self._where}: truncated sealed file", where=self.name)
         except BaseException:
@@ -236,12 +277,19 @@ class SealedReader(io.RawIOBase):
         self._pos = max(0, base + offset)
         return self._pos
 
+    def _will_read(self, first: int, last: int) -> None:
+        """Tell the source that segments ``first..last`` are about to be read."""
+        if self._advise is not None and first <= last:
+            stride = self._segment + TAG_BYTES
+            start = len(self._header) + first * stride
+            self._advise(start, min(start + (last - first + 1) * stride, self._file_size))
+
     def _plain(self, index: int) -> bytes:
         if self._cached is not None and self._cached[0] == index:
             return self._cached[1]
         stride = self._segment + TAG_BYTES
         self._f.seek(len(self._header) + index * stride)
-        data = self._f.read(stride) or b""
+        data = _read_full(self._f, stride)
         final = index == self._n - 1
         try:
             plain = self._aead.decrypt(_nonce(index, final), data, self._header)
@@ -258,6 +306,12 @@ class SealedReader(io.RawIOBase):
     def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(b).cast("B")
         done = 0
+        if view and self._pos < self.size:
+            last = min(self._pos + len(view), self.size) - 1
+            first = self._pos // self._segment
+            if self._cached is not None and self._cached[0] == first:
+                first += 1
+            self._will_read(first, last // self._segment)
         while done < len(view) and self._pos < self.size:
             index, offset = divmod(self._pos, self._segment)
             plain = self._plain(index)
@@ -270,8 +324,16 @@ class SealedReader(io.RawIOBase):
     def segments(self) -> tuple[int, int]:
         return self._n, self._segment
 
-    def iter_segments(self) -> object:
+    def readall(self) -> bytes:
+        """The rest of the plaintext, announced to the source as one span."""
+        out = bytearray(max(self.size - self._pos, 0))
+        n = self.readinto(out)
+        del out[n:]
+        return bytes(out)
+
+    def iter_segments(self) -> Iterator[bytes]:
         """Plaintext in segment-sized pieces from the start (for streaming responses)."""
+        self._will_read(0, self._n - 1)
         for index in range(self._n):
             yield self._plain(index)
             self._cached = None
@@ -284,6 +346,22 @@ class SealedReader(io.RawIOBase):
 
     def sha256(self) -> str:
         h = hashlib.sha256()
-        for piece in self.iter_segments():  # type: ignore[attr-defined]
+        for piece in self.iter_segments():
             h.update(piece)
         return h.hexdigest()
+
+
+def _read_full(f: RawSource, n: int) -> bytes:
+    """Up to ``n`` bytes, fewer only at the end of the file (a raw read may return less)."""
+    data = f.read(n) or b""
+    if len(data) == n or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = f.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)

@@ -63,6 +63,15 @@ class HubSettings(BaseSettings):
     refused upload or a crash), is deleted this long after it was stored."""
     long_poll_max_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
     orchestrator_tick_s: Annotated[float, Field(gt=0)] = 0.5
+    lease_s: Annotated[float, Field(ge=1, le=3600, allow_inf_nan=False)] = 15.0
+    """With several hub processes on one database: how long one process's claim on an
+    experiment's orchestration lasts without renewal (it renews every tick). When a process
+    dies, another takes its experiments over after at most this long (at once when the dead
+    process ran on the same machine)."""
+    peer_poll_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] | None = None
+    """Several hub processes on one SQLite database (one machine): a waiting long poll re-reads
+    the database this often, since another process may have created its task. Unneeded on
+    PostgreSQL, where the processes tell each other at once (LISTEN/NOTIFY)."""
     keep_updates: bool = False
     """Keep every site's update blob after its round is checkpointed (for audits; costs
     model size x sites of disk per round). By default only digests and metrics are kept."""
@@ -77,6 +86,48 @@ class HubSettings(BaseSettings):
     """Where the hub's audit record (``audit.jsonl``, ``audit.head``) lives (default ``home``).
     Point it at another volume to keep the record apart from the data it accounts for (and
     out of its clean-ups); ``laulima hub-audit verify --home`` takes this folder."""
+    blob_store_url: str | None = None
+    """``s3://bucket`` or ``s3://bucket/prefix``: blobs in an S3-compatible object store
+    (:mod:`laulima.hub.s3blobs`, needs ``pip install 'laulima[s3]'``), sealed as on disk, their
+    keys still in ``key_dir``. Unset: the folder ``home/blobs``. Credentials come from the AWS
+    chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``), never from here."""
+    s3_endpoint_url: str | None = None
+    """The S3 server (MinIO, Ceph, any S3-compatible one): ``https://host[:port]``, ``http://`` on
+    loopback only. Unset: AWS's own endpoint."""
+    s3_region: str | None = None
+    """The bucket's region (e.g. ``eu-west-1``); unset: the AWS chain's default."""
+
+    @field_validator("blob_store_url")
+    @classmethod
+    def _blob_store_url(cls, value: str | None) -> str | None:
+        from laulima.hub.s3blobs import parse_store_url
+
+        return None if value is None else parse_store_url(value).url
+
+    @field_validator("s3_endpoint_url")
+    @classmethod
+    def _s3_endpoint_url(cls, value: str | None) -> str | None:
+        from laulima.hub.s3blobs import check_endpoint_url
+
+        return check_endpoint_url(value)
+
+    @field_validator("s3_region")
+    @classmethod
+    def _s3_region(cls, value: str | None) -> str | None:
+        from laulima.hub.s3blobs import check_region
+
+        return check_region(value)
+
+    @model_validator(mode="after")
+    def _s3_settings_need_a_bucket(self) -> HubSettings:
+        if self.blob_store_url is None and (self.s3_endpoint_url or self.s3_region):
+            raise ConfigurationError(
+                "s3_endpoint_url / s3_region are set but blob_store_url is not, so blobs would stay in the local "
+                "folder; set blob_store_url (LAULIMA_HUB_BLOB_STORE_URL=s3://bucket/prefix) or unset them",
+                field="blob_store_url",
+            )
+        return self
+
     max_json_bytes: Annotated[int, Field(gt=0)] = 1 * MIB
     """Body limit of every endpoint except the two weight uploads (which have their own)."""
     body_timeout_s: Annotated[float, Field(gt=0)] = 60.0
@@ -188,6 +239,12 @@ class HubSettings(BaseSettings):
     @property
     def admin_token_file(self) -> Path:
         return self.home / "admin.token"
+
+    @property
+    def scaled_out(self) -> bool:
+        """Whether other hub processes may share this hub's database and blobs: always on
+        PostgreSQL, and on SQLite when ``peer_poll_s`` says so (several processes, one machine)."""
+        return self.peer_poll_s is not None or (self.database_url or "").startswith("postgresql")
 
     @property
     def url(self) -> str:
