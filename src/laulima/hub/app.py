@@ -28,13 +28,16 @@ from laulima.errors import LaulimaError
 from laulima.hub.api.deps import HubContext, error_status
 from laulima.hub.api.routes import api_router
 from laulima.hub.audit import HubAudit
-from laulima.hub.blobstore import LocalBlobStore
-from laulima.hub.db import create_all, make_engine, make_session_factory
+from laulima.hub.blob_guard import DatabaseBlobGuard
+from laulima.hub.blobstores import open_blob_store
+from laulima.hub.db import is_postgresql, make_engine, make_session_factory, migrate
 from laulima.hub.housekeeping import Housekeeper, live_references
+from laulima.hub.leases import Leases
 from laulima.hub.limits import SiteLimits
 from laulima.hub.mlflow import open_mlflow_export
 from laulima.hub.notify import TaskBoard
 from laulima.hub.orchestrator import Orchestrator
+from laulima.hub.peers import Peers, PgPeers
 from laulima.hub.service import HubService
 from laulima.hub.settings import HubSettings
 from laulima.hub.ui import MOUNT as DASHBOARD_MOUNT
@@ -63,10 +66,11 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
         app.state.audit = HubAudit(settings.audit_dir)
         app.state.audit.check_at_start()
         attach(dashboard, hub, app.state.audit)
+        hub.orchestrator.peers.start(on_tasks=hub.board.notify, on_wake=hub.orchestrator.wake_here)
         hub.orchestrator.start()
         app.state.mlflow_export = mlflow_export
         if mlflow_export is not None:  # hub/mlflow/: a mirror from the database, in its own thread
-            mlflow_export.start(hub.sessions)
+            mlflow_export.start(hub.sessions, hub.orchestrator.leases)
         log.info("hub ready at %s (home %s)", settings.url, settings.home)
         try:
             yield
@@ -75,6 +79,7 @@ def create_app(settings: HubSettings | None = None, *, clock: Callable[[], float
                 mlflow_export.stop()
             hub.board.close()
             hub.orchestrator.stop()
+            hub.orchestrator.peers.stop()
             hub.engine.dispose()
 
     app = FastAPI(
@@ -99,12 +104,16 @@ def _start(settings: HubSettings, clock: Callable[[], float]) -> HubContext:
     admin_token = settings.resolve_admin_token()
     assert settings.database_url is not None  # filled in by HubSettings
     engine = make_engine(settings.database_url)
-    create_all(engine)
+    migrate(engine)
     _private_file(settings.home / "hub.db")
     sessions = make_session_factory(engine)
     assert settings.key_dir is not None
-    blobs = LocalBlobStore(settings.home, key_dir=settings.key_dir, in_use=live_references(sessions))
-    board = TaskBoard()
+    leases = Leases(sessions, ttl_s=settings.lease_s)
+    # Several hub processes: pins and deletes of blobs are checked in the database (hub/blob_guard.py).
+    guard = DatabaseBlobGuard(sessions, leases.holder) if settings.scaled_out else None
+    blobs = open_blob_store(settings, in_use=live_references(sessions), guard=guard)
+    board = TaskBoard(recheck_s=settings.peer_poll_s)
+    peers = PgPeers(engine, sender=leases.holder) if is_postgresql(settings.database_url) else Peers()
     revocations = _revocations(settings)
 
     def service() -> HubService:
@@ -120,8 +129,12 @@ def _start(settings: HubSettings, clock: Callable[[], float]) -> HubContext:
         notify=board.notify,
         keep_updates=settings.keep_updates,
         service=service(),
+        leases=leases,
+        peers=peers,
     )
-    orchestrator.housekeeping = Housekeeper(sessions, blobs, ttl_s=settings.unused_upload_ttl_s, clock=clock).run_if_due
+    orchestrator.housekeeping = Housekeeper(
+        sessions, blobs, ttl_s=settings.unused_upload_ttl_s, clock=clock, guard=guard
+    ).run_if_due
     return HubContext(
         settings=settings,
         engine=engine,

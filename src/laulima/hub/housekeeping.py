@@ -18,7 +18,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import ColumnElement, Select, and_, delete, exists, select
 from sqlalchemy.orm import InstrumentedAttribute
@@ -137,6 +137,12 @@ def live_references(sessions: SessionFactory) -> Callable[[Collection[str]], set
     return in_use
 
 
+class StalePins(Protocol):
+    def forget_stale(self) -> int:
+        """Remove pins left by processes that died (:class:`laulima.hub.blob_guard.DatabaseBlobGuard`)."""
+        ...
+
+
 @dataclass(frozen=True)
 class Collected:
     uploads: int
@@ -180,8 +186,11 @@ class Housekeeper:
         ttl_s: float,
         clock: Callable[[], float] = time.time,
         interval_s: float = COLLECT_INTERVAL_S,
+        guard: StalePins | None = None,
     ) -> None:
         self.sessions, self.blobs, self.ttl_s, self.clock, self.interval_s = sessions, blobs, ttl_s, clock, interval_s
+        self.guard = guard
+        """With several hub processes: the database's blob pins, whose dead processes' leftovers go too."""
         self._last: float | None = None
 
     def run_if_due(self) -> Collected | None:
@@ -191,6 +200,8 @@ class Housekeeper:
             return None
         self._last = now
         try:
+            if self.guard is not None:
+                self.guard.forget_stale()
             return collect_unused_uploads(self.sessions, self.blobs, now, self.ttl_s)
         except Exception:
             log.exception("clean-up of unused uploads and orphan blobs failed; retrying in %.0f s", self.interval_s)

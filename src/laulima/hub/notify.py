@@ -19,7 +19,10 @@ __all__ = ["TaskBoard"]
 class TaskBoard:
     """Per-site generation counters owned by one asyncio event loop."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, recheck_s: float | None = None) -> None:
+        self.recheck_s = recheck_s
+        """Set when another hub process may create tasks without telling this one (several
+        processes on SQLite): :meth:`wait` returns "look again" at least this often."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._generation: defaultdict[str, int] = defaultdict(int)
         self._epoch = 0
@@ -46,7 +49,8 @@ class TaskBoard:
         self._call(self._bump, None)
 
     async def wait(self, site: str, seen: int, timeout: float) -> bool:
-        """Wait until ``site``'s generation differs from ``seen``; False on timeout or close."""
+        """Wait until ``site``'s generation differs from ``seen``; False on timeout or close.
+        True also after ``recheck_s`` (when set): the caller reads the database again."""
         if self.closed:
             return False
         if self.generation(site) != seen:
@@ -54,10 +58,11 @@ class TaskBoard:
         event = self._events.get(site)
         if event is None:
             event = self._events[site] = asyncio.Event()
+        recheck = self.recheck_s is not None and timeout > self.recheck_s
         try:
-            await asyncio.wait_for(event.wait(), timeout)
+            await asyncio.wait_for(event.wait(), self.recheck_s if recheck else timeout)
         except TimeoutError:
-            return False
+            return recheck and not self.closed
         return not self.closed
 
     def _call(self, fn: Callable[[tuple[str, ...] | None], None], arg: tuple[str, ...] | None) -> None:

@@ -39,6 +39,8 @@ from laulima.core.weights import Weights, WeightsSchema, check_weights_finite, s
 from laulima.errors import ConfigurationError, DataError, SecureAggregationError, WeightsError
 from laulima.hub.blobstore import BlobStore, experiment_key
 from laulima.hub.db import Experiment, Round, SessionFactory, Task, Update
+from laulima.hub.leases import Leases, experiment_lease
+from laulima.hub.peers import Peers
 from laulima.hub.secure_rounds import SECAGG_CONFIG_KEY, SecAggState, SecureRounds, secagg_config
 from laulima.hub.service import FINGERPRINT_LABEL, PRIVACY_KEY, FinaleTask, HubService, NewTask, spec_of
 from laulima.hub.validation import Source, approval_deadline, open_source, read_into, schema_from, tensor_index
@@ -46,6 +48,9 @@ from laulima.hub.validation import Source, approval_deadline, open_source, read_
 __all__ = ["LazyWeights", "NonFiniteAggregate", "Orchestrator", "store_weights"]
 
 log = logging.getLogger(__name__)
+
+HOUSEKEEPING_LEASE = "housekeeping"
+"""The clean-up of unused uploads and orphan blobs: one hub process at a time runs it."""
 
 DEFAULT_MAX_WEIGHT = 10**6
 """A site's weight cap in a masked sum when the sites did not report their cases."""
@@ -71,7 +76,7 @@ class LazyWeights(Mapping[str, np.ndarray]):
     @classmethod
     def from_store(cls, blobs: BlobStore, digest: str) -> LazyWeights:
         """A stored (sealed) blob, read tensor by tensor through its decrypting reader."""
-        blobs.path(digest)  # NotFound before anything else
+        blobs.size(digest)  # NotFound before anything else
         return cls(lambda: blobs.open(digest), name=digest)
 
     @property
@@ -118,6 +123,8 @@ class Orchestrator:
         keep_updates: bool = False,
         service: HubService | None = None,
         recheck_waiting_s: float = 2.0,
+        leases: Leases | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self.service = service or HubService(session_factory, blobs, clock)
         self.secure = SecureRounds(session_factory, clock)
@@ -125,7 +132,12 @@ class Orchestrator:
         self.clock = clock
         self.tick_s = tick_s
         self.keep_updates = keep_updates
-        self._notify = notify or (lambda sites: None)
+        self._notify_here = notify or (lambda sites: None)
+        self.leases = leases
+        """With several hub processes on one database: this process steps only the experiments
+        whose lease it holds (hub/leases.py). None: it steps them all (a single process)."""
+        self.peers = peers or Peers()
+        """The other hub processes: told of new tasks and of results (hub/peers.py)."""
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -148,13 +160,30 @@ class Orchestrator:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+            if self.leases is not None:  # another process may take over at once, not after expiry
+                try:
+                    self.leases.release()
+                except Exception:
+                    log.exception("could not release this hub process's leases; they expire by themselves")
 
     def wake(self, *, sites_changed: bool = False) -> None:
-        """A result arrived: look at the rounds now instead of at the next tick.
-        ``sites_changed``: a site came or went, so experiments waiting for sites look again."""
+        """A result arrived: look at the rounds now instead of at the next tick (here, and in
+        the process that orchestrates its experiment). ``sites_changed``: a site came or went,
+        so experiments waiting for sites look again."""
+        self.wake_here(sites_changed)
+        self.peers.publish_wake(sites_changed=sites_changed)
+
+    def wake_here(self, sites_changed: bool = False) -> None:
+        """:meth:`wake` for this process only (what another process's news calls)."""
         if sites_changed:
             self._waiting.clear()
         self._wake.set()
+
+    def _notify(self, sites: Iterable[str]) -> None:
+        """New tasks for ``sites``: wake their long polls, here and in the other processes."""
+        sites = list(sites)
+        self._notify_here(sites)
+        self.peers.publish_tasks(sites)
 
     def _run(self) -> None:
         try:  # catch up on clean-up a killed hub did not finish
@@ -168,15 +197,15 @@ class Orchestrator:
                 self.tick()
             except Exception:  # the database itself failed; try again next tick
                 log.exception("orchestrator tick failed; retrying in %.1f s", self.tick_s)
-            if self.housekeeping is not None:  # unused uploads and orphan blobs (hub/housekeeping.py)
-                self.housekeeping()
+            if self.housekeeping is not None and self._may(HOUSEKEEPING_LEASE):
+                self.housekeeping()  # unused uploads and orphan blobs (hub/housekeeping.py)
             self._wake.wait(self.tick_s)
 
     # -- one pass over all running experiments ----------------------------------------
     def tick(self) -> None:
         self.service.expire_overdue()
         now = time.monotonic()
-        running = self.service.running_experiment_ids()
+        running = self._mine(self.service.running_experiment_ids())
         alive = set(running)
         self._waiting = {k: v for k, v in self._waiting.items() if k in alive}
         for experiment_id in running:
@@ -195,6 +224,29 @@ class Orchestrator:
                 self.service.finish_experiment(
                     experiment_id, ExperimentStatus.FAILED, f"hub error: {type(exc).__name__}: {exc}"
                 )
+
+    def _mine(self, running: list[int]) -> list[int]:
+        """Of the running experiments, those this process orchestrates: all of them, or with
+        leases the ones whose lease it holds (taking over those whose holder stopped renewing);
+        leases of experiments that ended are given back."""
+        if self.leases is None:
+            return running
+        names = {experiment_lease(i): i for i in running}
+        held = self.leases.claim(names)
+        ended = [n for n in self.leases.held() if n.startswith("experiment:") and n not in names]
+        if ended:
+            self.leases.release(ended)
+        return [i for name, i in names.items() if name in held]
+
+    def _may(self, lease: str) -> bool:
+        """Whether this process does the singleton chore ``lease`` now."""
+        if self.leases is None:
+            return True
+        try:
+            return lease in self.leases.claim([lease])
+        except Exception:
+            log.exception("could not claim the %s lease; skipping it this time", lease)
+            return False
 
     def step(self, experiment_id: int) -> bool:
         """Advance one experiment by one transition; True if something changed."""
@@ -512,8 +564,8 @@ class Orchestrator:
         if not evaluations:
             models = {t.model: t.update_digest for t in local if t.status == TaskStatus.COMPLETED and t.update_digest}
             return self._open_cross_site(exp, spec, index, sorted({t.site for t in local}), models)
-        if svc.evaluations_pending(exp.id):
-            return False
+        if any(t.open for t in evaluations) or svc.evaluations_pending(exp.id):
+            return False  # (``tasks`` was read before: the reasons below must come from settled tasks)
         if spec.mode == "evaluate" and not any(t.status == TaskStatus.COMPLETED for t in evaluations):
             reasons = _listed({t.site: t.failure or str(t.status) for t in evaluations})
             return svc.finish_experiment(
@@ -675,10 +727,15 @@ class Orchestrator:
     def discard_spent_updates(self, experiment_id: int) -> int:
         """Delete update blobs of closed rounds (unless ``keep_updates``); their digests,
         sample counts and metrics stay in the database. Idempotent, so a hub killed between
-        checkpoint and clean-up catches up at the next checkpoint or start."""
+        checkpoint and clean-up catches up at the next checkpoint or start.
+
+        The spent digests are every closed round's, most of them removed at earlier
+        checkpoints: those already gone cost an existence check, not a delete (whose
+        database check per digest made each checkpoint slower by sites x rounds)."""
         if self.keep_updates:
             return 0
-        removed = sum(self.blobs.delete(d) for d in self.service.spent_update_digests(experiment_id))
+        spent = self.service.spent_update_digests(experiment_id)
+        removed = sum(self.blobs.delete(d) for d in spent if self.blobs.exists(d))
         if removed:
             log.debug("experiment %s: %d spent update blobs removed", experiment_id, removed)
         return removed

@@ -46,6 +46,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from laulima.core.protocol import ExperimentStatus
 from laulima.errors import ConfigurationError
 from laulima.hub.db import Experiment, MlflowExport, SessionFactory
+from laulima.hub.leases import Leases
 from laulima.hub.mlflow.records import (
     MAX_KEY_CHARS,
     MAX_METRICS_PER_BATCH,
@@ -123,6 +124,7 @@ class MlflowExporter:
         self.max_backoff_s = max_backoff_s
         self.hold_s = hold_s
         self.sessions: SessionFactory | None = None
+        self.leases: Leases | None = None
         self._client: Any = None
         self._entities: Any = None
         self._secrets = credentials_in(tracking_uri)
@@ -174,9 +176,13 @@ class MlflowExporter:
         self._entities = (MlflowMetric, Param, RunTag)
         log.info("experiments are mirrored into MLflow at %s", self.shown)
 
-    def start(self, sessions: SessionFactory) -> None:
+    def start(self, sessions: SessionFactory, leases: Leases | None = None) -> None:
+        """Export from a thread of its own. ``leases``: with several hub processes, only the
+        process holding this tracking server's lease exports (another takes over when it stops;
+        the run's history is compared before anything is logged again, as after a restart)."""
         self.open()
         self.sessions = sessions
+        self.leases = leases
         if self._thread is not None:
             return
         self._stop.clear()
@@ -194,9 +200,13 @@ class MlflowExporter:
             self._thread = None
 
     def _run(self) -> None:
+        lease = f"mlflow:{self.target[:32]}"
         while not self._stop.is_set():
             try:
-                self.run_once()
+                if self.leases is not None and lease not in self.leases.claim([lease]):
+                    self._verified.clear()  # another process exports meanwhile: compare before logging again
+                else:
+                    self.run_once()
             except Exception:  # the hub's database, not MLflow: try again next time
                 log.exception("MLflow export: reading the hub's database failed; retrying in %g s", self.interval_s)
             self._stop.wait(self.interval_s)
