@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import os
@@ -92,7 +93,9 @@ site_app.add_typer(ui_token_app, name="ui-token")
 
 def _fail(exc: LaulimaError) -> NoReturn:
     code = next(c for cls, c in EXIT_CODES if isinstance(exc, cls))
-    err_console.print(f"[bold red]error:[/] {exc}")
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(str(exc))}")  # a message's own brackets (laulima[ray]) stay
     sys.exit(code)
 
 
@@ -667,17 +670,45 @@ def experiment_tensorboard(
 
 
 # -- simulation -------------------------------------------------------------------
+class SimEngine(enum.StrEnum):
+    """How `laulima sim` runs the site agents."""
+
+    processes = "processes"
+    ray = "ray"
+
+
 @app.command()
 def sim(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="Experiment spec (TOML).")],
     sites: Annotated[int, typer.Option("--sites", help="Number of site agents.")] = 3,
     workdir: Annotated[Path, typer.Option(help="Where hub, sites and data live.")] = Path("laulima-sim"),
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the result as JSON.")] = None,
+    engine: Annotated[
+        SimEngine,
+        typer.Option(
+            help="processes: one OS process per site agent (a few dozen sites). ray: the agents as Ray actors, "
+            "several to an actor, for 100 sites and more; on a local Ray instance, or on the cluster that "
+            "RAY_ADDRESS names (on this machine's node). Needs pip install 'laulima\\[ray]'.",
+        ),
+    ] = SimEngine.processes,
+    sites_per_actor: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --engine ray: site agents per Ray actor (default: one actor per CPU)."),
+    ] = None,
 ) -> None:
-    """Run SPEC on a local federation: a hub and N site agents as separate processes."""
+    """Run SPEC on a local federation: a hub and N site agents, as they would run in hospitals.
+
+    The hub is a real process on loopback, with mutual TLS and a throwaway CA; each site has
+    its own home folder, catalog, policy and audit trail, and runs every task in a process of
+    its own. --engine processes (the default) starts one `laulima site run` process per site;
+    --engine ray hosts the agents in Ray actors (one per CPU, each running a group of agents),
+    which holds 100-200 sites on a laptop.
+    """
     from laulima.core.spec import load_spec
 
-    _run_sim(load_spec(spec_path), sites, workdir, json_out)
+    if sites_per_actor is not None and engine != SimEngine.ray:
+        raise ConfigurationError("--sites-per-actor needs --engine ray", field="sites_per_actor")
+    _run_sim(load_spec(spec_path), sites, workdir, json_out, engine=engine.value, sites_per_actor=sites_per_actor)
 
 
 @app.command()
@@ -804,21 +835,43 @@ def predict(
         console.print(f"DICOM SEG → {seg_written}")
 
 
-def _run_sim(spec: object, sites: int, workdir: Path, json_out: Path | None) -> None:
+def _run_sim(
+    spec: object,
+    sites: int,
+    workdir: Path,
+    json_out: Path | None,
+    *,
+    engine: str = "processes",
+    sites_per_actor: int | None = None,
+) -> None:
     from laulima.core.spec import ExperimentSpec
     from laulima.nnunet.workflow import needs_plan
-    from laulima.sim import run_simulation
+    from laulima.sim import LocalFederation, ProcessEngine, run_simulation
     from laulima.terminal import SimProgress, metrics_table
 
     assert isinstance(spec, ExperimentSpec)
+    how = ProcessEngine.description if engine == "processes" else "hub on loopback, site agents as Ray actors"
     console.print(
         f"[bold]{spec.name}[/]: {spec.rounds} rounds of {spec.strategy.name} on {sites} sites "
-        f"(hub and agents as separate processes on loopback; logs in {workdir})"
+        f"({how}; logs in {workdir})"
     )
     if needs_plan(spec):
         console.print("nnU-Net: the sites fingerprint their cohorts first, then nnU-Net's planner plans here")
+
+    def started(fed: LocalFederation) -> None:
+        if engine != "processes":
+            console.print(f"{len(fed.sites)} {fed.agents.description}")
+
     with SimProgress(console, spec.rounds) as progress:
-        result = run_simulation(spec, sites, workdir, on_progress=progress.update)
+        result = run_simulation(
+            spec,
+            sites,
+            workdir,
+            on_progress=progress.update,
+            engine=engine,
+            sites_per_actor=sites_per_actor,
+            on_start=started,
+        )
     exp = result.experiment
     console.print(metrics_table(result.metrics, last_round_only=True))
     console.print(f"experiment {exp.status} after {exp.rounds_done} rounds in {result.wall_time_s:.1f} s")

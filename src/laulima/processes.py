@@ -13,13 +13,14 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import httpx
 
 from laulima.errors import TransportError
 
-__all__ = ["HubProcess", "SiteProcess", "SiteUiProcess", "free_port"]
+__all__ = ["HubProcess", "SiteProcess", "SiteUiProcess", "free_port", "log_tail"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,6 +28,14 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def log_tail(path: Path, n: int = 30) -> str:
+    """The last ``n`` lines of the log file at ``path``."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return "(no log)"
 
 
 class _Process:
@@ -73,24 +82,32 @@ class _Process:
             self.kill()
 
     def log_tail(self, n: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return "(no log)"
+        return log_tail(self.log_path, n)
 
 
 class HubProcess(_Process):
-    """``laulima hub`` on a loopback port; HTTPS with client certificates when ``ca_dir`` is set."""
+    """``laulima hub`` on a loopback port; HTTPS with client certificates when ``ca_dir`` is set.
+
+    ``settings``: further ``LAULIMA_HUB_*`` variables (e.g. the connection limits a simulation
+    of many sites needs, :func:`laulima.sim.simulation_hub_settings`).
+    """
 
     def __init__(
-        self, home: Path, port: int, admin_token: str, host: str = "127.0.0.1", ca_dir: Path | None = None
+        self,
+        home: Path,
+        port: int,
+        admin_token: str,
+        host: str = "127.0.0.1",
+        ca_dir: Path | None = None,
+        *,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         self.home = home
         self.port = port
         self.host = host
         self.admin_token = admin_token
         self.ca_dir = ca_dir
-        env = {"LAULIMA_HUB_ADMIN_TOKEN": admin_token}
+        env = {**(settings or {}), "LAULIMA_HUB_ADMIN_TOKEN": admin_token}
         if ca_dir is not None:
             env["LAULIMA_HUB_CA_DIR"] = str(ca_dir)
         super().__init__(["hub", "--home", str(home), "--host", host, "--port", str(port)], home / "hub.log", env)

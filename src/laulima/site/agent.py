@@ -54,7 +54,7 @@ from laulima.site.state import Phase, SiteState, TaskRecord
 from laulima.site.update_privacy import privatize_update
 from laulima.site.worker import RESULT_FILE, RESULT_WEIGHTS_FILE, SCRATCH_DIR, WEIGHTS_FILE
 
-__all__ = ["CACHE_DIR", "CACHE_MAX_AGE_S", "LOCK_FILE", "Agent", "prune_caches", "run_agent"]
+__all__ = ["CACHE_DIR", "CACHE_MAX_AGE_S", "LOCK_FILE", "Agent", "open_agent", "prune_caches", "run_agent"]
 
 log = logging.getLogger("laulima.site")
 LOCK_FILE = "agent.lock"
@@ -666,30 +666,8 @@ def run_agent(settings: SiteSettings) -> None:
     next start), and returns; a second agent on the same home is refused.
     """
     _default_logging()
-    private_dir(settings.home)
-    if settings.cert_file is not None:
-        _check_certificate_validity(settings)
-    with _single_agent(settings.home):
-        stop = threading.Event()
-        context = settings.ssl_context()
-        verify: Any = context if context is not None else True
-        client = HubClient(
-            settings.hub_url,
-            None if settings.uses_certificate else settings.token,
-            backoff_max_s=settings.backoff_max_s,
-            attempts=settings.upload_attempts,
-            verify=verify,
-            stop=stop,
-            probe_verify=settings.ssl_context(with_certificate=False) if settings.uses_certificate else None,
-        )
-        agent = Agent(
-            settings,
-            client,
-            Catalog(settings.home, site=settings.name),
-            SiteState(settings.home, keep=settings.keep_tasks),
-            runner=TaskRunner(time_limit_cap_s=settings.task_time_limit_s, zygote=True),
-            stop=stop,
-        )
+    stop = threading.Event()
+    with open_agent(settings, stop) as agent:
 
         def on_signal(signum: int, frame: object) -> None:
             log.info("site %s: %s received; stopping", settings.name, signal.Signals(signum).name)
@@ -710,6 +688,45 @@ def run_agent(settings: SiteSettings) -> None:
         finally:
             for number, handler in previous.items():
                 signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def open_agent(settings: SiteSettings, stop: threading.Event, *, runner: TaskRunner | None = None) -> Iterator[Agent]:
+    """The agent of ``settings``, built as ``laulima site run`` builds it, holding the site's
+    lock (one agent per home) until the block ends; then its fork server and connection close.
+
+    :func:`run_agent` runs it with signal handlers; a process hosting several agents in
+    threads (``laulima sim --engine ray``) runs ``agent.runner.warm()`` and
+    ``agent.run_forever(stop)`` itself and stops it with :meth:`Agent.request_stop`.
+    ``runner``: default, a :class:`TaskRunner` with a fork server, capped at the site's
+    ``task_time_limit_s``; whichever runs the tasks, each runs in a process of its own.
+    """
+    private_dir(settings.home)
+    if settings.cert_file is not None:
+        _check_certificate_validity(settings)
+    with _single_agent(settings.home):
+        context = settings.ssl_context()
+        verify: Any = context if context is not None else True
+        client = HubClient(
+            settings.hub_url,
+            None if settings.uses_certificate else settings.token,
+            backoff_max_s=settings.backoff_max_s,
+            attempts=settings.upload_attempts,
+            verify=verify,
+            stop=stop,
+            probe_verify=settings.ssl_context(with_certificate=False) if settings.uses_certificate else None,
+        )
+        agent = Agent(
+            settings,
+            client,
+            Catalog(settings.home, site=settings.name),
+            SiteState(settings.home, keep=settings.keep_tasks),
+            runner=runner or TaskRunner(time_limit_cap_s=settings.task_time_limit_s, zygote=True),
+            stop=stop,
+        )
+        try:
+            yield agent
+        finally:
             agent.runner.close()
             client.close()
 
