@@ -184,6 +184,7 @@ def test_signing_out_ends_the_session_on_the_hub_and_revoking_the_token_ends_its
 
 def test_the_experiment_region_answers_304_until_a_round_adds_points(secure_hub: Hub) -> None:
     exp = secure_hub.submit(spec(name="live", rounds=2, sites=["site-a", "site-b"], min_sites=2), make_weights())
+    secure_hub.wait_for(lambda: secure_hub.get(f"/experiments/{exp['id']}/rounds"), "round 1 to open")  # then still
     sign_in(secure_hub, ADMIN_TOKEN)
     live = f"/ui/experiments/{exp['id']}/live"
     page = secure_hub.client.get(f"/ui/experiments/{exp['id']}").text

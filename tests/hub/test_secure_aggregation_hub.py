@@ -86,12 +86,12 @@ class Player:
         assert r.status_code == 204, r.text
 
 
-def secure_spec(**overrides: Any) -> dict[str, Any]:
+def secure_spec(phase_timeout_s: float = 2.0, **overrides: Any) -> dict[str, Any]:
     return spec(
         sites=SITES,
         min_sites=2,
         max_samples_per_site=50,
-        secure_aggregation={"clip": CLIP, "phase_timeout_s": 2.0},
+        secure_aggregation={"clip": CLIP, "phase_timeout_s": phase_timeout_s},
         **overrides,
     )
 
@@ -223,7 +223,7 @@ def test_a_hub_restarted_between_phases_answers_every_site_the_same(make_hub):
     hub: Hub = make_hub()
     hub.register(*SITES)
     given = make_weights(0)
-    exp = hub.submit(secure_spec(), given)
+    exp = hub.submit(secure_spec(phase_timeout_s=30.0), given)  # restarts must not outlast a phase
     players = {site: Player(hub, site) for site in SITES}
     for p in players.values():
         p.advertise()
