@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from laulima.core.bundle import MAX_ARCHIVE_BYTES
 from laulima.core.cohort import CohortFilter
@@ -163,6 +163,35 @@ class FailureKind(StrEnum):
 
 class _Msg(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_nul(cls, data: Any) -> Any:
+        """No text anywhere in a message may hold a NUL character: nothing legitimate sends
+        one, and PostgreSQL cannot store it (the hub would fail where it must refuse)."""
+        where = _nul_at(data, ())
+        if where is not None:
+            raise ValueError(f"text at {'.'.join(where) or 'the top level'} contains a NUL character (\\x00)")
+        return data
+
+
+def _nul_at(value: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The path of the first string (key or value) in ``value`` that holds a NUL, if any."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(key, str) and "\x00" in key:
+                return (*path, repr(key))
+            found = _nul_at(item, (*path, str(key)))
+            if found is not None:
+                return found
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _nul_at(item, (*path, str(index)))
+            if found is not None:
+                return found
+    return None
 
 
 class ErrorBody(_Msg):

@@ -60,8 +60,9 @@ __all__ = [
 ]
 
 
-RowId = Annotated[int, Path(ge=0, le=2**62, description="A row id")]
-"""A numeric id in a path, bounded so no value can overflow the database's integers."""
+RowId = Annotated[int, Path(ge=0, le=2**31 - 1, description="A row id")]
+"""A numeric id in a path, bounded so no value can overflow the database's integers (32-bit
+ids on PostgreSQL: a larger one would fail there instead of being a 422)."""
 
 
 class Unauthorized(ProtocolError):

@@ -59,7 +59,7 @@ class AuditVerification(BaseModel):
 async def read_audit(
     _: Operator,
     audit: HubAuditDep,
-    experiment: Annotated[int | None, Query(ge=0, le=2**62, description="Only this experiment's entries")] = None,
+    experiment: Annotated[int | None, Query(ge=0, le=2**31 - 1, description="Only this experiment's entries")] = None,
     limit: Annotated[int, Query(ge=1, le=10_000, description="The most recent entries to return")] = 100,
 ) -> list[AuditRecord]:
     """The most recent ``limit`` entries (of ``experiment``), oldest first. A damaged line is
