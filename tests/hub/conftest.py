@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from laulima.core.protocol import API_PREFIX, Header, MetaKey, TaskPublic
 from laulima.core.weights import Weights, to_safetensors
 from laulima.hub.app import create_app
+from laulima.hub.db import SessionFactory, make_engine, make_session_factory, migrate
 from laulima.hub.settings import HubSettings
 from tests.helpers.stored_blobs import StoredBlobs
 
@@ -37,6 +39,25 @@ class FakeClock:
     def advance(self, seconds: float) -> None:
         with self._lock:
             self.offset += seconds
+
+
+class SteppedClock:
+    """A clock that stands still until the test moves ``now`` (leases, pins)."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture()
+def hub_sessions(tmp_path: Path) -> Iterator[SessionFactory]:
+    """A migrated hub database of the run's backend (PostgreSQL under --hub-backend=postgres-s3)."""
+    engine = make_engine(os.environ.get("LAULIMA_HUB_DATABASE_URL") or f"sqlite:///{tmp_path / 'hub.db'}")
+    migrate(engine)
+    yield make_session_factory(engine)
+    engine.dispose()
 
 
 def make_weights(seed: int = 0) -> Weights:

@@ -7,8 +7,7 @@ database and one folder or bucket, as two hub processes have.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,43 +15,28 @@ from sqlalchemy import func, select
 
 from laulima.hub.blob_guard import PIN_MAX_AGE_S, DatabaseBlobGuard
 from laulima.hub.blobstore import BlobStore, LocalBlobStore
-from laulima.hub.db import BlobPin, SessionFactory, make_engine, make_session_factory, migrate
+from laulima.hub.db import BlobPin, SessionFactory
 from laulima.hub.housekeeping import live_references
 
+from .conftest import SteppedClock
 from .test_s3_blobstore import aws, bucket, make_s3  # noqa: F401  (fixtures)
 
 DATA = b"the same update bytes, uploaded twice"
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture()
-def sessions(tmp_path: Path) -> Iterator[SessionFactory]:
-    engine = make_engine(os.environ.get("LAULIMA_HUB_DATABASE_URL") or f"sqlite:///{tmp_path / 'hub.db'}")
-    migrate(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
 @pytest.fixture(params=["local", "s3"])
 def two_processes(
-    request: pytest.FixtureRequest, tmp_path: Path, sessions: SessionFactory
-) -> tuple[BlobStore, BlobStore, Clock]:
-    clock = Clock()
-    guards = [DatabaseBlobGuard(sessions, f"process-{i}", clock=clock) for i in (1, 2)]
+    request: pytest.FixtureRequest, tmp_path: Path, hub_sessions: SessionFactory
+) -> tuple[BlobStore, BlobStore, SteppedClock]:
+    clock = SteppedClock()
+    guards = [DatabaseBlobGuard(hub_sessions, f"process-{i}", clock=clock) for i in (1, 2)]
     if request.param == "local":
         stores: list[BlobStore] = [
-            LocalBlobStore(tmp_path, in_use=live_references(sessions), guard=g) for g in guards
+            LocalBlobStore(tmp_path, in_use=live_references(hub_sessions), guard=g) for g in guards
         ]
     else:
         make: Callable[..., BlobStore] = request.getfixturevalue("make_s3")
-        stores = [make(in_use=live_references(sessions), guard=g) for g in guards]
+        stores = [make(in_use=live_references(hub_sessions), guard=g) for g in guards]
     return stores[0], stores[1], clock
 
 
@@ -70,23 +54,23 @@ def test_a_blob_one_process_found_stored_survives_the_other_process_s_delete(two
     assert not b.exists(digest)
 
 
-def test_pins_nest_across_processes_and_are_released_by_their_owner(two_processes, sessions: SessionFactory):
+def test_pins_nest_across_processes_and_are_released_by_their_owner(two_processes, hub_sessions: SessionFactory):
     a, b, _ = two_processes
     digest = a.put_bytes(DATA)
     with b.pinned(digest), b.pinned(digest):
         with a.pinned(digest):
             assert b.delete(digest) is False  # A's own pin, and B's
         assert a.delete(digest) is False  # B still holds two
-    with sessions() as s:
+    with hub_sessions() as s:
         assert s.scalar(select(func.count()).select_from(BlobPin)) == 0
     assert a.delete(digest) is True
 
 
-def test_a_pin_left_by_a_process_that_died_stops_counting_and_is_cleaned_up(two_processes, sessions):
+def test_a_pin_left_by_a_process_that_died_stops_counting_and_is_cleaned_up(two_processes, hub_sessions):
     a, b, clock = two_processes
     digest = a.put_bytes(DATA)
     b.pin(digest)  # and B is killed before it unpins
     assert a.delete(digest) is False
     clock.now += PIN_MAX_AGE_S + 1
-    assert DatabaseBlobGuard(sessions, "process-3", clock=clock).forget_stale() == 1
+    assert DatabaseBlobGuard(hub_sessions, "process-3", clock=clock).forget_stale() == 1
     assert a.delete(digest) is True

@@ -5,44 +5,28 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 from sqlalchemy import select
 
-from laulima.hub.db import Lease, SessionFactory, make_engine, make_session_factory, migrate
+from laulima.hub.db import Lease, SessionFactory
 from laulima.hub.leases import Leases, experiment_lease
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .conftest import SteppedClock
 
 
-@pytest.fixture()
-def sessions(tmp_path: Path) -> SessionFactory:
-    engine = make_engine(os.environ.get("LAULIMA_HUB_DATABASE_URL") or f"sqlite:///{tmp_path / 'hub.db'}")
-    migrate(engine)
-    yield make_session_factory(engine)
-    engine.dispose()
-
-
-def _holders(sessions: SessionFactory) -> dict[str, str]:
-    with sessions() as s:
+def _holders(hub_sessions: SessionFactory) -> dict[str, str]:
+    with hub_sessions() as s:
         return {row.name: row.holder for row in s.scalars(select(Lease))}
 
 
-def test_one_process_holds_each_lease_until_it_expires_then_another_takes_over(sessions: SessionFactory):
-    clock = Clock()
-    a, b = Leases(sessions, ttl_s=10, clock=clock), Leases(sessions, ttl_s=10, clock=clock)
+def test_one_process_holds_each_lease_until_it_expires_then_another_takes_over(hub_sessions: SessionFactory):
+    clock = SteppedClock()
+    a, b = Leases(hub_sessions, ttl_s=10, clock=clock), Leases(hub_sessions, ttl_s=10, clock=clock)
     names = [experiment_lease(1), experiment_lease(2)]
     assert a.claim(names[:1]) == {names[0]}
     assert b.claim(names) == {names[1]}  # the first is a's, the second was free
     assert a.claim(names) == {names[0]}
-    assert _holders(sessions) == {names[0]: a.holder, names[1]: b.holder}
+    assert _holders(hub_sessions) == {names[0]: a.holder, names[1]: b.holder}
 
     clock.now += 6  # past half the time: each renews its own, nobody takes anything
     assert a.claim(names) == {names[0]} and b.claim(names) == {names[1]}
@@ -51,14 +35,14 @@ def test_one_process_holds_each_lease_until_it_expires_then_another_takes_over(s
 
     clock.now += 11  # a stopped renewing (paused, or died on another machine): b takes over
     assert b.claim(names) == set(names)
-    assert _holders(sessions)[names[0]] == b.holder
+    assert _holders(hub_sessions)[names[0]] == b.holder
     assert not a.holds(names[0])
     assert a.claim(names) == set()  # a, waking up, learns it lost it and does not take it back
 
 
-def test_release_lets_another_process_take_over_at_once(sessions: SessionFactory):
-    clock = Clock()
-    a, b = Leases(sessions, ttl_s=60, clock=clock), Leases(sessions, ttl_s=60, clock=clock)
+def test_release_lets_another_process_take_over_at_once(hub_sessions: SessionFactory):
+    clock = SteppedClock()
+    a, b = Leases(hub_sessions, ttl_s=60, clock=clock), Leases(hub_sessions, ttl_s=60, clock=clock)
     name = experiment_lease(7)
     assert a.claim([name]) == {name}
     assert b.claim([name]) == set()
@@ -66,39 +50,39 @@ def test_release_lets_another_process_take_over_at_once(sessions: SessionFactory
     assert b.claim([name]) == {name}
 
 
-def test_a_lease_of_a_dead_process_on_this_machine_is_taken_over_before_it_expires(sessions: SessionFactory):
-    clock = Clock()
+def test_a_lease_of_a_dead_process_on_this_machine_is_taken_over_before_it_expires(hub_sessions: SessionFactory):
+    clock = SteppedClock()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited
-    a = Leases(sessions, ttl_s=3600, clock=clock)
+    a = Leases(hub_sessions, ttl_s=3600, clock=clock)
     a.holder = a.holder.replace(f":{os.getpid()}:", f":{pid}:")  # as that process would have named itself
     name = experiment_lease(3)
     assert a.claim([name]) == {name}
-    b = Leases(sessions, ttl_s=3600, clock=clock)
+    b = Leases(hub_sessions, ttl_s=3600, clock=clock)
     assert b.claim([name]) == {name}, "a killed hub's experiments must not wait an hour"
 
 
-def test_a_living_process_keeps_its_lease(sessions: SessionFactory):
-    clock = Clock()
+def test_a_living_process_keeps_its_lease(hub_sessions: SessionFactory):
+    clock = SteppedClock()
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        a = Leases(sessions, ttl_s=3600, clock=clock)
+        a = Leases(hub_sessions, ttl_s=3600, clock=clock)
         a.holder = a.holder.replace(f":{os.getpid()}:", f":{other.pid}:")
         name = experiment_lease(4)
         assert a.claim([name]) == {name}
-        assert Leases(sessions, ttl_s=3600, clock=clock).claim([name]) == set()
+        assert Leases(hub_sessions, ttl_s=3600, clock=clock).claim([name]) == set()
     finally:
         other.kill()
         other.wait()
 
 
-def test_leases_are_written_only_when_taken_or_renewed(sessions: SessionFactory):
-    clock = Clock()
-    a = Leases(sessions, ttl_s=10, clock=clock)
+def test_leases_are_written_only_when_taken_or_renewed(hub_sessions: SessionFactory):
+    clock = SteppedClock()
+    a = Leases(hub_sessions, ttl_s=10, clock=clock)
     name = experiment_lease(5)
     a.claim([name])
-    with sessions.begin() as s:  # if claim wrote again within half the time, it would restore the holder
+    with hub_sessions.begin() as s:  # if claim wrote again within half the time, it would restore the holder
         s.get(Lease, name).holder = "someone-else"
     clock.now += 4
     assert a.claim([name]) == {name}
-    assert _holders(sessions)[name] == "someone-else"
+    assert _holders(hub_sessions)[name] == "someone-else"

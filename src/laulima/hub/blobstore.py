@@ -42,6 +42,7 @@ from laulima.hub.sealed import BlobIntegrityError, Keyring, SealedReader, Sealin
 
 __all__ = [
     "UPLOAD_KEY",
+    "VerifiedVersions",
     "BlobGuard",
     "BlobIntegrityError",
     "BlobStore",
@@ -212,6 +213,38 @@ class BlobGuard(Protocol):
         ...
 
 
+class VerifiedVersions:
+    """Versions of blobs (a store's stamp: digest plus what changes when the stored bytes are
+    replaced) whose plaintext was found to hash to their name: a download decrypts a blob in
+    full once per version, not every time."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._seen: set[tuple[object, ...]] = set()
+        self._lock = threading.Lock()
+        self._limit = limit
+
+    def check(
+        self, stamp: tuple[object, ...], digest: str, open_blob: Callable[[str], SealedReader], where: str
+    ) -> None:
+        """Raise :class:`BlobIntegrityError` (naming ``where`` it was replaced) unless this
+        version was checked before or hashes to ``digest`` now."""
+        with self._lock:
+            if stamp in self._seen:
+                return
+        with open_blob(digest) as f:
+            actual = f.sha256()
+        if actual != digest:
+            raise BlobIntegrityError(
+                f"blob {digest[:12]}: decrypts to content with sha256 {actual[:12]}…, not its name; {where}. "
+                "It is not used; tell the federation operator",
+                digest=digest,
+            )
+        with self._lock:
+            if len(self._seen) > self._limit:
+                self._seen.clear()
+            self._seen.add(stamp)
+
+
 def remove_spools(folder: Path, *, older_than_s: float) -> None:
     """Remove writers' temporary files older than ``older_than_s`` (0: all) from ``folder``."""
     cutoff = time.time() - older_than_s
@@ -338,8 +371,7 @@ class LocalBlobStore(BlobStore):
         self._pin_lock = threading.Lock()
         """Taken by commit (existence check, rename, pin), unpin and delete (pin and database check, unlink)."""
         self.keyring = Keyring(key_dir if key_dir is not None else self.root / "keys")
-        self._verified: set[tuple[str, int, int]] = set()
-        self._verified_lock = threading.Lock()
+        self._verified = VerifiedVersions()
         self.blob_dir = self.root / "blobs"
         self.tmp_dir = self.root / "tmp"
         self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -363,22 +395,9 @@ class LocalBlobStore(BlobStore):
         """Checked once per file version (name, mtime, size); a later change is checked again."""
         path = self.path(digest)
         st = path.stat()
-        stamp = (digest, st.st_mtime_ns, st.st_size)
-        with self._verified_lock:
-            if stamp in self._verified:
-                return
-        with self.open(digest) as f:
-            actual = f.sha256()
-        if actual != digest:
-            raise BlobIntegrityError(
-                f"blob {digest[:12]}: decrypts to content with sha256 {actual[:12]}…, not its name; the "
-                "file was replaced on the hub's disk. It is not used; tell the federation operator",
-                digest=digest,
-            )
-        with self._verified_lock:
-            if len(self._verified) > 10_000:
-                self._verified.clear()
-            self._verified.add(stamp)
+        self._verified.check(
+            (digest, st.st_mtime_ns, st.st_size), digest, self.open, "the file was replaced on the hub's disk"
+        )
 
     def path(self, digest: str) -> Path:
         """The local file holding the (sealed) blob (raises ``NotFound`` when absent)."""

@@ -46,6 +46,7 @@ from laulima.hub.blobstore import (
     BlobStore,
     BlobWriter,
     SpoolWriter,
+    VerifiedVersions,
     check_digest,
     remove_spools,
 )
@@ -225,8 +226,7 @@ class S3BlobStore(BlobStore):
         self._pin_lock = threading.Condition()
         """Guards pins and deletions in progress: a digest being deleted cannot be pinned until
         the deletion is over, and a pinned digest is not deleted."""
-        self._verified: set[tuple[str, str, int]] = set()
-        self._verified_lock = threading.Lock()
+        self._verified = VerifiedVersions()
         custom = self.endpoint_url is not None
         config = botocore.config.Config(
             retries={"mode": "standard", "max_attempts": 3},
@@ -439,22 +439,9 @@ class S3BlobStore(BlobStore):
         found = self._head(digest)
         if found is None:
             raise NotFound(f"no blob with digest {digest}", digest=digest)
-        stamp = (digest, *found)
-        with self._verified_lock:
-            if stamp in self._verified:
-                return
-        with self._open(digest, found[0]) as f:
-            actual = f.sha256()
-        if actual != digest:
-            raise BlobIntegrityError(
-                f"blob {digest[:12]}: decrypts to content with sha256 {actual[:12]}…, not its name; the object was "
-                f"replaced in {self._where}. It is not used; tell the federation operator",
-                digest=digest,
-            )
-        with self._verified_lock:
-            if len(self._verified) > 10_000:
-                self._verified.clear()
-            self._verified.add(stamp)
+        self._verified.check(
+            (digest, *found), digest, lambda d: self._open(d, found[0]), f"the object was replaced in {self._where}"
+        )
 
     def exists(self, digest: str) -> bool:
         return self._head(digest) is not None
