@@ -36,3 +36,12 @@ def test_ids_beyond_the_database_s_integers_are_refused(hub: Hub, row_id: int):
         r = hub.client.get(hub.url(path), headers=hub.admin)
         assert r.status_code == 422, (path, r.status_code, r.text)
     assert hub.client.post(hub.url(f"/tokens/{row_id}/revoke"), headers=hub.admin).status_code == 422
+
+
+def test_a_refusal_may_quote_the_nul_it_refuses(hub: Hub):
+    """The error body names what was wrong, NUL included (JSON escapes it): still a 422, not a 500."""
+    r = hub.client.post(hub.url("/tokens"), json={"name\x00": None}, headers=hub.admin)
+    assert r.status_code == 422, r.text
+    shares = hub.url(f"/tasks/{'0' * 32}/secagg/shares")  # found by the OpenAPI fuzzing: a 500 before
+    r = hub.client.post(shares, json={"ciphertexts": {"\x00": None}}, headers=hub.site("site-a"))
+    assert r.status_code == 422, r.text

@@ -70,6 +70,8 @@ OCTETS = {"Content-Type": "application/octet-stream"}
 MADE_UP_TASKS = ["0" * 32, "0123456789abcdef" * 2, "x", "A" * 32, "%2e%2e", "a" * 500]
 MADE_UP_DIGESTS = ["0" * 64, "0123456789abcdef" * 4, "A" * 64, "abc", "%00" * 3]
 INDEX = st.integers(0, 2**16)
+MAX_ROW_ID = 2**31 - 1
+"""The largest id a path may name (32-bit on PostgreSQL); larger ones are refused with 422."""
 """A choice among things the hub created (tasks, blobs), resolved modulo their number."""
 
 T = TypeVar("T")
@@ -366,12 +368,14 @@ class HubMachine(RuleBasedStateMachine):
         elif fault == "none":
             check(False, f"a valid experiment was refused: {describe(response)}")
 
-    @rule(which=INDEX, made_up=st.sampled_from([None, 0, 10**6, 2**62]))
+    @rule(which=INDEX, made_up=st.sampled_from([None, 0, 10**6, MAX_ROW_ID, 2**62]))
     def cancel_experiment(self, which: int, made_up: int | None) -> None:
         STEPS["cancel experiment"] += 1
         experiment_id = made_up if made_up is not None else pick(self.experiments, which)
-        answered(self.fed.scientist.post(f"/experiments/{experiment_id}/cancel"), 200)
-        if isinstance(experiment_id, int):
+        response = answered(self.fed.scientist.post(f"/experiments/{experiment_id}/cancel"), 200)
+        if isinstance(experiment_id, int) and experiment_id > MAX_ROW_ID:  # beyond any database's ids
+            check(response.status_code == 422, describe(response))
+        elif isinstance(experiment_id, int):
             self.touched.add(experiment_id)
 
     @rule(source=st.sampled_from(["task", "blob", "made up"]), index=INDEX, reader=st.sampled_from([*SITES, "person"]))

@@ -194,7 +194,12 @@ def _nul_at(value: Any, path: tuple[str, ...]) -> tuple[str, ...] | None:
     return None
 
 
-class ErrorBody(_Msg):
+class ErrorBody(BaseModel):
+    """The hub's answer to a refused request. Not a :class:`_Msg`: it may quote what was
+    refused, NUL characters included (JSON escapes them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     error: str
     detail: str
     context: dict[str, Any] = {}
