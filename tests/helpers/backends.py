@@ -17,6 +17,7 @@ import itertools
 import os
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import pytest
 
@@ -29,6 +30,22 @@ S3_BUCKET = "laulima-tests"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 _numbers = itertools.count(1)
+_templates: dict[int, str] = {}
+
+
+def _migrated_template(server: Any) -> str:
+    """A database at the newest revision that each test's database is copied from: the hub's
+    start then finds nothing to migrate (one migration per session instead of one per test).
+    The upgrade itself is tested on empty databases (tests/hub/test_migrations.py)."""
+    if server.port not in _templates:
+        from laulima.hub.db import make_engine, migrate
+
+        name = f"template_{os.getpid()}"
+        engine = make_engine(server.create_database(name))
+        migrate(engine)
+        engine.dispose()
+        _templates[server.port] = name
+    return _templates[server.port]
 
 
 def backend_of(config: pytest.Config) -> str:
@@ -42,7 +59,7 @@ def use_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch)
         return None
     server = request.getfixturevalue("postgres")
     name = f"test_{os.getpid()}_{next(_numbers)}"
-    monkeypatch.setenv("LAULIMA_HUB_DATABASE_URL", server.create_database(name))
+    monkeypatch.setenv("LAULIMA_HUB_DATABASE_URL", server.create_database(name, template=_migrated_template(server)))
     endpoint = request.getfixturevalue("s3_bucket")
     monkeypatch.setenv("LAULIMA_HUB_BLOB_STORE_URL", f"s3://{S3_BUCKET}/{name}/")
     monkeypatch.setenv("LAULIMA_HUB_S3_ENDPOINT_URL", endpoint)

@@ -86,3 +86,19 @@ def test_leases_are_written_only_when_taken_or_renewed(hub_sessions: SessionFact
     clock.now += 4
     assert a.claim([name]) == {name}
     assert _holders(hub_sessions)[name] == "someone-else"
+
+
+def test_renewal_keeps_a_busy_process_s_leases_and_drops_those_taken_from_it(hub_sessions: SessionFactory):
+    """A step longer than the lease (hundreds of updates read back from a bucket) must not
+    let another process take the experiment over while this one still works on it."""
+    clock = SteppedClock()
+    a, b = Leases(hub_sessions, ttl_s=10, clock=clock), Leases(hub_sessions, ttl_s=10, clock=clock)
+    busy, lost = experiment_lease(8), experiment_lease(9)
+    assert a.claim([busy, lost]) == {busy, lost}
+    with hub_sessions.begin() as s:  # as if a had been paused past the lease and b had taken it
+        s.get(Lease, lost).holder = b.holder
+    for _ in range(5):  # 40 s of work, renewed every 8 s (the renewal thread's pace)
+        clock.now += 8
+        a.renew()
+    assert b.claim([busy]) == set() and a.holds(busy)
+    assert not a.holds(lost) and lost not in a.held()

@@ -16,6 +16,9 @@ and stores the bytes again).
 
 from __future__ import annotations
 
+import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 
@@ -26,6 +29,8 @@ from laulima.hub.db import BlobPin, SessionFactory
 from laulima.hub.housekeeping import referenced
 
 __all__ = ["PIN_MAX_AGE_S", "DatabaseBlobGuard"]
+
+log = logging.getLogger(__name__)
 
 PIN_MAX_AGE_S = 3600.0
 """A pin lasts from a commit to its row (moments); one this old was left by a process that died."""
@@ -40,6 +45,9 @@ class DatabaseBlobGuard:
         self.sessions = sessions
         self.holder = holder
         self.clock = clock
+        self._unpins: queue.Queue[str] = queue.Queue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
 
     def pin(self, digest: str) -> None:
         check_digest(digest)
@@ -51,6 +59,36 @@ class DatabaseBlobGuard:
                 row.count, row.pinned_at = row.count + 1, self.clock()
 
     def unpin(self, digest: str) -> None:
+        """Released by a thread of its own: a writer closes on the request's event loop, and a
+        late unpin only keeps a blob a moment longer."""
+        self._unpins.put(digest)
+        with self._lock:
+            if self._worker is None or not self._worker.is_alive():
+                self._worker = threading.Thread(target=self._release_pins, name="laulima-blob-pins", daemon=True)
+                self._worker.start()
+
+    def _release_pins(self) -> None:
+        while True:
+            try:
+                digest = self._unpins.get(timeout=5.0)
+            except queue.Empty:
+                with self._lock:
+                    if self._unpins.empty():
+                        self._worker = None
+                        return
+                continue
+            try:
+                self._unpin_now(digest)
+            except Exception:  # the pin ages out (PIN_MAX_AGE_S) and the clean-up removes it
+                log.exception("could not release the pin of blob %s", digest[:12])
+            finally:
+                self._unpins.task_done()
+
+    def drain(self) -> None:
+        """Wait until every unpin asked for so far is written (at a clean stop; tests)."""
+        self._unpins.join()
+
+    def _unpin_now(self, digest: str) -> None:
         with self.sessions.begin() as s:
             row = s.get(BlobPin, (digest, self.holder))
             if row is None:

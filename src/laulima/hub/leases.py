@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -59,6 +60,8 @@ class Leases:
         _LIVING.add(self.holder)
         self._held: dict[str, float] = {}
         """Leases this process holds, with when they expire (as last written)."""
+        self._renewer: threading.Thread | None = None
+        self._stop_renewing = threading.Event()
 
     def claim(self, names: Iterable[str]) -> set[str]:
         """Of ``names``, those this process holds now: its own (renewed when past half their
@@ -107,6 +110,48 @@ class Leases:
         except PermissionError:  # alive, someone else's
             return False
         return False
+
+    def renew(self) -> None:
+        """Extend every lease this process holds, whatever it is busy with (the renewal
+        thread calls this): a step that takes longer than ``ttl_s`` — aggregating hundreds of
+        updates from an object store — must not let another process take the experiment over
+        while this one still works on it. A lease found taken by another is dropped."""
+        held = sorted(self._held)
+        if not held:
+            return
+        expires = self.clock() + self.ttl_s
+        with self.sessions.begin() as s:
+            rows = s.scalars(select(Lease).where(Lease.name.in_(held), Lease.holder == self.holder)).all()
+            for row in rows:
+                row.expires_at = expires
+            kept = {row.name for row in rows}
+        for name in held:
+            if name in kept:
+                self._held[name] = expires
+            else:
+                self._held.pop(name, None)
+
+    def start_renewing(self) -> None:
+        """Renew the held leases from a thread of their own, every third of ``ttl_s``."""
+        if self._renewer is not None:
+            return
+        self._stop_renewing.clear()
+
+        def run() -> None:
+            while not self._stop_renewing.wait(self.ttl_s / 3):
+                try:
+                    self.renew()
+                except Exception:  # the database is in trouble; the next try may succeed
+                    log.exception("could not renew this hub process's leases")
+
+        self._renewer = threading.Thread(target=run, name="laulima-leases", daemon=True)
+        self._renewer.start()
+
+    def stop_renewing(self) -> None:
+        self._stop_renewing.set()
+        if self._renewer is not None:
+            self._renewer.join(10.0)
+            self._renewer = None
 
     def holds(self, name: str) -> bool:
         """Whether this process held ``name`` at its last claim and the lease has not run out since."""

@@ -151,6 +151,8 @@ class Orchestrator:
         if self._thread is not None:
             return
         self._stop.clear()
+        if self.leases is not None:
+            self.leases.start_renewing()
         self._thread = threading.Thread(target=self._run, name="laulima-orchestrator", daemon=True)
         self._thread.start()
 
@@ -161,6 +163,7 @@ class Orchestrator:
             self._thread.join(timeout)
             self._thread = None
             if self.leases is not None:  # another process may take over at once, not after expiry
+                self.leases.stop_renewing()
                 try:
                     self.leases.release()
                 except Exception:
@@ -215,15 +218,27 @@ class Orchestrator:
                 continue
             try:
                 for _ in range(8):  # a checkpoint is followed at once by the next round
-                    if not self.step(experiment_id):
+                    if not self._still_mine(experiment_id) or not self.step(experiment_id):
                         break
             except OperationalError:
                 raise  # the database, not this experiment, is in trouble
             except Exception as exc:
+                if not self._still_mine(experiment_id, ask=True):  # another process has it: its state, not ours
+                    log.warning("experiment %s: its lease went to another process (%s); left to it", experiment_id, exc)
+                    continue
                 log.exception("experiment %s failed in the orchestrator", experiment_id)
                 self.service.finish_experiment(
                     experiment_id, ExperimentStatus.FAILED, f"hub error: {type(exc).__name__}: {exc}"
                 )
+
+    def _still_mine(self, experiment_id: int, *, ask: bool = False) -> bool:
+        """Whether this process still orchestrates the experiment (``ask``: from the database)."""
+        if self.leases is None:
+            return True
+        name = experiment_lease(experiment_id)
+        if ask:
+            return name in self.leases.claim([name])
+        return self.leases.holds(name)
 
     def _mine(self, running: list[int]) -> list[int]:
         """Of the running experiments, those this process orchestrates: all of them, or with

@@ -232,7 +232,7 @@ class S3BlobStore(BlobStore):
             retries={"mode": "standard", "max_attempts": 3},
             connect_timeout=10,
             read_timeout=60,
-            max_pool_connections=max(10, 2 * concurrency),
+            max_pool_connections=64,  # the hub's request threads (40) and the uploads' own share one pool
             # Other S3 servers expect path-style requests and may refuse the newer default checksums.
             s3={"addressing_style": "path"} if custom else None,
             request_checksum_calculation="when_required" if custom else "when_supported",

@@ -58,7 +58,7 @@ async def blob_response(
 ) -> BlobFile:
     """Verify (once per stored file), then stream; ``slot`` is held until the response ends."""
     await anyio.to_thread.run_sync(blobs.verify, digest)
-    size = blobs.size(digest)
+    size = await anyio.to_thread.run_sync(blobs.size, digest)  # on S3 a request: never on the event loop
 
     def body() -> Iterator[bytes]:
         with blobs.open(digest) as reader:

@@ -210,7 +210,7 @@ async def _receive_update(task_id: str, request: Request, site: Site, hub: HubCo
     what = f"update for task {task_id}"
     task, exp = await run(partial(svc.check_result, task_id, site, kind=TaskKind.TRAIN, nonce=nonce))
     blobs, global_digest = hub.blobs, task.weights_digest
-    limit = upload_limit(blobs.size(global_digest), hub.settings.max_upload_bytes)
+    limit = upload_limit(await run(blobs.size, global_digest), hub.settings.max_upload_bytes)  # S3: a request
     check_content_length(request, limit, what)
     spec = spec_of(exp)
     max_n, bound_reason = await run(partial(_sample_bound, hub, site.name, spec.dataset, spec.max_samples_per_site))
