@@ -21,13 +21,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/laulima demo --quick
 
-# The suite runs once on the default backend (SQLite + blob folder), then the hub, crash and
-# security suites again on PostgreSQL + S3 (a real PostgreSQL server and moto's S3 server,
-# both started by the test fixtures on loopback: tests/helpers/backends.py).
+# The suite runs on the default backend (SQLite + blob folder) and, at the same time, the hub,
+# crash and security suites run again on PostgreSQL + S3 (a real PostgreSQL server and moto's
+# S3 server, both started by the test fixtures on loopback: tests/helpers/backends.py). The
+# suite waits on processes and servers far more than it computes (about 0.7 of one core on
+# average), so the second pass runs beside the first; its output follows the first's.
 HUB_SUITES := tests/hub tests/security tests/integration/test_crashes.py tests/integration/test_hub_processes.py
+PG_LOG     := test-artefacts/pytest-postgres-s3.log
 test: lint orthanc chromium postgresql
-	$(BIN)/python -m pytest
-	$(BIN)/python -m pytest --hub-backend=postgres-s3 $(HUB_SUITES)
+	@mkdir -p test-artefacts
+	@base=$$(mktemp -d /tmp/laulima-pytest-XXXXXX); \
+	$(BIN)/python -m pytest --hub-backend=postgres-s3 --basetemp=$$base $(HUB_SUITES) > $(PG_LOG) 2>&1 & second=$$!; \
+	$(BIN)/python -m pytest; first=$$?; \
+	wait $$second; again=$$?; \
+	echo "==== the hub, crash and security suites on PostgreSQL + S3 ($(PG_LOG)) ===="; cat $(PG_LOG); \
+	rm -rf $$base; [ $$first -eq 0 ] && [ $$again -eq 0 ]
 
 # The PACS tests run a real Orthanc with its DICOMweb plugin (Debian packages `orthanc`,
 # `orthanc-dicomweb`). Installed only when the binary or the plugin is missing; CI runs as
