@@ -615,8 +615,8 @@ class Orchestrator:
                 for site in sites
             ]
             return self._create(exp, index, TaskKind.FINGERPRINT, new)
-        if svc.evaluations_pending(exp.id):
-            return False
+        if any(t.open for t in tasks) or svc.evaluations_pending(exp.id):
+            return False  # (``tasks`` was read before: the reasons below must come from settled tasks)
         parts = svc.fingerprint_parts(exp.id)
         missing = {t.site: t.failure or str(t.status) for t in tasks if t.site not in parts}
         if not parts:
