@@ -65,7 +65,7 @@ class HubSettings(BaseSettings):
     orchestrator_tick_s: Annotated[float, Field(gt=0)] = 0.5
     lease_s: Annotated[float, Field(ge=1, le=3600, allow_inf_nan=False)] = 15.0
     """With several hub processes on one database: how long one process's claim on an
-    experiment's orchestration lasts without renewal (it renews every tick). When a process
+    experiment's orchestration lasts without renewal (a thread renews it every third of this). When a process
     dies, another takes its experiments over after at most this long (at once when the dead
     process ran on the same machine)."""
     peer_poll_s: Annotated[float, Field(gt=0, le=60, allow_inf_nan=False)] | None = None
