@@ -99,11 +99,14 @@ class DatabaseBlobGuard:
                 s.delete(row)
 
     def delete_unless_in_use(self, digest: str, remove: Callable[[], bool]) -> bool:
-        """Call ``remove`` (which deletes the stored blob) unless a pin or a row keeps it, all in
-        one transaction; False when it was kept or ``remove`` found nothing."""
+        """Call ``remove`` (which deletes the stored blob) unless another process's pin or a row
+        keeps it, all in one transaction; False when it was kept or ``remove`` found nothing.
+        This process's own pins are the store's in-process ones, checked before this is called:
+        its rows only tell the other processes (and may lag, being released by a thread)."""
         with self.sessions.begin() as s:
             recent = self.clock() - PIN_MAX_AGE_S
-            if s.scalar(select(BlobPin.digest).where(BlobPin.digest == digest, BlobPin.pinned_at > recent).limit(1)):
+            others = (BlobPin.digest == digest, BlobPin.holder != self.holder, BlobPin.pinned_at > recent)
+            if s.scalar(select(BlobPin.digest).where(*others).limit(1)):
                 return False
             if referenced(s, [digest], spent_updates=False, uploads=True):
                 return False
