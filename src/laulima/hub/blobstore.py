@@ -212,6 +212,10 @@ class BlobGuard(Protocol):
         """Call ``remove`` unless a pin (of any process) or a row keeps the blob."""
         ...
 
+    def forget_stale(self) -> int:
+        """Remove pins left by processes that died (the clean-up calls it)."""
+        ...
+
 
 class VerifiedVersions:
     """Versions of blobs (a store's stamp: digest plus what changes when the stored bytes are

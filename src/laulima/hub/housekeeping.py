@@ -18,13 +18,13 @@ import logging
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, delete, exists, select
 from sqlalchemy.orm import InstrumentedAttribute
 
 from laulima.core.protocol import ExperimentStatus, RoundStatus, TaskKind
-from laulima.hub.blobstore import BlobStore
+from laulima.hub.blobstore import BlobGuard, BlobStore
 from laulima.hub.db import Experiment, Round, RoundHandoff, Session, SessionFactory, Task, Update, Upload
 
 __all__ = [
@@ -137,12 +137,6 @@ def live_references(sessions: SessionFactory) -> Callable[[Collection[str]], set
     return in_use
 
 
-class StalePins(Protocol):
-    def forget_stale(self) -> int:
-        """Remove pins left by processes that died (:class:`laulima.hub.blob_guard.DatabaseBlobGuard`)."""
-        ...
-
-
 @dataclass(frozen=True)
 class Collected:
     uploads: int
@@ -186,7 +180,7 @@ class Housekeeper:
         ttl_s: float,
         clock: Callable[[], float] = time.time,
         interval_s: float = COLLECT_INTERVAL_S,
-        guard: StalePins | None = None,
+        guard: BlobGuard | None = None,
     ) -> None:
         self.sessions, self.blobs, self.ttl_s, self.clock, self.interval_s = sessions, blobs, ttl_s, clock, interval_s
         self.guard = guard

@@ -244,7 +244,9 @@ class HubSettings(BaseSettings):
     def scaled_out(self) -> bool:
         """Whether other hub processes may share this hub's database and blobs: always on
         PostgreSQL, and on SQLite when ``peer_poll_s`` says so (several processes, one machine)."""
-        return self.peer_poll_s is not None or (self.database_url or "").startswith("postgresql")
+        from laulima.hub.db import is_postgresql  # the engine's own reading of the URL
+
+        return self.peer_poll_s is not None or is_postgresql(self.database_url or "sqlite://")
 
     @property
     def url(self) -> str:
